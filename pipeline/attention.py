@@ -1,0 +1,98 @@
+"""Cached self-attention for diffusers' Wan blocks.
+
+`CachedSelfAttention` replaces the processor of ``blocks[i].attn1``. It projects and normalises exactly like
+diffusers' `WanAttnProcessor`, applies RoPE at the *absolute* latent-frame indices of the current pass (diffusers
+always starts at frame 0), writes the pass's keys (after RoPE) and values into the `KVCache`, and attends over
+``[sink | cached window | current pass]``. The per-pass inputs (cache, rotary table) live in one `PassState` shared
+by the processors of a model; the backend sets it before each forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.kv_cache import KVCache
+
+
+def rope_for_frames(rope: torch.nn.Module, frames: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+    """RoPE tables for tokens of absolute latent ``frames`` (``[F]`` long) on a ``grid_h x grid_w`` patch grid.
+
+    ``rope`` is diffusers' `WanRotaryPosEmbed` (its ``freqs_cos``/``freqs_sin`` buffers ``[max_seq_len, head_dim]``
+    hold the t/h/w parts side by side). Returns ``(cos, sin)``, each ``[1, F*grid_h*grid_w, 1, head_dim]``, token order
+    (f, h, w) as the patch embedding flattens them.
+    """
+    limit = rope.max_seq_len
+    if int(frames.max()) >= limit or int(frames.min()) < 0:
+        raise ValueError(f"latent frame indices must lie in [0, {limit}) (`rope_max_seq_len`), got {frames.tolist()}")
+    if grid_h > limit or grid_w > limit:
+        raise ValueError(f"patch grid {grid_h}x{grid_w} exceeds `rope_max_seq_len` {limit}")
+    split = [rope.t_dim, rope.h_dim, rope.w_dim]
+    out = []
+    for table in (rope.freqs_cos, rope.freqs_sin):
+        t_part, h_part, w_part = table.split(split, dim=1)
+        n_f = frames.numel()
+        t_part = t_part[frames.to(table.device)].view(n_f, 1, 1, -1).expand(n_f, grid_h, grid_w, -1)
+        h_part = h_part[:grid_h].view(1, grid_h, 1, -1).expand(n_f, grid_h, grid_w, -1)
+        w_part = w_part[:grid_w].view(1, 1, grid_w, -1).expand(n_f, grid_h, grid_w, -1)
+        # [F, gh, gw, head_dim] -> [1, F*gh*gw, 1, head_dim]
+        out.append(torch.cat([t_part, h_part, w_part], dim=-1).reshape(1, n_f * grid_h * grid_w, 1, -1))
+    return out[0], out[1]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x [B, n, heads, head_dim]`` by the angles of ``cos``/``sin``."""
+    pairs = x.unflatten(-1, (-1, 2))  # [B, n, heads, head_dim/2, 2]
+    real, imag = pairs[..., 0], pairs[..., 1]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    rotated = torch.stack([real * c - imag * s, real * s + imag * c], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+@dataclass
+class PassState:
+    """What one forward pass of the causal model attends with: the cache and the rotary tables of its tokens."""
+
+    cache: KVCache | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class CachedSelfAttention:
+    """Processor for ``WanAttention`` self-attention (``attn1``) of block ``layer`` that reads and writes a `KVCache`."""
+
+    def __init__(self, layer: int, state: PassState) -> None:
+        self.layer = layer
+        self.state = state
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``hidden_states [B, n, dim]`` -> ``[B, n, dim]``; ``rotary_emb`` from diffusers (frame 0 based) is ignored."""
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        # [B, n, heads*head_dim] -> [B, n, heads, head_dim]
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if self.state.rotary is not None:
+            query = apply_rope(query, *self.state.rotary)
+            key = apply_rope(key, *self.state.rotary)
+        # [B, n, heads, head_dim] -> [B, heads, n, head_dim]
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        cache, mask = self.state.cache, None
+        if cache is not None:
+            key, value = cache.attend(self.layer, key, value)
+            mask = cache.attention_mask(query.shape[2])
+        out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, n, heads*head_dim]
+        return attn.to_out[1](attn.to_out[0](out))

@@ -1,0 +1,238 @@
+"""A prunable, windowed KV cache of committed latent frames.
+
+Layout per layer: keys and values ``[B, heads, L, head_dim]`` in one growing buffer (keys stored after RoPE at
+their absolute latent-frame index), followed by scratch room where the chunk being denoised writes its own K/V.
+The rows are grouped in per-frame *segments* in frame order; each segment records, per sample, which spatial
+positions (``0 .. tokens_per_frame-1``) its rows hold. Pruning removes rows for good; when samples of a batch keep
+different numbers of rows in a segment, the segment is padded to the largest count and ``valid [B, L]`` masks the
+padding (the attention then takes a boolean mask; with no padding it takes none).
+
+Sink frames are never evicted nor (with ``protect_sink``) pruned; non-sink frames beyond ``window_frames`` are
+evicted oldest first when a chunk is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Segment:
+    """One committed latent frame: ``length`` rows starting at ``start`` in every layer's buffer."""
+
+    frame: int
+    start: int
+    length: int
+    sink: bool
+
+
+class KVCache:
+    """K/V rows of committed frames for every transformer layer, with typed append / prune / evict."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        *,
+        sink_frames: int = 0,
+        window_frames: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("heads", heads),
+                            ("head_dim", head_dim), ("tokens_per_frame", tokens_per_frame)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}")
+        if sink_frames < 0:
+            raise ValueError(f"`sink_frames` must be >= 0, got {sink_frames}")
+        if window_frames is not None and window_frames < 1:
+            raise ValueError(f"`window_frames` must be >= 1 or None, got {window_frames}")
+        self.num_layers, self.batch_size, self.heads, self.head_dim = num_layers, batch_size, heads, head_dim
+        self.tokens_per_frame = tokens_per_frame
+        self.sink_frames, self.window_frames = sink_frames, window_frames
+        self.dtype, self.device = dtype, torch.device(device)
+        self.segments: list[Segment] = []
+        self.length = 0  # committed rows
+        self._capacity = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self.valid = torch.ones(batch_size, 0, dtype=torch.bool, device=self.device)  # [B, L]
+        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # [B, L]
+        self._padded = False
+        self._pending: int | None = None  # rows written by the current forward pass (scratch)
+
+    # ----------------------------------------------------------------- views used by the attention processor
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the current pass's ``key``/``value`` ``[B, heads, n, head_dim]`` after the committed rows of ``layer``
+        and return the views ``[B, heads, L + n, head_dim]`` to attend over. Nothing is committed until `commit`."""
+        n = key.shape[2]
+        if self._pending is None:
+            self._pending = n
+            self._reserve(self.length + n)
+        elif self._pending != n:
+            raise RuntimeError(f"layer {layer} wrote {n} rows, earlier layers of this pass wrote {self._pending}")
+        end = self.length + n
+        self._keys[layer][:, :, self.length:end] = key
+        self._values[layer][:, :, self.length:end] = value
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
+
+    def attention_mask(self, n: int) -> torch.Tensor | None:
+        """Boolean mask ``[B, 1, 1, L + n]`` (True = attend) for a pass of ``n`` new rows, or None when nothing is padded."""
+        if not self._padded:
+            return None
+        new = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device)
+        return torch.cat([self.valid, new], dim=1)[:, None, None, :]
+
+    def end_pass(self) -> None:
+        """Forget the scratch rows of a pass that is not committed (a denoising step)."""
+        self._pending = None
+
+    # ----------------------------------------------------------------------------------------- mutations
+    def commit(self, frames: list[int]) -> None:
+        """Keep the rows written by the pass that just ran as the segments of ``frames`` (in order, whole frames),
+        then evict non-sink frames beyond the window."""
+        n = self._pending
+        if n is None:
+            raise RuntimeError("commit() without a forward pass that wrote K/V")
+        if n != len(frames) * self.tokens_per_frame:
+            raise ValueError(f"`frames` {frames} do not match the {n} rows written ({self.tokens_per_frame} per frame)")
+        if self.segments and frames and frames[0] <= self.segments[-1].frame:
+            raise ValueError(f"`frames` {frames} must follow the last committed frame {self.segments[-1].frame}")
+        pos = torch.arange(self.tokens_per_frame, device=self.device).repeat(len(frames))
+        for i, frame in enumerate(frames):
+            sink = frame < self.sink_frames
+            self.segments.append(Segment(frame, self.length + i * self.tokens_per_frame, self.tokens_per_frame, sink))
+        self.positions = torch.cat([self.positions, pos.expand(self.batch_size, -1)], dim=1)
+        self.valid = torch.cat([self.valid, torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device)], 1)
+        self.length += n
+        self._pending = None
+        self.evict()
+
+    def evict(self) -> list[int]:
+        """Drop the oldest non-sink frames beyond ``window_frames``; returns the frames dropped."""
+        if self.window_frames is None:
+            return []
+        body = [s for s in self.segments if not s.sink]
+        drop = body[: max(0, len(body) - self.window_frames)]
+        if drop:
+            self._keep_segments([s for s in self.segments if s not in drop])
+        return [s.frame for s in drop]
+
+    def prune(self, frames: list[int], positions: torch.Tensor, samples: torch.Tensor | None = None,
+              *, protect_sink: bool = True) -> int:
+        """Remove, for each sample ``b`` where ``samples[b]``, the rows of ``frames`` whose spatial position is in
+        ``positions[b]`` (``[B, k]`` long). Rows are really dropped (or become padding when other samples keep more).
+        Returns the number of rows removed over the batch."""
+        if positions.ndim != 2 or positions.shape[0] != self.batch_size:
+            raise ValueError(f"`positions` must be [B={self.batch_size}, k], got {tuple(positions.shape)}")
+        samples = torch.ones(self.batch_size, dtype=torch.bool, device=self.device) if samples is None else samples
+        hit = torch.zeros(self.batch_size, self.tokens_per_frame, dtype=torch.bool, device=self.device)
+        hit.scatter_(1, positions.to(self.device), True)
+        hit &= samples.to(self.device)[:, None]
+        remove = torch.zeros_like(self.valid)  # [B, L]
+        targets = set(frames)
+        for seg in self.segments:
+            if seg.frame in targets and not (seg.sink and protect_sink):
+                rows = slice(seg.start, seg.start + seg.length)
+                remove[:, rows] = hit.gather(1, self.positions[:, rows]) & self.valid[:, rows]
+        removed = int(remove.sum())
+        if removed:
+            self._compact(self.valid & ~remove)
+        return removed
+
+    def frame_keep_mask(self, frame: int) -> torch.Tensor:
+        """``[B, tokens_per_frame]`` bool: which spatial positions of ``frame`` each sample still holds."""
+        seg = next((s for s in self.segments if s.frame == frame), None)
+        if seg is None:
+            raise KeyError(f"frame {frame} is not in the cache")
+        rows = slice(seg.start, seg.start + seg.length)
+        # padding rows point at an extra column that is cut off afterwards
+        index = self.positions[:, rows].masked_fill(~self.valid[:, rows], self.tokens_per_frame)
+        keep = torch.zeros(self.batch_size, self.tokens_per_frame + 1, dtype=torch.bool, device=self.device)
+        keep.scatter_(1, index, True)
+        return keep[:, : self.tokens_per_frame]
+
+    # ----------------------------------------------------------------------------------------- reports
+    @property
+    def frames(self) -> list[int]:
+        return [s.frame for s in self.segments]
+
+    def num_tokens(self) -> torch.Tensor:
+        """Rows each sample attends to, ``[B]`` long."""
+        return self.valid.sum(dim=1)
+
+    def nbytes(self) -> int:
+        """Bytes of committed K/V over all layers (padding included: it is really allocated)."""
+        per_row = 2 * self.num_layers * self.batch_size * self.heads * self.head_dim * self._element_size()
+        return per_row * self.length
+
+    def _element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    # ----------------------------------------------------------------------------------------- internals
+    def _reserve(self, rows: int) -> None:
+        """Grow every layer's buffer to hold ``rows`` rows; growth depends only on the history, so a replayed
+        rollout sees the same capacities (and bit-identical kernels)."""
+        if rows <= self._capacity:
+            return
+        capacity = max(rows, 2 * self._capacity, self.tokens_per_frame)
+        shape = (self.batch_size, self.heads, capacity, self.head_dim)
+        keys, values = [], []
+        for layer in range(self.num_layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self._keys:
+                k[:, :, : self.length] = self._keys[layer][:, :, : self.length]
+                v[:, :, : self.length] = self._values[layer][:, :, : self.length]
+            keys.append(k)
+            values.append(v)
+        self._keys, self._values, self._capacity = keys, values, capacity
+
+    def _keep_segments(self, keep: list[Segment]) -> None:
+        """Keep whole segments (eviction): a contiguous copy of their rows to the front of each buffer."""
+        index = torch.cat([torch.arange(s.start, s.start + s.length, device=self.device) for s in keep]) if keep \
+            else torch.zeros(0, dtype=torch.long, device=self.device)
+        self._gather(index.expand(self.batch_size, -1), keep, [s.length for s in keep])
+
+    def _compact(self, keep_rows: torch.Tensor) -> None:
+        """Drop rows where ``keep_rows [B, L]`` is False, segment by segment, padding ragged samples."""
+        parts, lengths = [], []
+        for seg in self.segments:
+            rows = keep_rows[:, seg.start: seg.start + seg.length]  # [B, len]
+            counts = rows.sum(dim=1)
+            length = int(counts.max())
+            # stable sort puts the kept rows first, in their original order
+            order = torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices[:, :length]
+            parts.append(order + seg.start)
+            lengths.append(length)
+        index = torch.cat(parts, dim=1)  # [B, L_new]
+        new_valid = torch.cat([torch.arange(n, device=self.device)[None, :] < keep_rows[:, s.start: s.start + s.length]
+                               .sum(1, keepdim=True) for s, n in zip(self.segments, lengths)], dim=1)
+        self._gather(index, self.segments, lengths, new_valid)
+
+    def _gather(self, index: torch.Tensor, segments: list[Segment], lengths: list[int],
+                new_valid: torch.Tensor | None = None) -> None:
+        """Rebuild buffers from rows ``index [B, L_new]`` forming ``segments`` with the new ``lengths``."""
+        valid = self.valid.gather(1, index) if new_valid is None else new_valid
+        positions = self.positions.gather(1, index)
+        idx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+        n = index.shape[1]
+        for layer in range(self.num_layers):
+            for buffers in (self._keys, self._values):
+                rows = buffers[layer].gather(2, idx)
+                buffers[layer][:, :, :n] = rows
+        start, new_segments = 0, []
+        for seg, length in zip(segments, lengths):
+            new_segments.append(Segment(seg.frame, start, length, seg.sink))
+            start += length
+        self.segments, self.length = new_segments, n
+        self.valid, self.positions = valid, positions.masked_fill(~valid, 0)
+        self._padded = bool((~valid).any())
