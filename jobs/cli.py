@@ -1,0 +1,101 @@
+"""The `tokentrim` command line. Commands stay thin: parse options, call one function."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import click
+
+from pipeline.config import MODES
+
+TRIM_OPTIONS = [
+    click.option("--no-trim", is_flag=True, help="Baseline: the same rollout without TokenTrim."),
+    click.option("--p", "trim_p", type=float, default=None, help="Fraction of tokens in the unstable set (0.1)."),
+    click.option("--lam", "trim_lam", type=float, default=None, help="Threshold width in sigmas (2.0)."),
+    click.option("--warmup", "trim_warmup", type=int, default=None, help="Chunks that only feed statistics (2)."),
+    click.option("--max-retries", "trim_retries", type=int, default=None, help="Regenerations per chunk (1)."),
+    click.option("--prune-scope", "trim_scope", type=click.Choice(["last", "window"]), default=None,
+                 help="Prune the previous chunk's frames (last) or every cached frame (window)."),
+]
+
+
+def trim_options(fn):
+    for option in reversed(TRIM_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """tokentrim: long AR video rendering with TokenTrim drift pruning.
+
+    \b
+    Examples:
+      tokentrim render "a cat surfing a wave" --model tiny --chunks 8 --out out/
+      tokentrim render "a cat surfing a wave" --model tiny --out s3://bucket/videos --state s3://bucket/state/cat
+      tokentrim demo --chunks 12 --corrupt-at 6
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--out", "out_url", required=True, help="Output folder or URL (file://, s3://, memory://).")
+@click.option("--model", default="tiny", show_default=True, help="'tiny', 'wan2.1-1.3b' (random) or a Wan folder.")
+@click.option("--weights", default=None, help="Causal generator checkpoint (Self/Rolling Forcing or Wan keys).")
+@click.option("--mode", type=click.Choice(MODES), default="self-forcing", show_default=True)
+@click.option("--chunks", type=int, default=7, show_default=True, help="AR chunks (3 latent frames each).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--id", "prompt_id", default=None, help="Output name (default: derived from the prompt).")
+@click.option("--window", "window_frames", type=int, default=None, help="Local attention window in latent frames.")
+@click.option("--sink", "sink_frames", type=int, default=None, help="Sink frames kept forever.")
+@click.option("--height", type=int, default=None, help="Output height in pixels (default: the model's).")
+@click.option("--width", type=int, default=None, help="Output width in pixels (default: the model's).")
+@click.option("--state", "state_url", default=None, help="Commit the latent context here; resume when present.")
+@click.option("--restart", is_flag=True, help="With --state: discard state written under another config.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@trim_options
+def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int, seed: int,
+           prompt_id: str | None, window_frames: int | None, sink_frames: int | None, height: int | None,
+           width: int | None, state_url: str | None, restart: bool, device: str, dtype: str, **trim: object) -> None:
+    """Render one PROMPT to <id>.mp4 and <id>.stats.parquet under --out (no cluster).
+
+    \b
+    Example:
+      tokentrim render "a red panda in the snow" --model tiny --chunks 8 --out out/demo
+    """
+    from jobs.render_cmd import run_render
+
+    run_render(prompt=prompt, out_url=out_url, model=model, weights=weights, mode=mode, chunks=chunks, seed=seed,
+               prompt_id=prompt_id or slug(prompt), window_frames=window_frames, sink_frames=sink_frames,
+               height=height, width=width, state_url=state_url, restart=restart, device=device, dtype=dtype,
+               trim_args=trim)
+
+
+@main.command()
+@click.option("--chunks", type=int, default=12, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--corrupt-at", type=int, multiple=True, default=(6,), show_default=True)
+def demo(chunks: int, seed: int, corrupt_at: tuple[int, ...]) -> None:
+    """TokenTrim alone on synthetic latents with injected corruption: a per-chunk table."""
+    from tokentrim.demo import main as demo_main
+
+    argv = ["--chunks", str(chunks), "--seed", str(seed)]
+    for k in corrupt_at:
+        argv += ["--corrupt-at", str(k)]
+    sys.exit(demo_main(argv))
+
+
+def slug(prompt: str) -> str:
+    """A file-safe id from a prompt: lowercase words joined by '-', at most 60 characters."""
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return words[:60].rstrip("-") or "prompt"
+
+
+if __name__ == "__main__":
+    main()

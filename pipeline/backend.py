@@ -1,0 +1,189 @@
+"""Model backends: the causal Wan transformer, its text encoder and its VAE, built from a preset or a folder.
+
+Presets:
+- ``tiny``: the same code with small dims and seeded random weights, a locally built tokenizer and text encoder,
+  a small VAE. No network, no files; a rollout runs on a CPU in seconds.
+- ``wan2.1-1.3b``: the full Wan2.1-T2V-1.3B shapes with seeded random weights (for benchmarks); the text encoder is
+  a one-layer stand-in with umT5-XXL's width, since it runs once per prompt.
+- a path: a diffusers-format Wan2.1 folder (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``vae/``),
+  optionally with a causal generator checkpoint (Self Forcing / Rolling Forcing / original Wan key names).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.causal_wan import CausalWan
+from pipeline.errors import InputError
+from pipeline.text import TextEncoder, build_tiny_text_encoder, load_text_encoder
+from pipeline.vae import StreamingDecoder, build_tiny_vae, load_vae
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
+
+logger = logging.getLogger(__name__)
+
+SPATIAL_SCALE = 8  # pixels per latent pixel (Wan2.1 VAE)
+LATENT_CHANNELS = 16
+
+TINY_TRANSFORMER: dict[str, Any] = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
+    "out_channels": 16, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
+}
+WAN_1_3B_TRANSFORMER: dict[str, Any] = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a backend is: recorded in outputs and part of the config hash."""
+
+    name: str
+    height_px: int
+    width_px: int
+    text_len: int
+    weights: str | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "height_px": self.height_px, "width_px": self.width_px,
+                "text_len": self.text_len, "weights": self.weights, "seed": self.seed}
+
+
+PRESETS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec("tiny", height_px=64, width_px=96, text_len=32),
+    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=480, width_px=832, text_len=512),
+}
+
+
+class WanBackend:
+    """The model protocol of a rollout: encode prompts once, denoise / commit chunks, decode latents streaming."""
+
+    def __init__(self, spec: ModelSpec, causal: CausalWan, text: TextEncoder, vae: AutoencoderKLWan | None) -> None:
+        self.spec, self.causal, self.text, self.vae = spec, causal, text, vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.causal.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.causal.dtype
+
+    def latent_size(self, height_px: int, width_px: int) -> tuple[int, int]:
+        """Latent ``(h, w)`` for an output size; both must be multiples of 16 (VAE x patch)."""
+        step = SPATIAL_SCALE * self.causal.patch_size[1]
+        for name, value in (("height_px", height_px), ("width_px", width_px)):
+            if value % step:
+                raise InputError(f"`{name}` must be a multiple of {step}, got {value}")
+        return height_px // SPATIAL_SCALE, width_px // SPATIAL_SCALE
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """``[B, text_len, text_dim]`` embeddings on the transformer's device and dtype."""
+        return self.text.encode(prompts, device=self.device, dtype=self.dtype)
+
+    def new_decoder(self) -> StreamingDecoder:
+        if self.vae is None:
+            raise InputError("this backend was built without a VAE (`with_vae=False`); it cannot decode")
+        return StreamingDecoder(self.vae)
+
+
+def _seeded_transformer(config: dict[str, Any], seed: int, device: torch.device | str,
+                        dtype: torch.dtype) -> Any:
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(**config)
+        for param in model.parameters():  # diffusers leaves some weights at zero; give every weight a value
+            param.data.normal_(0.0, 0.2 if config["num_layers"] <= 4 else 0.02)
+    return _cast(model, device, dtype)
+
+
+def _cast(model: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """Move a diffusers model, keeping the modules it names in ``_keep_in_fp32_modules`` in float32 (as
+    ``from_pretrained(torch_dtype=...)`` does)."""
+    model = model.to(device)
+    if dtype == torch.float32:
+        return model
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if keep.isdisjoint(name.split(".")):
+            param.data = param.data.to(dtype)
+    return model
+
+
+def _random_wide_text_encoder(text_dim: int, text_len: int, seed: int) -> TextEncoder:
+    """The tiny tokenizer with a one-layer umT5 of width ``text_dim`` (a stand-in for benchmarks)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tiny = build_tiny_text_encoder(text_len=text_len, seed=seed)
+    config = UMT5Config(vocab_size=tiny.encoder.config.vocab_size, d_model=text_dim, d_kv=64, d_ff=256,
+                        num_layers=1, num_heads=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = UMT5EncoderModel(config).eval()
+    return TextEncoder(tiny.tokenizer, encoder, text_len)
+
+
+def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 weights: str | None = None, seed: int = 0, with_vae: bool = True) -> WanBackend:
+    """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder."""
+    if model == "tiny":
+        spec = PRESETS["tiny"]
+        transformer = _seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)
+        text = build_tiny_text_encoder(text_dim=TINY_TRANSFORMER["text_dim"], text_len=spec.text_len, seed=seed)
+        vae = build_tiny_vae(seed) if with_vae else None
+    elif model == "wan2.1-1.3b":
+        spec = PRESETS["wan2.1-1.3b"]
+        transformer = _seeded_transformer(WAN_1_3B_TRANSFORMER, seed, device, dtype)
+        text = _random_wide_text_encoder(WAN_1_3B_TRANSFORMER["text_dim"], spec.text_len, seed)
+        vae = _random_full_vae(seed) if with_vae else None
+    elif os.path.isdir(model):
+        return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae)
+    else:
+        raise InputError(f"`model` must be 'tiny', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, got {model!r}")
+    if weights is not None:
+        from pipeline.weights import load_transformer_weights
+
+        load_transformer_weights(transformer, weights)
+    spec = ModelSpec(spec.name, spec.height_px, spec.width_px, spec.text_len, weights, seed)
+    text.encoder.to(device)
+    if vae is not None:
+        vae = _cast(vae, device, dtype)
+    return WanBackend(spec, CausalWan(transformer), text, vae)
+
+
+def _random_full_vae(seed: int) -> Any:
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan().eval()
+
+
+def _load_folder(folder: str, *, device: torch.device | str, dtype: torch.dtype, weights: str | None,
+                 with_vae: bool) -> WanBackend:
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(os.path.join(folder, "transformer"), torch_dtype=dtype,
+                                                        local_files_only=True)
+    if weights is not None:
+        from pipeline.weights import load_transformer_weights
+
+        load_transformer_weights(transformer, weights)
+    transformer = transformer.to(device)
+    text = load_text_encoder(folder, device=device, dtype=dtype)
+    vae = load_vae(folder, device=device, dtype=dtype) if with_vae else None
+    spec = ModelSpec(os.path.abspath(folder), height_px=480, width_px=832, text_len=text.text_len, weights=weights)
+    return WanBackend(spec, CausalWan(transformer), text, vae)

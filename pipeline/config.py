@@ -1,0 +1,94 @@
+"""The rollout config: one frozen object whose JSON hash is recorded with every output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from pipeline.sampler import ROLLING_FORCING_STEPS, SELF_FORCING_STEPS, warp_timesteps
+
+Mode = Literal["self-forcing", "rolling-forcing"]
+MODES: tuple[str, ...] = ("self-forcing", "rolling-forcing")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How one AR rollout runs. Sizes are in latent frames unless named ``*_px``.
+
+    mode: ``self-forcing`` (chunks denoised one after another, ``steps`` each) or ``rolling-forcing`` (a joint
+        window of ``len(steps)`` chunks at staggered levels, one chunk finished per window pass).
+    num_chunks: chunks to generate; chunk_frames: latent frames per chunk.
+    steps: the unwarped timestep list (None: the mode's default), warped with ``shift``.
+    window_frames: local attention window over committed non-sink frames (None: attend to all).
+    sink_frames: first frames kept forever (None: 0 for self-forcing, one chunk for rolling-forcing).
+    height_px, width_px: output size (None: the model's default); fps: output frame rate.
+    """
+
+    mode: Mode = "self-forcing"
+    num_chunks: int = 7
+    chunk_frames: int = 3
+    steps: tuple[float, ...] | None = None
+    shift: float = 5.0
+    window_frames: int | None = None
+    sink_frames: int | None = None
+    height_px: int | None = None
+    width_px: int | None = None
+    fps: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
+        for name in ("num_chunks", "chunk_frames", "fps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        for name in ("window_frames", "height_px", "width_px"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be an integer >= 1 or None, got {value!r}")
+        if self.sink_frames is not None and (not isinstance(self.sink_frames, int) or self.sink_frames < 0):
+            raise ValueError(f"`sink_frames` must be an integer >= 0 or None, got {self.sink_frames!r}")
+        if self.steps is not None:
+            steps = tuple(float(t) for t in self.steps)
+            if not steps or any(not 0 < t <= 1000 for t in steps) or list(steps) != sorted(steps, reverse=True):
+                raise ValueError(f"`steps` must be a decreasing list of timesteps in (0, 1000], got {self.steps!r}")
+            object.__setattr__(self, "steps", steps)
+        if not self.shift > 0:
+            raise ValueError(f"`shift` must be > 0, got {self.shift!r}")
+
+    @property
+    def timesteps(self) -> tuple[float, ...]:
+        """The warped schedule actually sampled."""
+        default = SELF_FORCING_STEPS if self.mode == "self-forcing" else ROLLING_FORCING_STEPS
+        return warp_timesteps(self.steps or default, self.shift)
+
+    @property
+    def sink(self) -> int:
+        if self.sink_frames is not None:
+            return self.sink_frames
+        return self.chunk_frames if self.mode == "rolling-forcing" else 0
+
+    @property
+    def num_frames(self) -> int:
+        return self.num_chunks * self.chunk_frames
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["steps"] = list(self.steps) if self.steps is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RolloutConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RolloutConfig fields {unknown}")
+        return cls(**d)
+
+
+def config_hash(*parts: dict[str, Any]) -> str:
+    """Stable short hash of JSON-able dicts (sorted keys), e.g. rollout + trim + model configs."""
+    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

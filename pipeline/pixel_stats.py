@@ -1,0 +1,154 @@
+"""Model-free drift proxies, computed per chunk of decoded uint8 RGB frames `[T, H, W, 3]`.
+
+Per chunk:
+- `luma`: mean Rec.601 luma Y = 0.299 R + 0.587 G + 0.114 B, in [0, 255].
+- `saturation`: mean HSV saturation (max - min) / max per pixel (0 where max is 0), in [0, 1].
+- `clipped`: fraction of pixels with any channel <= 2 or >= 253, in [0, 1].
+- `flicker`: VBench's temporal-flickering score, the mean over consecutive frame pairs of
+  (255 - mean |f_t - f_{t-1}|) / 255, in [0, 1], 1 = static. The pair (last frame of the
+  previous chunk, first frame of this one) counts; a single frame with no previous one scores 1.
+- `hist_dist_first`: total-variation distance between this chunk's colour histogram and the
+  first chunk's, in [0, 1] (0 for the first chunk). A histogram is 16 bins per R, G, B channel,
+  each channel normalised to sum to 1; the distance is half the L1 distance per channel,
+  averaged over the three channels.
+
+`PixelTracker` keeps what crosses chunk boundaries (the last frame, the first chunk's
+histogram); `state_dict`/`load_state_dict` let a resumed rollout give identical values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HIST_BINS = 16  # per channel; 256 / 16 = 16 intensity levels per bin
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # Rec.601
+_CLIP_LOW, _CLIP_HIGH = 2, 253
+
+
+@dataclass
+class PixelStats:
+    """Drift proxies of one chunk; see the module docstring for definitions and ranges."""
+
+    luma: float
+    saturation: float
+    clipped: float
+    flicker: float
+    hist_dist_first: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _as_frames(frames: Any) -> np.ndarray:
+    if type(frames).__module__.split(".")[0] == "torch":
+        frames = frames.detach().cpu().numpy()  # torch is not imported here: duck-typed tensor
+    if not isinstance(frames, np.ndarray):
+        raise TypeError(f"`frames` must be a numpy array or torch tensor, got {type(frames).__name__}")
+    if frames.dtype != np.uint8:
+        raise TypeError(f"`frames` must have dtype uint8, got {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"`frames` must have shape [T, H, W, 3] with T, H, W >= 1, got {list(frames.shape)}")
+    return frames
+
+
+def colour_histogram(frames: np.ndarray) -> np.ndarray:
+    """Per-channel histogram of uint8 RGB `frames` `[T, H, W, 3]`: float64 `[3, HIST_BINS]`, each row sums to 1."""
+    pixels = frames.reshape(-1, 3)  # [T*H*W, 3]
+    bins = (pixels >> 4).astype(np.intp) + np.arange(3) * HIST_BINS  # channel c uses bins [16c, 16c + 16)
+    counts = np.bincount(bins.ravel(), minlength=3 * HIST_BINS).reshape(3, HIST_BINS)
+    return counts / pixels.shape[0]
+
+
+def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance of two `[3, HIST_BINS]` histograms, averaged over channels, in [0, 1]."""
+    return float(0.5 * np.abs(a - b).sum(axis=1).mean())
+
+
+def _luma_saturation_clipped(frames: np.ndarray) -> tuple[float, float, float]:
+    pixels = frames.reshape(-1, 3)  # [N, 3]
+    channel_means = pixels.sum(axis=0, dtype=np.int64) / pixels.shape[0]  # [3]; luma is linear in them
+    luma = float(channel_means @ _LUMA_WEIGHTS)
+    high = pixels.max(axis=1)  # [N]
+    low = pixels.min(axis=1)  # [N]
+    sat = (high - low).astype(np.float32) / np.maximum(high, 1).astype(np.float32)  # 0 where high == 0 == low
+    clipped = float(((low <= _CLIP_LOW) | (high >= _CLIP_HIGH)).mean())
+    return luma, float(sat.sum(dtype=np.float64) / sat.shape[0]), clipped
+
+
+def _flicker(frames: np.ndarray, previous: np.ndarray | None) -> float:
+    """VBench temporal flickering over consecutive pairs of `frames`, led by `previous` when given."""
+    if previous is not None:
+        frames = np.concatenate([previous[None], frames])  # [T+1, H, W, 3]
+    if frames.shape[0] < 2:
+        return 1.0
+    diffs = np.abs(np.diff(frames.astype(np.int16), axis=0))  # [T-1, H, W, 3]
+    per_pair = diffs.reshape(diffs.shape[0], -1).mean(axis=1)  # [T-1]
+    return float(((255.0 - per_pair) / 255.0).mean())
+
+
+class PixelTracker:
+    """Keeps what is needed across chunks (last frame, first chunk's colour histogram) to compute per-chunk
+    proxies."""
+
+    def __init__(self) -> None:
+        self.last_frame: np.ndarray | None = None  # uint8 [H, W, 3]
+        self.first_hist: np.ndarray | None = None  # float64 [3, HIST_BINS]
+
+    def update(self, frames: Any) -> PixelStats:
+        """Proxies of the next chunk of uint8 RGB `frames` `[T, H, W, 3]`, then remember what the next one needs."""
+        frames = _as_frames(frames)
+        if self.last_frame is not None and self.last_frame.shape != frames.shape[1:]:
+            raise ValueError(
+                f"`frames` must be [T, {', '.join(map(str, self.last_frame.shape))}] like the previous chunk, "
+                f"got {list(frames.shape)}"
+            )
+        luma, saturation, clipped = _luma_saturation_clipped(frames)
+        flicker = _flicker(frames, self.last_frame)
+        hist = colour_histogram(frames)
+        if self.first_hist is None:
+            self.first_hist = hist
+        stats = PixelStats(
+            luma=luma,
+            saturation=saturation,
+            clipped=clipped,
+            flicker=flicker,
+            hist_dist_first=histogram_distance(hist, self.first_hist),
+        )
+        self.last_frame = frames[-1].copy()
+        return stats
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Arrays that restore this tracker (none before the first update)."""
+        state: dict[str, np.ndarray] = {}
+        if self.last_frame is not None:
+            state["last_frame"] = self.last_frame.copy()
+        if self.first_hist is not None:
+            state["first_hist"] = self.first_hist.copy()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()` output (numpy arrays or torch tensors)."""
+        unknown = set(state) - {"last_frame", "first_hist"}
+        if unknown:
+            raise ValueError(f"`state` has unknown keys {sorted(unknown)}; expected last_frame, first_hist")
+        last = state.get("last_frame")
+        hist = state.get("first_hist")
+        if last is not None:
+            last = _as_frames(_to_numpy(last)[None])[0].copy()
+        if hist is not None:
+            hist = np.asarray(_to_numpy(hist), dtype=np.float64).copy()
+            if hist.shape != (3, HIST_BINS):
+                raise ValueError(f"`state['first_hist']` must have shape [3, {HIST_BINS}], got {list(hist.shape)}")
+        self.last_frame, self.first_hist = last, hist
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if type(value).__module__.split(".")[0] == "torch":
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -1,0 +1,170 @@
+"""Render prompts to videos: rollout, streaming decode, pixel proxies, mp4, per-chunk stats, optional checkpoints.
+
+`render` is what `tokentrim render` and the job workers call. It writes, under ``out_url``:
+``<id>.mp4`` (H.264, yuv420p, faststart) and ``<id>.stats.parquet`` (one row per chunk), each as one whole object.
+With ``state_url`` it commits each accepted chunk's latent context there and resumes from it when present.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.backend import WanBackend
+from pipeline.config import RolloutConfig, config_hash
+from pipeline.errors import InputError
+from pipeline.pixel_stats import PixelTracker
+from pipeline.rollout import ChunkRecord, Rollout
+from pipeline.store import Store, validate_key
+from pipeline.timing import PhaseTimer
+from pipeline.video import Mp4Encoder, even_size
+from tokentrim import TrimConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RenderResult:
+    """What a render wrote, per prompt."""
+
+    prompt_id: str
+    video_url: str
+    stats_url: str
+    config_hash: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | None) -> str:
+    """The config hash recorded with every output: model, rollout and TokenTrim settings."""
+    return config_hash(backend.spec.to_dict(), config.to_dict(), trim.to_dict() if trim else {"trim": None})
+
+
+class _Sinks:
+    """Per-sample video encoders and pixel trackers fed from one streaming decoder."""
+
+    def __init__(self, backend: WanBackend, batch: int, fps: int, timer: PhaseTimer) -> None:
+        self.decoder = backend.new_decoder()
+        self.trackers = [PixelTracker() for _ in range(batch)]
+        self.encoders: list[Mp4Encoder] | None = None
+        self.fps, self.timer = fps, timer
+
+    def feed(self, latents: torch.Tensor) -> list[dict[str, float]]:
+        """Decode one chunk ``[B, C, F, h, w]``, encode its frames, return per-sample pixel proxies."""
+        with self.timer.phase("decode"):
+            frames = self.decoder.decode(latents.to(self.decoder_dtype))
+            frames = frames.cpu().numpy()  # [B, T, H, W, 3] uint8
+        with self.timer.phase("encode"):
+            height, width = even_size(frames.shape[2], frames.shape[3])
+            frames = frames[:, :, :height, :width]
+            if self.encoders is None:
+                self.encoders = [Mp4Encoder(width, height, fps=self.fps) for _ in self.trackers]
+            stats = []
+            for b, (encoder, tracker) in enumerate(zip(self.encoders, self.trackers)):
+                encoder.write(frames[b])
+                stats.append(tracker.update(frames[b]).to_dict())
+        return stats
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        return next(self.decoder.vae.parameters()).dtype
+
+    def close(self) -> None:
+        for encoder in self.encoders or []:
+            encoder.close()
+
+
+def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_url: str, *,
+           config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | None = None,
+           storage_options: dict | None = None, force_restart: bool = False,
+           on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None) -> list[RenderResult]:
+    """Render a batch of prompts (one sample each) with one rollout; see the module docstring."""
+    if len(prompt_ids) != len(prompts):
+        raise InputError(f"need one prompt id per prompt, got {len(prompt_ids)} ids for {len(prompts)} prompts")
+    for pid in prompt_ids:
+        validate_key(pid, name="prompt_id")
+        if "/" in pid:
+            raise InputError(f"`prompt_id` must not contain '/', got {pid!r}")
+    out = Store(out_url, storage_options)
+    digest = render_hash(backend, config, trim)
+    timer = PhaseTimer(backend.device)
+    rollout = Rollout(backend, config, prompts, seeds, trim, timer)
+    sinks = _Sinks(backend, len(prompts), config.fps, timer)
+    checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
+    rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
+    try:
+        resumed = _resume(rollout, sinks, checkpoints, rows)
+        for record in rollout:
+            _finish_rows(record, sinks.feed(record.latents), timer.collect())
+            if checkpoints is not None:
+                with timer.phase("checkpoint"):
+                    checkpoints.save(record)
+                seconds = timer.collect().get("checkpoint", 0.0)
+                for row in record.rows:
+                    row["t_checkpoint"] = seconds
+            for b, row in enumerate(record.rows):
+                rows[b].append(row)
+            if on_chunk is not None:
+                on_chunk(record.index, record.rows)
+        return [_write_outputs(out, pid, sinks.encoders[b], rows[b], digest, resumed)
+                for b, pid in enumerate(prompt_ids)]
+    finally:
+        sinks.close()
+
+
+def _finish_rows(record: ChunkRecord, pixels: list[dict[str, float]], timings: dict[str, float]) -> None:
+    for row, pix in zip(record.rows, pixels):
+        row.update(pix)
+        row["t_decode"] = timings.get("decode", 0.0)
+        row["t_encode"] = timings.get("encode", 0.0)
+
+
+def _open_checkpoints(state_url: str | None, storage_options: dict | None, digest: str, prompt_ids: list[str],
+                      force_restart: bool):
+    if state_url is None:
+        return None
+    from pipeline.checkpoint import RolloutCheckpoints
+
+    return RolloutCheckpoints(Store(state_url, storage_options), digest, prompt_ids, force_restart=force_restart)
+
+
+def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, rows: list[list[dict[str, Any]]]) -> int:
+    """Replay committed chunks (cache rebuilt, frames decoded once more for the video); returns their count."""
+    if checkpoints is None:
+        return 0
+    records = checkpoints.load()
+    if not records:
+        return 0
+    rollout.restore(records)
+    for record in records:
+        sinks.feed(record.latents.to(rollout.backend.device))
+        for b, row in enumerate(record.rows):
+            rows[b].append(row)
+    rollout.timer.collect()
+    logger.info("resumed after %d committed chunks", len(records))
+    return len(records)
+
+
+def _write_outputs(out: Store, pid: str, encoder: Mp4Encoder, rows: list[dict[str, Any]], digest: str,
+                   resumed: int) -> RenderResult:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.put_bytes(f"{pid}.mp4", encoder.finish())
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
+    table = pa.Table.from_pylist([{"prompt_id": pid, "config_hash": digest, **{k: _clean(r.get(k)) for k in columns}}
+                                  for r in rows])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    out.put_bytes(f"{pid}.stats.parquet", sink.getvalue().to_pybytes())
+    return RenderResult(pid, out.join(f"{pid}.mp4"), out.join(f"{pid}.stats.parquet"), digest, rows, resumed)
+
+
+def _clean(value: Any) -> Any:
+    """NaN floats become nulls in the table (no severity before the first comparison)."""
+    return None if isinstance(value, float) and math.isnan(value) else value

@@ -1,0 +1,52 @@
+"""Few-step flow-matching sampling: timestep schedules and noise that is a pure function of its coordinates.
+
+The model predicts the flow ``v = noise - x0`` at noise level ``sigma = t / 1000``; ``x_t = (1 - sigma) x0 + sigma
+noise``. Between steps the x0 prediction is re-noised to the next level with fresh noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+SELF_FORCING_STEPS: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+ROLLING_FORCING_STEPS: tuple[float, ...] = (1000.0, 800.0, 600.0, 400.0, 200.0)
+
+
+def warp_timesteps(steps: tuple[float, ...], shift: float) -> tuple[float, ...]:
+    """Shifted schedule ``t' = 1000 * shift*s / (1 + (shift-1)*s)`` with ``s = t/1000`` (shift 5: 750 -> 937.5)."""
+    if shift <= 0:
+        raise ValueError(f"`shift` must be > 0, got {shift}")
+    out = []
+    for t in steps:
+        s = t / 1000.0
+        out.append(1000.0 * shift * s / (1.0 + (shift - 1.0) * s))
+    return tuple(out)
+
+
+def noise_seed(seed: int, chunk: int, step: int, attempt: int) -> int:
+    """A 63-bit generator seed derived from ``(seed, chunk, step, attempt)``; stable across processes and machines."""
+    digest = hashlib.sha256(f"tokentrim-noise:{seed}:{chunk}:{step}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def chunk_noise(seeds: list[int], chunk: int, step: int, attempt: int, shape: tuple[int, ...],
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise ``[B, *shape]``, sample b drawn from ``noise_seed(seeds[b], chunk, step, attempt)``.
+
+    Drawn on the CPU so that the same coordinates give the same noise on any device.
+    """
+    draws = [torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(s, chunk, step, attempt)))
+             for s in seeds]
+    return torch.stack(draws).to(device=device, dtype=dtype)
+
+
+def to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """x0 from a noisy sample and the predicted flow: ``x0 = x_t - sigma * flow``."""
+    return x_t - sigma * flow
+
+
+def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """``(1 - sigma) * x0 + sigma * noise``."""
+    return (1.0 - sigma) * x0 + sigma * noise
