@@ -62,7 +62,7 @@ class PassState:
 
 
 class CachedSelfAttention:
-    """Processor for ``WanAttention`` self-attention (``attn1``) of block ``layer`` that reads and writes a `KVCache`."""
+    """Processor for the self-attention (``attn1``) of block ``layer``: reads and writes a `KVCache`."""
 
     def __init__(self, layer: int, state: PassState) -> None:
         self.layer = layer
@@ -76,7 +76,7 @@ class CachedSelfAttention:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``hidden_states [B, n, dim]`` -> ``[B, n, dim]``; ``rotary_emb`` from diffusers (frame 0 based) is ignored."""
+        """``hidden_states [B, n, dim]`` -> ``[B, n, dim]``; diffusers' ``rotary_emb`` (from frame 0) is ignored."""
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:

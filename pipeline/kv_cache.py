@@ -85,7 +85,7 @@ class KVCache:
         return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
 
     def attention_mask(self, n: int) -> torch.Tensor | None:
-        """Boolean mask ``[B, 1, 1, L + n]`` (True = attend) for a pass of ``n`` new rows, or None when nothing is padded."""
+        """Bool mask ``[B, 1, 1, L + n]`` (True = attend) for a pass of ``n`` new rows; None when nothing is padded."""
         if not self._padded:
             return None
         new = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device)
@@ -103,7 +103,8 @@ class KVCache:
         if n is None:
             raise RuntimeError("commit() without a forward pass that wrote K/V")
         if n != len(frames) * self.tokens_per_frame:
-            raise ValueError(f"`frames` {frames} do not match the {n} rows written ({self.tokens_per_frame} per frame)")
+            raise ValueError(f"`frames` {frames} do not match the {n} rows written "
+                             f"({self.tokens_per_frame} per frame)")
         if self.segments and frames and frames[0] <= self.segments[-1].frame:
             raise ValueError(f"`frames` {frames} must follow the last committed frame {self.segments[-1].frame}")
         pos = torch.arange(self.tokens_per_frame, device=self.device).repeat(len(frames))

@@ -80,7 +80,7 @@ class _Sinks:
 
 
 def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_url: str, *,
-           config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | None = None,
+           config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | Store | None = None,
            storage_options: dict | None = None, force_restart: bool = False,
            on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None) -> list[RenderResult]:
     """Render a batch of prompts (one sample each) with one rollout; see the module docstring."""
@@ -124,13 +124,14 @@ def _finish_rows(record: ChunkRecord, pixels: list[dict[str, float]], timings: d
         row["t_encode"] = timings.get("encode", 0.0)
 
 
-def _open_checkpoints(state_url: str | None, storage_options: dict | None, digest: str, prompt_ids: list[str],
+def _open_checkpoints(state: str | Store | None, storage_options: dict | None, digest: str, prompt_ids: list[str],
                       force_restart: bool):
-    if state_url is None:
+    if state is None:
         return None
     from pipeline.checkpoint import RolloutCheckpoints
 
-    return RolloutCheckpoints(Store(state_url, storage_options), digest, prompt_ids, force_restart=force_restart)
+    store = state if isinstance(state, Store) else Store(state, storage_options)
+    return RolloutCheckpoints(store, digest, prompt_ids, force_restart=force_restart)
 
 
 def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, rows: list[list[dict[str, Any]]]) -> int:

@@ -17,6 +17,7 @@ controller state, in-flight window): `Rollout.restore` replays the commits and p
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,8 @@ class Rollout:
         self.window: dict[int, torch.Tensor] = {}  # rolling-forcing: chunk -> its current noisy latents
         self._first: torch.Tensor | None = None
         self._prev: torch.Tensor | None = None
+        # fault injection for tests and drift studies: (chunk, attempt, x0 [B, C, F, h, w]) -> x0
+        self.perturb: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
 
     def _check_trim(self, trim: TrimConfig | None) -> None:
         if trim is None:
@@ -163,6 +166,8 @@ class Rollout:
             with self.timer.phase("denoise"):
                 flow = self.backend.causal.denoise(x, self._levels(i), self.text, self.cache, first)
                 x0 = to_x0(x, flow, t / 1000.0)
+            if self.perturb is not None:
+                x0 = self.perturb(c, attempt, x0)
             if self.controller is not None and i == self.trim.measure_step:
                 summary, judgement = self._judge(x0, attempt)
                 if bool((judgement.prune | done).all()):

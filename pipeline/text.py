@@ -36,7 +36,7 @@ def clean_prompt(text: str) -> str:
 
 
 class TextEncoder:
-    """Prompt strings -> umT5 embeddings [B, text_len, text_dim], positions past each prompt's length zeroed (as Wan does).
+    """Prompt strings -> umT5 embeddings [B, text_len, text_dim], positions past each prompt's length zeroed (as Wan).
 
     Args:
         tokenizer: a Hugging Face tokenizer that appends an end-of-sequence token and pads on the right.

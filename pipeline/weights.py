@@ -136,7 +136,11 @@ def read_state_dict(path: str, *, key: str | None = None) -> dict[str, torch.Ten
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """"diffusers" or "original" (Wan's own names); "diffusers" when neither is recognisable; mixed -> WeightsError."""
+    """The key layout: `"original"` (Wan's own names) or `"diffusers"` (also when neither is recognisable).
+
+    Raises:
+        WeightsError: when `state_dict` mixes both layouts.
+    """
     original = [k for k in state_dict if _ORIGINAL_MARKERS.search(k)]
     diffusers = [k for k in state_dict if _DIFFUSERS_MARKERS.search(k)]
     if original and diffusers:

@@ -35,7 +35,7 @@ def _mask(num_chunks: int, sink: int, window: int | None, pruned: dict[tuple[int
 
 def _run(model: CausalWan, clean: torch.Tensor, noisy: torch.Tensor, t: float, text: torch.Tensor, *, sink: int,
          window: int | None, prunes: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Cached rollout: for each chunk k, apply the prune planned at k, denoise the noisy chunk, commit the clean one."""
+    """Cached rollout: per chunk k, apply the prune planned at k, denoise the noisy chunk, commit the clean one."""
     batch = clean.shape[0]
     cache = model.new_cache(batch, H, W, sink_frames=sink, window_frames=window)
     outs = []

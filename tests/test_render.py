@@ -1,0 +1,50 @@
+"""`tokentrim render`: a playable mp4 with the expected frames and a stats table with one row per chunk."""
+
+from __future__ import annotations
+
+import av
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+
+from jobs.cli import main, slug
+from pipeline.backend import PRESETS
+
+STAT_COLUMNS = {"prompt_id", "config_hash", "chunk", "frames", "severity", "mu", "sigma", "threshold", "verdict",
+                "attempts", "tokens_pruned", "cache_tokens", "cache_bytes", "latent_dist_prev", "latent_dist_first",
+                "luma", "saturation", "clipped", "flicker", "hist_dist_first", "t_denoise", "t_trim", "t_commit",
+                "t_decode", "t_encode"}
+
+
+def test_render_writes_a_playable_video_and_one_stats_row_per_chunk(tmp_path):
+    chunks = 4
+    result = CliRunner().invoke(main, ["render", "a fox in the snow", "--model", "tiny", "--chunks", str(chunks),
+                                       "--out", str(tmp_path), "--id", "fox"])
+    assert result.exit_code == 0, result.output
+    assert "video:" in result.output
+    with av.open(str(tmp_path / "fox.mp4")) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+    spec = PRESETS["tiny"]
+    assert len(frames) == 1 + 4 * (3 * chunks - 1)  # Wan VAE: 1 + 4 (F_lat - 1)
+    assert (frames[0].height, frames[0].width) == (spec.height_px, spec.width_px)
+    table = pq.read_table(tmp_path / "fox.stats.parquet")
+    assert table.num_rows == chunks
+    assert STAT_COLUMNS <= set(table.column_names)
+    assert table.column("chunk").to_pylist() == list(range(chunks))
+    assert table.column("verdict").to_pylist()[:2] == ["warmup", "warmup"]
+
+
+def test_render_rejects_bad_options_by_name(tmp_path):
+    result = CliRunner().invoke(main, ["render", "x", "--p", "1.5", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "p" in result.output
+    result = CliRunner().invoke(main, ["render", "x", "--width", "100", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "width_px" in result.output
+    result = CliRunner().invoke(main, ["render", "x", "--id", "../escape", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "prompt_id" in result.output
+
+
+def test_slug_is_file_safe():
+    assert slug("A Cat, surfing!  (4k)") == "a-cat-surfing-4k"
+    assert slug("???") == "prompt"

@@ -1,0 +1,24 @@
+"""TokenTrim: find the latent tokens that drifted away from the previous chunk and prune them from the cache.
+
+Pure torch, no I/O and no model knowledge (DESIGN.md §2). Shapes: latents [B, C, F, H, W], summaries [B, N, D],
+drift [B, N], per-sample statistics and verdicts [B].
+"""
+
+from tokentrim.config import PruneScope, StatsMode, TrimConfig
+from tokentrim.controller import Judgement, TrimController, VerdictKind
+from tokentrim.stats import RunningStats
+from tokentrim.summary import latent_summary, num_unstable, token_drift, unstable_set
+
+__all__ = [
+    "Judgement",
+    "PruneScope",
+    "RunningStats",
+    "StatsMode",
+    "TrimConfig",
+    "TrimController",
+    "VerdictKind",
+    "latent_summary",
+    "num_unstable",
+    "token_drift",
+    "unstable_set",
+]

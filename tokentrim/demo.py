@@ -1,0 +1,158 @@
+"""Stream synthetic latents through the TokenTrim controller and print the per-chunk verdicts.
+
+    python -m tokentrim.demo --chunks 24 --seed 0 --corrupt-at 8 16
+
+Each chunk is a latent [1, C, F, H, W] = [1, 16, 3, H, W] drawn from a smoothly drifting stationary process: a
+per-element AR(1) state s_t = rho * s_{t-1} + sqrt(1 - rho^2) * eps_t (unit variance for every t) plus a little
+per-frame jitter. At each chunk in `corrupt_at` the first candidate (attempt 0) has `corrupt_tokens` whole patches
+shifted by `corrupt_scale` in every channel and frame; regenerating the chunk (attempt >= 1) draws a clean
+candidate. Every draw uses its own torch.Generator seeded from (seed, purpose, chunk, attempt); no global RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokentrim.config import TrimConfig
+from tokentrim.controller import Judgement, TrimController
+from tokentrim.summary import latent_summary
+
+CHANNELS = 16
+FRAMES = 3
+
+
+def _generator(seed: int, *parts: object) -> torch.Generator:
+    """A CPU generator seeded from (seed, *parts) through sha256, stable across processes and platforms."""
+    key = ":".join(str(x) for x in (seed, *parts)).encode("utf-8")
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+
+def _corruption(
+    seed: int, chunk: int, shape: tuple[int, int], patch: tuple[int, int], k: int
+) -> tuple[Tensor, Tensor]:
+    """Pick k token positions of the (H / p_h, W / p_w) grid and return (positions [k] sorted, pixel mask [H, W])."""
+    h, w = shape
+    p_h, p_w = patch
+    num_tokens = (h // p_h) * (w // p_w)
+    positions = torch.randperm(num_tokens, generator=_generator(seed, "corrupt", chunk))[:k].sort().values  # [k]
+    token_mask = torch.zeros(num_tokens, dtype=torch.bool)
+    token_mask[positions] = True
+    # [N] -> [H/p_h, W/p_w] (row-major tokens) -> [H, W] by repeating each token over its patch
+    grid = token_mask.reshape(h // p_h, w // p_w)
+    return positions, grid.repeat_interleave(p_h, dim=0).repeat_interleave(p_w, dim=1)
+
+
+def _row(chunk: int, corrupted_positions: list[int], judgements: Sequence[Judgement]) -> dict[str, Any]:
+    """One table row from the judgements of a chunk's candidates (the last one was accepted)."""
+    first, last = judgements[0], judgements[-1]
+    pruned = sorted({pos for j in judgements if bool(j.prune[0]) for pos in j.positions[0].tolist()})
+    return {
+        "chunk": chunk,
+        "corrupted": bool(corrupted_positions),
+        "corrupted_positions": corrupted_positions,
+        "severity": float(first.severity[0]),
+        "mu": float(first.mu[0]),
+        "sigma": float(first.sigma[0]),
+        "threshold": float(first.threshold[0]),
+        "verdict": "pruned" if pruned else first.kinds[0],
+        "attempts": len(judgements),
+        "pruned": len(pruned),
+        "pruned_positions": pruned,
+        "accepted_severity": float(last.severity[0]),
+    }
+
+
+def run_demo(
+    chunks: int = 24,
+    seed: int = 0,
+    corrupt_at: Sequence[int] = (12,),
+    config: TrimConfig | None = None,
+    *,
+    height: int = 16,
+    width: int = 16,
+    corrupt_tokens: int = 4,
+    corrupt_scale: float = 3.0,
+    rho: float = 0.95,
+    jitter: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Run the controller over `chunks` synthetic chunks and return one row per chunk.
+
+    Row keys: chunk, corrupted, corrupted_positions, severity / mu / sigma / threshold (of the first candidate),
+    verdict ("warmup" | "accepted" | "pruned"), attempts, pruned (positions pruned over all attempts),
+    pruned_positions (sorted union), accepted_severity.
+    """
+    config = TrimConfig() if config is None else config
+    _, p_h, p_w = config.patch_size
+    if chunks < 1 or height % p_h or width % p_w:
+        raise ValueError(f"need `chunks` >= 1 and a patch-divisible size, got {chunks}, {height}x{width}")
+    num_tokens = (height // p_h) * (width // p_w)
+    if not 1 <= corrupt_tokens <= num_tokens:
+        raise ValueError(f"`corrupt_tokens` must be in [1, {num_tokens}], got {corrupt_tokens}")
+    controller = TrimController(config, batch_size=1)
+    state = torch.randn(CHANNELS, height, width, generator=_generator(seed, "init"))  # [C, H, W]
+    rows: list[dict[str, Any]] = []
+    for chunk in range(chunks):
+        if chunk > 0:
+            eps = torch.randn(CHANNELS, height, width, generator=_generator(seed, "drift", chunk))
+            state = rho * state + math.sqrt(1.0 - rho * rho) * eps
+        corrupted = chunk in set(corrupt_at)
+        positions, pixel_mask = _corruption(seed, chunk, (height, width), (p_h, p_w), corrupt_tokens)
+        judgements: list[Judgement] = []
+        for attempt in range(config.max_retries + 1):
+            noise = torch.randn(
+                1, CHANNELS, FRAMES, height, width, generator=_generator(seed, "frames", chunk, attempt)
+            )
+            latents = state[None, :, None] + jitter * noise  # [1, C, F, H, W]
+            if corrupted and attempt == 0:
+                latents = latents + corrupt_scale * pixel_mask.to(latents.dtype)  # broadcast over [1, C, F]
+            summary = latent_summary(latents, config.patch_size)  # [1, N, C]
+            judgements.append(controller.judge(summary, attempt))
+            if not bool(judgements[-1].prune[0]):
+                controller.accept(summary, judgements[-1])
+                break
+        rows.append(_row(chunk, positions.tolist() if corrupted else [], judgements))
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-chunk table printed by the demo."""
+    header = f"{'chunk':>5} {'severity':>9} {'mu':>9} {'sigma':>9} {'threshold':>9} {'verdict':>9} {'attempts':>8} "
+    lines = [header + f"{'pruned':>6} corrupted"]
+    for r in rows:
+        lines.append(
+            f"{r['chunk']:>5} {r['severity']:>9.4f} {r['mu']:>9.4f} {r['sigma']:>9.4f} {r['threshold']:>9.4f} "
+            f"{r['verdict']:>9} {r['attempts']:>8} {r['pruned']:>6} {'yes' if r['corrupted'] else ''}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run the demo and print its table; returns the exit status."""
+    defaults = TrimConfig()
+    parser = argparse.ArgumentParser(prog="python -m tokentrim.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=24, help="number of chunks to stream")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument(
+        "--corrupt-at", type=int, nargs="*", default=[12], help="chunks whose first candidate is corrupted"
+    )
+    parser.add_argument("--corrupt-tokens", type=int, default=4, help="tokens corrupted per corrupted chunk")
+    parser.add_argument("--p", type=float, default=defaults.p, help="fraction of tokens in the unstable set")
+    parser.add_argument("--lam", type=float, default=defaults.lam, help="threshold mu + lam * sigma")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="chunks that only feed the statistics")
+    args = parser.parse_args(argv)
+    config = TrimConfig(p=args.p, lam=args.lam, warmup=args.warmup)
+    rows = run_demo(args.chunks, args.seed, args.corrupt_at, config, corrupt_tokens=args.corrupt_tokens)
+    print(f"TokenTrim demo, config {config.config_hash()}: {config.to_dict()}")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
