@@ -137,8 +137,10 @@ def _random_wide_text_encoder(text_dim: int, text_len: int, seed: int) -> TextEn
 
 
 def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 weights: str | None = None, seed: int = 0, with_vae: bool = True) -> WanBackend:
-    """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder."""
+                 weights: str | None = None, seed: int = 0, with_vae: bool = True,
+                 text_len: int | None = None) -> WanBackend:
+    """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
+    (``text_len``: prompt tokens for a folder's umT5, default 512 as Wan was trained)."""
     if model == "tiny":
         spec = PRESETS["tiny"]
         transformer = _seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)
@@ -150,7 +152,8 @@ def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dty
         text = _random_wide_text_encoder(WAN_1_3B_TRANSFORMER["text_dim"], spec.text_len, seed)
         vae = _random_full_vae(seed) if with_vae else None
     elif os.path.isdir(model):
-        return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae)
+        return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae,
+                            text_len=text_len or 512)
     else:
         raise InputError(f"`model` must be 'tiny', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, got {model!r}")
     if weights is not None:
@@ -173,17 +176,16 @@ def _random_full_vae(seed: int) -> Any:
 
 
 def _load_folder(folder: str, *, device: torch.device | str, dtype: torch.dtype, weights: str | None,
-                 with_vae: bool) -> WanBackend:
+                 with_vae: bool, text_len: int) -> WanBackend:
     from diffusers import WanTransformer3DModel
 
-    transformer = WanTransformer3DModel.from_pretrained(os.path.join(folder, "transformer"), torch_dtype=dtype,
-                                                        local_files_only=True)
+    transformer = WanTransformer3DModel.from_pretrained(os.path.join(folder, "transformer"), local_files_only=True)
     if weights is not None:
         from pipeline.weights import load_transformer_weights
 
         load_transformer_weights(transformer, weights)
-    transformer = transformer.to(device)
-    text = load_text_encoder(folder, device=device, dtype=dtype)
+    transformer = _cast(transformer, device, dtype)
+    text = load_text_encoder(folder, text_len=text_len, device=device, dtype=dtype)
     vae = load_vae(folder, device=device, dtype=dtype) if with_vae else None
     spec = ModelSpec(os.path.abspath(folder), height_px=480, width_px=832, text_len=text.text_len, weights=weights)
     return WanBackend(spec, CausalWan(transformer), text, vae)

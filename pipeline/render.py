@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,35 +48,41 @@ def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | N
 
 
 class _Sinks:
-    """Per-sample video encoders and pixel trackers fed from one streaming decoder."""
+    """Per-sample video encoders and pixel trackers fed from one streaming decoder.
+
+    Decoding runs on the model's device in the caller's thread; encoding and the pixel proxies run in one worker
+    thread (chunks stay in order), so they overlap with the next chunk's denoising.
+    """
 
     def __init__(self, backend: WanBackend, batch: int, fps: int, timer: PhaseTimer) -> None:
         self.decoder = backend.new_decoder()
+        self.decoder_dtype = next(self.decoder.vae.parameters()).dtype
         self.trackers = [PixelTracker() for _ in range(batch)]
         self.encoders: list[Mp4Encoder] | None = None
         self.fps, self.timer = fps, timer
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokentrim-encode")
 
-    def feed(self, latents: torch.Tensor) -> list[dict[str, float]]:
-        """Decode one chunk ``[B, C, F, h, w]``, encode its frames, return per-sample pixel proxies."""
+    def feed(self, latents: torch.Tensor) -> Future[list[dict[str, float]]]:
+        """Decode one chunk ``[B, C, F, h, w]`` now; its encoding and per-sample pixel proxies come as a future."""
         with self.timer.phase("decode"):
-            frames = self.decoder.decode(latents.to(self.decoder_dtype))
-            frames = frames.cpu().numpy()  # [B, T, H, W, 3] uint8
-        with self.timer.phase("encode"):
-            height, width = even_size(frames.shape[2], frames.shape[3])
-            frames = frames[:, :, :height, :width]
-            if self.encoders is None:
-                self.encoders = [Mp4Encoder(width, height, fps=self.fps) for _ in self.trackers]
-            stats = []
-            for b, (encoder, tracker) in enumerate(zip(self.encoders, self.trackers)):
-                encoder.write(frames[b])
-                stats.append(tracker.update(frames[b]).to_dict())
-        return stats
+            frames = self.decoder.decode(latents.to(self.decoder_dtype)).cpu().numpy()  # [B, T, H, W, 3] uint8
+        return self._worker.submit(self._encode, frames)
 
-    @property
-    def decoder_dtype(self) -> torch.dtype:
-        return next(self.decoder.vae.parameters()).dtype
+    def _encode(self, frames: Any) -> list[dict[str, float]]:
+        began = time.perf_counter()
+        height, width = even_size(frames.shape[2], frames.shape[3])
+        frames = frames[:, :, :height, :width]
+        if self.encoders is None:
+            self.encoders = [Mp4Encoder(width, height, fps=self.fps) for _ in self.trackers]
+        stats = []
+        for b, (encoder, tracker) in enumerate(zip(self.encoders, self.trackers)):
+            encoder.write(frames[b])
+            stats.append(tracker.update(frames[b]).to_dict())
+        seconds = time.perf_counter() - began
+        return [{**s, "t_encode": seconds} for s in stats]
 
     def close(self) -> None:
+        self._worker.shutdown(wait=True)
         for encoder in self.encoders or []:
             encoder.close()
 
@@ -97,31 +105,34 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
     sinks = _Sinks(backend, len(prompts), config.fps, timer)
     checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
     rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
+
+    def complete(record: ChunkRecord, pixels: Future[list[dict[str, float]]]) -> None:
+        for b, (row, pix) in enumerate(zip(record.rows, pixels.result())):
+            row.update(pix)
+            rows[b].append(row)
+        if on_chunk is not None:
+            on_chunk(record.index, record.rows)
+
     try:
-        resumed = _resume(rollout, sinks, checkpoints, rows)
+        resumed = _resume(rollout, sinks, checkpoints, complete)
+        pending: tuple[ChunkRecord, Future] | None = None
         for record in rollout:
-            _finish_rows(record, sinks.feed(record.latents), timer.collect())
+            pixels = sinks.feed(record.latents)
             if checkpoints is not None:
                 with timer.phase("checkpoint"):
                     checkpoints.save(record)
-                seconds = timer.collect().get("checkpoint", 0.0)
-                for row in record.rows:
-                    row["t_checkpoint"] = seconds
-            for b, row in enumerate(record.rows):
-                rows[b].append(row)
-            if on_chunk is not None:
-                on_chunk(record.index, record.rows)
+            timings = timer.collect()
+            for row in record.rows:
+                row.update({f"t_{k}": timings.get(k, 0.0) for k in ("decode", "checkpoint")})
+            if pending is not None:  # the previous chunk's encoding overlapped with this chunk's denoising
+                complete(*pending)
+            pending = (record, pixels)
+        if pending is not None:
+            complete(*pending)
         return [_write_outputs(out, pid, sinks.encoders[b], rows[b], digest, resumed)
                 for b, pid in enumerate(prompt_ids)]
     finally:
         sinks.close()
-
-
-def _finish_rows(record: ChunkRecord, pixels: list[dict[str, float]], timings: dict[str, float]) -> None:
-    for row, pix in zip(record.rows, pixels):
-        row.update(pix)
-        row["t_decode"] = timings.get("decode", 0.0)
-        row["t_encode"] = timings.get("encode", 0.0)
 
 
 def _open_checkpoints(state: str | Store | None, storage_options: dict | None, digest: str, prompt_ids: list[str],
@@ -134,8 +145,9 @@ def _open_checkpoints(state: str | Store | None, storage_options: dict | None, d
     return RolloutCheckpoints(store, digest, prompt_ids, force_restart=force_restart)
 
 
-def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, rows: list[list[dict[str, Any]]]) -> int:
-    """Replay committed chunks (cache rebuilt, frames decoded once more for the video); returns their count."""
+def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, complete: Callable[[ChunkRecord, Future], None]) -> int:
+    """Replay committed chunks: the cache is rebuilt, and their frames are decoded once more for the video and the
+    pixel proxies (which checkpoints do not store). Returns the number of chunks resumed."""
     if checkpoints is None:
         return 0
     records = checkpoints.load()
@@ -143,9 +155,7 @@ def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, rows: list[list[dict[s
         return 0
     rollout.restore(records)
     for record in records:
-        sinks.feed(record.latents.to(rollout.backend.device))
-        for b, row in enumerate(record.rows):
-            rows[b].append(row)
+        complete(record, sinks.feed(record.latents.to(rollout.backend.device)))
     rollout.timer.collect()
     logger.info("resumed after %d committed chunks", len(records))
     return len(records)

@@ -1,0 +1,283 @@
+"""End-to-end throughput on one device: pixel frames/s with VAE decode and mp4 encode, per-phase seconds, peak memory,
+and TokenTrim's overhead (DESIGN.md §6: Wan2.1-1.3B shapes, bf16, 480x832, self-forcing >= 20 frames/s on one H100,
+TokenTrim overhead <= 3%).
+
+Per mode, in this order (each variant starts with a warm-up, excluded):
+  render   `pipeline.render.render` of ``--chunks`` chunks to ``memory://`` without TokenTrim (``none``) and with
+           never-pruning TokenTrim (``never``: lam=1e9, warmup=3): steady frames/s = new pixel frames per chunk /
+           median wall seconds between chunks (decode + encode included), whole-render frames/s (setup, chunk 0 and
+           the final mp4/parquet writes included), rollout-only frames/s (t_denoise + t_trim + t_commit), per-phase
+           medians and peak device memory (reset per variant). The warm-up is a 1-chunk render.
+  overhead `bench.trim_overhead.measure`: none / never / prune rollouts stepped in lockstep (no decode), per-chunk
+           ratios never/none (target <= 1.03x) and prune/none (information; pruned every judged chunk through the
+           fault-injection hook in self-forcing). The warm-up is one 2-chunk lockstep round.
+A variant that runs out of device memory is reported and skipped (exit status 2 at the end); no variant starts when
+its estimated time would pass ``--time-limit``. The last line is ``BENCH_JSON {...}``.
+
+    python -m bench.gpu --preset tiny                                    # CPU here, < 1 min
+    timeout 540 python -m bench.gpu --preset wan2.1-1.3b --device cuda   # one H100, < 5 min
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+import torch
+
+from bench.common import (
+    PROMPT,
+    Reporter,
+    base_parser,
+    command_line,
+    median,
+    set_threads,
+    spread,
+    step_seconds,
+)
+from bench.trim_overhead import VARIANTS, chunk_ratios, measure, pruned_mask
+from pipeline.backend import WanBackend, load_backend
+from pipeline.config import MODES, RolloutConfig
+from pipeline.render import render
+from pipeline.store import Store
+from pipeline.vae import pixel_frames_for
+from tokentrim import TrimConfig
+
+PHASES = ("denoise", "trim", "commit", "decode", "encode")
+# DESIGN.md §6, for Wan2.1-1.3B shapes on CUDA; the tiny preset only exercises the code path (information)
+FPS_TARGET = 20.0  # self-forcing pixel frames/s on one H100
+OVERHEAD_TARGET = 1.03
+
+
+class Budget:
+    """Wall-clock budget of the whole script: refuses to start work whose estimate would pass the limit."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s, self.began = limit_s, time.perf_counter()
+        self.per_chunk_s = 0.0  # the slowest chunk seen so far (all work scales with chunks)
+        self.skipped: list[str] = []
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+    def allows(self, name: str, chunks: int) -> bool:
+        estimate = 1.3 * chunks * self.per_chunk_s
+        if self.elapsed + estimate <= self.limit_s:
+            return True
+        print(f"  skip {name}: {self.elapsed:.0f} s elapsed + ~{estimate:.0f} s estimated > --time-limit "
+              f"{self.limit_s:.0f} s", flush=True)
+        self.skipped.append(name)
+        return False
+
+    def observe(self, seconds: float, chunks: int) -> None:
+        self.per_chunk_s = max(self.per_chunk_s, seconds / max(1, chunks))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_render(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | None, seed: int
+                 ) -> tuple[float, list[float], list[dict[str, Any]]]:
+    """One render to a fresh ``memory://`` root: (wall seconds, seconds between chunks, stats rows)."""
+    out = Store(f"memory://bench-gpu/{uuid.uuid4().hex}")
+    stamps: list[float] = []
+
+    def on_chunk(index: int, rows: list[dict[str, Any]]) -> None:
+        sync(backend.device)  # the timer of the next chunk syncs anyway; this keeps the stamps honest
+        stamps.append(time.perf_counter())
+
+    sync(backend.device)
+    began = time.perf_counter()
+    try:
+        result = render(backend, [PROMPT], ["bench"], out.url, config=config, trim=trim, seeds=[seed],
+                        on_chunk=on_chunk)
+        sync(backend.device)
+        wall = time.perf_counter() - began
+    finally:
+        for key in out.list():
+            out.delete(key)
+    return wall, [b - a for a, b in zip(stamps, stamps[1:])], result[0].rows
+
+
+def render_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, name: str, trim: TrimConfig | None,
+                   seed: int, target: float | None) -> dict[str, Any]:
+    """Warm-up render (1 chunk), then the timed one; prints and returns its figures."""
+    timed_render(backend, replace(config, num_chunks=1), trim, seed)
+    reset_peak(backend.device)
+    wall, per_chunk, rows = timed_render(backend, config, trim, seed)
+    new_frames = pixel_frames_for(2 * config.chunk_frames) - pixel_frames_for(config.chunk_frames)
+    steady = new_frames / median(per_chunk) if per_chunk else float("nan")
+    later = rows[1:] or rows
+    figures = {
+        "mode": config.mode, "variant": name, "chunks": config.num_chunks, "wall_s": wall,
+        "fps_steady": steady, "fps_whole": pixel_frames_for(config.num_frames) / wall,
+        "fps_rollout": new_frames / median(step_seconds(r) for r in later),
+        "per_chunk_s": median(per_chunk) if per_chunk else float("nan"), "peak_gib": peak_gib(backend.device),
+        "phases_ms": {k: 1e3 * median(float(r.get(f"t_{k}", 0.0)) for r in later) for k in PHASES},
+    }
+    phases = "  ".join(f"t_{k} {v:.1f}" for k, v in figures["phases_ms"].items())
+    peak = f"{figures['peak_gib']:.2f} GiB" if backend.device.type == "cuda" else "n/a on a CPU"
+    print(f"    {config.mode} {name}: {figures['per_chunk_s'] * 1e3:.1f} ms/chunk, peak device memory {peak}; "
+          f"median ms per chunk: {phases}", flush=True)
+    rep.report(f"{config.mode} {name}: pixel frames/s, steady, decode+encode incl.", steady, target, unit="fps",
+               op=">=", note=f"{new_frames} new frames per chunk, chunks 1..{config.num_chunks - 1}")
+    rep.report(f"{config.mode} {name}: pixel frames/s, whole render", figures["fps_whole"], None, unit="fps",
+               note="setup, chunk 0, mp4 + parquet writes included")
+    rep.report(f"{config.mode} {name}: pixel frames/s, rollout only", figures["fps_rollout"], None, unit="fps",
+               note="t_denoise + t_trim + t_commit from the stats rows")
+    return figures
+
+
+def overhead_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, seed: int, target: float | None
+                     ) -> dict[str, Any]:
+    """Lockstep none / never / prune rollouts; never/none against ``target``, prune/none as information."""
+    measure(backend, replace(config, num_chunks=2), seed, 1)  # warm-up
+    seconds, records = measure(backend, config, seed, 1, VARIANTS)
+    never = chunk_ratios(seconds, "never", "none")
+    prune = chunk_ratios(seconds, "prune", "none")
+    mask = pruned_mask(records["prune"])
+    pruned = sum(sum(run[1:]) for run in mask)
+    rep.report(f"{config.mode}: TokenTrim never-prune / no-trim, per chunk", median(never), target,
+               note=f"lockstep, no decode, {spread(never)}")
+    rep.report(f"{config.mode}: TokenTrim prune / no-trim, per chunk", median(prune), None,
+               note=f"{pruned} of {config.num_chunks - 1} chunks pruned and regenerated")
+    return {"mode": config.mode, "variant": "overhead", "never_over_none": median(never),
+            "prune_over_none": median(prune), "pruned_chunks": pruned,
+            "step_ms": {n: 1e3 * median(s for run in v for s in run[1:]) for n, v in seconds.items()}}
+
+
+def guarded(name: str, device: torch.device, work: Callable[[], dict[str, Any]], failures: list[str]
+            ) -> dict[str, Any] | None:
+    """Run one variant; out of device memory: report it, free what can be freed, go on."""
+    try:
+        return work()
+    except torch.OutOfMemoryError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        print(f"  OUT OF MEMORY in {name} on {device_name(device)}: {first}", flush=True)
+        failures.append(name)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def build(args: Any, device: torch.device, dtype: torch.dtype) -> WanBackend:
+    backend = load_backend(args.preset, device=device, dtype=dtype, seed=args.seed)
+    if args.compile:  # the feed-forwards only: static shapes per pass; attention's cache length changes every chunk
+        for block in backend.causal.transformer.blocks:
+            block.ffn.compile()
+    return backend
+
+
+def run_mode(rep: Reporter, backend: WanBackend, config: RolloutConfig, seed: int, budget: Budget,
+             failures: list[str], full_size: bool) -> list[dict[str, Any]]:
+    """The render variants (none, never) and the lockstep overhead of one mode, each within the time budget."""
+    chunks, mode = config.num_chunks, config.mode
+    fps_target = FPS_TARGET if full_size and mode == "self-forcing" else None
+    plan: list[tuple[str, int, Callable[[], dict[str, Any]]]] = [
+        (f"{mode} render {name}", 2 * (chunks + 1),
+         partial(render_variant, rep, backend, config, name, trim, seed, fps_target))
+        for name, trim in (("none", None), ("never", VARIANTS["never"]))]
+    plan.append((f"{mode} overhead", 4 * (chunks + 2), partial(overhead_variant, rep, backend, config, seed,
+                                                                      OVERHEAD_TARGET if full_size else None)))
+    runs = []
+    for name, cost, work in plan:  # cost: chunk-sized units of work (render: warm-up + timed, decode ~ a step)
+        if not budget.allows(name, cost):
+            continue
+        began = time.perf_counter()
+        got = guarded(name, backend.device, work, failures)
+        budget.observe(time.perf_counter() - began, cost)
+        if got is not None:
+            runs.append(got)
+    return runs
+
+
+def parse_args() -> Any:
+    parser = base_parser(__doc__.splitlines()[0], threads=0,
+                         threads_help="torch intra-op threads (0: 1 on a CPU, torch's default with CUDA)")
+    parser.add_argument("--preset", choices=["tiny", "wan2.1-1.3b"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="auto: bfloat16 on CUDA, float32 on a CPU")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="chunks per timed variant, chunk 0 excluded (default: 8 on CUDA, 6 on a CPU)")
+    parser.add_argument("--modes", default="self-forcing,rolling-forcing", help="comma-separated modes")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block's feed-forward")
+    parser.add_argument("--time-limit", type=float, default=270.0, help="seconds; no variant starts past it")
+    args = parser.parse_args()
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        parser.error(f"--modes must be a comma-separated subset of {MODES}, got {bad or args.modes}")
+    on_cuda = torch.device(args.device).type == "cuda"
+    args.chunks = args.chunks if args.chunks is not None else (8 if on_cuda else 6)
+    args.threads = args.threads or (torch.get_num_threads() if on_cuda else 1)
+    if args.chunks < 2:
+        parser.error(f"--chunks must be >= 2 (chunk 0 is excluded), got {args.chunks}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    set_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__})", flush=True)
+        return 2
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    budget, failures, runs = Budget(args.time_limit), [], []
+    rep = Reporter("gpu", command_line("bench.gpu"))
+    import diffusers
+
+    print(f"gpu bench: {args.preset} on {device_name(device)}, {dtype}, {args.chunks} chunks, modes {args.modes}, "
+          f"compile={args.compile}, torch {torch.__version__}, diffusers {diffusers.__version__}", flush=True)
+    began = time.perf_counter()
+    backend = guarded("build", device, lambda: {"backend": build(args, device, dtype)}, failures)
+    if backend is None:
+        return 2
+    backend = backend["backend"]
+    h, w = backend.latent_size(backend.spec.height_px, backend.spec.width_px)
+    print(f"  built in {time.perf_counter() - began:.1f} s: {backend.spec.height_px}x{backend.spec.width_px} px, "
+          f"{backend.causal.tokens_per_frame(h, w)} tokens per latent frame", flush=True)
+    full_size = args.preset == "wan2.1-1.3b" and device.type == "cuda"
+    for mode in args.modes:
+        runs += run_mode(rep, backend, RolloutConfig(mode=mode, num_chunks=args.chunks), args.seed, budget, failures,
+                         full_size)
+    rep.extra.update({"device": device_name(device), "preset": args.preset, "dtype": str(dtype),
+                      "chunks": args.chunks, "compile": args.compile, "runs": runs, "oom": failures,
+                      "skipped": budget.skipped, "elapsed_s": budget.elapsed})
+    print(f"  done in {budget.elapsed:.0f} s on {device_name(device)}; out of memory: {failures or 'none'}; "
+          f"skipped for time: {budget.skipped or 'none'}", flush=True)
+    rep.finish()
+    return 2 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""TokenTrim's cost per chunk, measured side by side with the plain rollout (DESIGN.md §6: never-prune <= 1.03x).
+
+Three rollouts of the same prompt and seed step in lockstep, chunk by chunk (the order rotates every chunk), so chunk
+i of each runs on the same context length seconds apart:
+  none   ``trim=None``, the plain rollout;
+  never  TokenTrim bookkeeping that never prunes (``lam=1e9``; ``warmup=3`` because with one accepted severity
+         sigma is 0 and the threshold collapses to mu whatever lam is);
+  prune  ``lam=0, warmup=1`` and, from chunk 2 on, the first candidate's x0 shifted by `JUMP` (the rollout's
+         fault-injection hook) so that every judged chunk is rejected, pruned and regenerated. (Without the jump the
+         bench model's severities fall chunk after chunk and lam=0 never prunes.)
+Ratios are medians over chunks 1..N-1 of every repeat of the per-chunk ratio. Chunk 0 (warm-up) is excluded.
+
+    python -m bench.trim_overhead [--chunks 8] [--repeats 4] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import (
+    PROMPT,
+    Reporter,
+    base_parser,
+    build_mid_backend,
+    command_line,
+    lockstep,
+    median,
+    set_threads,
+    spread,
+    step_seconds,
+    verdict_counts,
+)
+from pipeline.backend import WanBackend
+from pipeline.config import RolloutConfig
+from pipeline.rollout import ChunkRecord, Rollout
+from tokentrim import TrimConfig
+
+VARIANTS: dict[str, TrimConfig | None] = {
+    "none": None,
+    "never": TrimConfig(lam=1e9, warmup=3),
+    "prune": TrimConfig(lam=0.0, warmup=1),
+}
+JUMP = 3.0  # added to x0 of attempt 0: drift ~ JUMP * sqrt(16 channels) = 12, severities are ~2-3
+FORWARDS_PER_CHUNK = 5  # self-forcing: 4 denoise passes + 1 commit pass
+
+
+def jump_first_attempt(chunk: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
+    """`Rollout.perturb` hook: a corrupted first candidate from chunk 2 on (the first chunk that is judged)."""
+    return x0 + JUMP if attempt == 0 and chunk >= 2 else x0
+
+
+def measure(backend: WanBackend, config: RolloutConfig, seed: int, repeats: int,
+            variants: dict[str, TrimConfig | None] = VARIANTS,
+            ) -> tuple[dict[str, list[list[float]]], dict[str, list[list[ChunkRecord]]]]:
+    """Per repeat and variant: step seconds and records of a lockstep run (fresh rollouts each repeat)."""
+    seconds: dict[str, list[list[float]]] = {n: [] for n in variants}
+    records: dict[str, list[list[ChunkRecord]]] = {n: [] for n in variants}
+    for _ in range(repeats):
+        rollouts = {n: Rollout(backend, config, [PROMPT], [seed], trim) for n, trim in variants.items()}
+        if "prune" in rollouts:
+            rollouts["prune"].perturb = jump_first_attempt
+        sec, rec = lockstep(rollouts, backend.device)
+        for n in variants:
+            seconds[n].append(sec[n])
+            records[n].append(rec[n])
+    return seconds, records
+
+
+def chunk_ratios(seconds: dict[str, list[list[float]]], num: str, den: str,
+                 only: list[list[bool]] | None = None) -> list[float]:
+    """Per-chunk ratios ``num/den`` over all repeats, chunk 0 excluded (``only``: a chunk filter per repeat)."""
+    out = []
+    for r, (a, b) in enumerate(zip(seconds[num], seconds[den])):
+        for i in range(1, len(a)):
+            if only is None or only[r][i]:
+                out.append(a[i] / b[i])
+    return out
+
+
+def pruned_mask(records: list[list[ChunkRecord]]) -> list[list[bool]]:
+    return [[rec.rows[0]["verdict"] == "pruned" for rec in run] for run in records]
+
+
+def report_overhead(rep: Reporter, seconds: dict[str, list[list[float]]], records: dict[str, list[list[ChunkRecord]]],
+                    target: float = 1.03) -> None:
+    """Print the never-prune ratio against ``target`` and the prune-every-chunk figures as information."""
+    never = verdict_counts([r for run in records["never"] for r in run])
+    if never.get("pruned"):
+        raise RuntimeError(f"the never-prune variant pruned ({never}); the overhead figure would be meaningless")
+    ratios = chunk_ratios(seconds, "never", "none")
+    rep.report("TokenTrim never-prune / no-trim, per chunk", median(ratios), target,
+               note=f"median of per-chunk ratios, {spread(ratios)}")
+    rep.report("TokenTrim never-prune, bookkeeping-only estimate", bookkeeping_ratio(seconds, records), None,
+               note="1 + (step wall - model passes) difference / no-trim step: the same cost without forward noise")
+    if "prune" not in seconds:
+        return
+    mask = pruned_mask(records["prune"])
+    counts = verdict_counts([r for run in records["prune"] for r in run])
+    judged = sum(v for k, v in counts.items() if k != "warmup")
+    share = counts.get("pruned", 0) / max(1, judged)
+    rep.report("TokenTrim prune-every-chunk / no-trim, all chunks", median(chunk_ratios(seconds, "prune", "none")),
+               None, note=f"verdicts {counts}; pruned {share:.0%} of judged chunks")
+    expected = (FORWARDS_PER_CHUNK + 1) / FORWARDS_PER_CHUNK
+    per_pruned = median(chunk_ratios(seconds, "prune", "none", mask))
+    rep.report("TokenTrim prune-every-chunk / no-trim, pruned chunks", per_pruned, None,
+               note=f"a rejected candidate stops after its measure step: {FORWARDS_PER_CHUNK + 1} forwards "
+                    f"instead of {FORWARDS_PER_CHUNK}, expect ~{expected:.2f}x, not 2x")
+
+
+def bookkeeping_ratio(seconds: dict[str, list[list[float]]], records: dict[str, list[list[ChunkRecord]]]) -> float:
+    """``1 + (extra_never - extra_none) / step_none`` where extra = step wall seconds minus the timed model passes
+    (t_denoise + t_commit): everything TokenTrim adds outside the forwards, without the forwards' noise."""
+    def extras(name: str) -> list[float]:
+        return [sec[i] - float(run[i].rows[0]["t_denoise"]) - float(run[i].rows[0]["t_commit"])
+                for sec, run in zip(seconds[name], records[name]) for i in range(1, len(sec))]
+
+    base = median(s for run in seconds["none"] for s in run[1:])
+    return 1.0 + (median(extras("never")) - median(extras("none"))) / base
+
+
+def report_phases(records: dict[str, list[list[ChunkRecord]]]) -> None:
+    """Median per-phase seconds of each variant (chunks 1..N-1), to see where time goes."""
+    for name, runs in records.items():
+        rows = [rec.rows[0] for run in runs for rec in run[1:]]
+        phases = {k: median(float(r[f"t_{k}"]) for r in rows) for k in ("denoise", "trim", "commit")}
+        total = median(step_seconds(r) for r in rows)
+        parts = "  ".join(f"t_{k} {v * 1e3:7.1f} ms" for k, v in phases.items())
+        print(f"    {name:<6} per chunk {total * 1e3:7.1f} ms   {parts}")
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=8, help="chunks per rollout (chunk 0 is excluded)")
+    parser.add_argument("--repeats", type=int, default=4, help="lockstep runs (fresh rollouts each)")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    rep = Reporter("trim_overhead", command_line("bench.trim_overhead"))
+    backend = build_mid_backend(seed=args.seed)
+    config = RolloutConfig(num_chunks=args.chunks)
+    print(f"trim_overhead: bench-mid model, latent {backend.spec.height_px // 8}x{backend.spec.width_px // 8}, "
+          f"{args.chunks} chunks x {args.repeats} repeats, {torch.get_num_threads()} thread(s)", flush=True)
+    seconds, records = measure(backend, config, args.seed, args.repeats)
+    report_phases(records)
+    report_overhead(rep, seconds, records)
+    rep.finish()
+
+
+if __name__ == "__main__":
+    main()
