@@ -1,9 +1,9 @@
 """What latent-context checkpoints cost (DESIGN.md §6).
 
 1. Per-chunk time of `render` with ``state_url`` (a local ``file://`` folder) vs without (target <= 1.05x). Renders
-   alternate (the order rotates every round); a chunk's time is the wall time between two ``on_chunk`` calls, so it
-   holds the rollout step, the tiny VAE decode, the mp4 encode and, with state, the checkpoint write. Chunk 0 is
-   excluded; the ratio is the median over rounds of median per-chunk times.
+   alternate (the order rotates every round); a chunk's time is the wall time between two ``on_chunk`` reports, so
+   it holds the rollout step, the tiny VAE decode, the mp4 encode where it is not overlapped and, with state, the
+   checkpoint write. The ratio is the median over rounds of the ratio of median per-chunk times.
 2. Resume at chunk k vs regenerating k chunks (target <= 0.3x): `RolloutCheckpoints.load` + `Rollout.restore`
    (one commit pass per chunk) vs k `Rollout.step` calls, interleaved; `Rollout` construction excluded from both.
 3. Checkpoint bytes per chunk (data object + JSON marker): measured on the bench model's state folder, and for
@@ -30,6 +30,7 @@ from bench.common import (
     Reporter,
     base_parser,
     build_mid_backend,
+    chunk_gaps,
     command_line,
     interleaved,
     median,
@@ -52,11 +53,11 @@ MB = 1e6
 
 def render_chunk_seconds(backend: WanBackend, config: RolloutConfig, trim: TrimConfig, seed: int, out_dir: str,
                          state_url: str | None) -> tuple[list[float], list[dict[str, Any]]]:
-    """Wall seconds of chunks 1..N-1 of one render (between ``on_chunk`` calls) and its stats rows."""
+    """Wall seconds per chunk of one render (between ``on_chunk`` reports, `chunk_gaps`) and its stats rows."""
     stamps: list[float] = []
     results = render(backend, [PROMPT], [PROMPT_ID], f"file://{out_dir}", config=config, trim=trim, seeds=[seed],
                      state_url=state_url, on_chunk=lambda i, rows: stamps.append(time.perf_counter()))
-    return [b - a for a, b in zip(stamps, stamps[1:])], results[0].rows
+    return chunk_gaps(stamps), results[0].rows
 
 
 def folder_bytes_per_chunk(folder: str) -> float:

@@ -102,6 +102,14 @@ def spread(values: Iterable[float]) -> str:
     return f"IQR {q[0]:.3f}-{q[2]:.3f}, n={len(values)}"
 
 
+def chunk_gaps(stamps: list[float]) -> list[float]:
+    """Seconds per chunk from the times `render` reported chunks 0..N-1 done (``on_chunk``): the gaps between
+    consecutive reports, the last one left out. `render` finishes chunk i's mp4 encode while chunk i+1 is generated
+    and reports chunk i then, so the gap before the last report only waits for the final encode."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return gaps[:-1]
+
+
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median of the per-round ratios ``numerator[i] / denominator[i]`` (rounds measured side by side)."""
     return median(a / b for a, b in zip(numerator, denominator) if b > 0)

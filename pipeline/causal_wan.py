@@ -82,8 +82,9 @@ class CausalWan:
         grid_h, grid_w = self.grid(height, width)
         positions = torch.arange(first_frame, first_frame + frames)
         self.state.cache = cache
-        self.state.rotary = tuple(t.to(self.device) for t in rope_for_frames(self.transformer.rope, positions,
-                                                                                grid_h, grid_w))
+        # diffusers keeps the tables in float64; rotating in float32 keeps bf16 activations off fp64 kernels
+        tables = rope_for_frames(self.transformer.rope, positions, grid_h, grid_w)
+        self.state.rotary = tuple(t.to(self.device, torch.float32) for t in tables)
         if timestep.ndim == 2 and bool((timestep == timestep[:, :1]).all()):
             timestep = timestep[:, 0]
         if timestep.ndim == 2:

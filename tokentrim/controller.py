@@ -179,7 +179,8 @@ class TrimController:
             self._prev = torch.zeros_like(z)
         self._prev = torch.where(mask[:, None, None], z, self._prev)
         self._chunks = self._chunks + mask.long()
-        logger.debug("accepted chunk for samples %s", mask.nonzero().flatten().tolist())
+        if logger.isEnabledFor(logging.DEBUG):  # .tolist() waits for the device: only when it is logged
+            logger.debug("accepted chunk for samples %s", mask.nonzero().flatten().tolist())
 
     def state_dict(self) -> dict[str, Tensor]:
         """Everything needed to resume bit-exactly, as tensors only (safetensors-compatible).
