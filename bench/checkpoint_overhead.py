@@ -3,7 +3,7 @@
 1. Per-chunk time of `render` with ``state_url`` (a local ``file://`` folder) vs without (target <= 1.05x). Renders
    alternate (the order rotates every round); a chunk's time is the wall time between two ``on_chunk`` reports, so
    it holds the rollout step, the tiny VAE decode, the mp4 encode where it is not overlapped and, with state, the
-   checkpoint write. The ratio is the median over rounds of the ratio of median per-chunk times.
+   checkpoint write. The ratio is the median of per-chunk ratios, chunk i of one round's two renders paired.
 2. Resume at chunk k vs regenerating k chunks (target <= 0.3x): `RolloutCheckpoints.load` + `Rollout.restore`
    (one commit pass per chunk) vs k `Rollout.step` calls, interleaved; `Rollout` construction excluded from both.
 3. Checkpoint bytes per chunk (data object + JSON marker): measured on the bench model's state folder, and for
@@ -11,7 +11,7 @@
    real `TrimController` state, one prune event) saved through `RolloutCheckpoints` (target <= 1 MB); fp32 and
    rolling-forcing (which also carries its in-flight chunks) as information.
 
-    python -m bench.checkpoint_overhead [--chunks 5] [--repeats 3] [--threads 1]
+    python -m bench.checkpoint_overhead [--chunks 5] [--repeats 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -72,29 +72,30 @@ def folder_bytes_per_chunk(folder: str) -> float:
 def bench_render(rep: Reporter, backend: WanBackend, config: RolloutConfig, trim: TrimConfig, seed: int,
                  repeats: int, work: str) -> tuple[str, list[dict[str, Any]]]:
     """Part 1; returns the last state folder (a complete rollout) and its rows."""
-    per_chunk: dict[str, list[float]] = {"none": [], "state": []}
+    gaps: dict[str, list[list[float]]] = {"none": [], "state": []}
     last: dict[str, Any] = {}
 
     def run(variant: str) -> None:
         state = os.path.join(work, f"state-{uuid.uuid4().hex}") if variant == "state" else None
         seconds, rows = render_chunk_seconds(backend, config, trim, seed, os.path.join(work, "out"),
                                              f"file://{state}" if state else None)
-        per_chunk[variant].append(median(seconds))
+        gaps[variant].append(seconds)
         last[variant] = (state, rows)
 
     interleaved({"none": lambda: run("none"), "state": lambda: run("state")}, repeats)
-    ratios = [a / b for a, b in zip(per_chunk["state"], per_chunk["none"])]
+    # chunk i of the two renders of a round: same context length, seconds apart
+    ratios = [a / b for sa, sn in zip(gaps["state"], gaps["none"]) for a, b in zip(sa, sn)]
     rows = last["state"][1][1:]
     phases = {k: median(float(r.get(f"t_{k}", 0.0)) for r in rows)
               for k in ("denoise", "trim", "commit", "decode", "encode", "checkpoint")}
     print("    per chunk with state: " + "  ".join(f"t_{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
-    rep.report("render per chunk, --state file:// / none", paired_ratio(per_chunk["state"], per_chunk["none"]),
-               1.05, note=f"VAE decode + mp4 encode in both; per-round ratios {spread(ratios)}")
+    rep.report("render per chunk, --state file:// / none", median(ratios), 1.05,
+               note=f"VAE decode + mp4 encode in both; median of per-chunk ratios, {spread(ratios)}")
     write = median(float(r["t_checkpoint"]) for r in rows)
-    rep.report("render per chunk, --state estimate from t_checkpoint", 1.0 + write / median(per_chunk["none"]), None,
+    base = median(g for run in gaps["none"] for g in run)
+    rep.report("render per chunk, --state estimate from t_checkpoint", 1.0 + write / base, None,
                note="1 + checkpoint write seconds / per-chunk seconds without state: the same cost without the noise")
-    rollout_only = median(step_seconds(r) for r in rows)
-    rep.report("checkpoint write / rollout step (no decode)", write / rollout_only, None,
+    rep.report("checkpoint write / rollout step (no decode)", write / median(step_seconds(r) for r in rows), None,
                note="t_checkpoint over t_denoise+t_trim+t_commit, from the stats rows")
     return last["state"][0], last["state"][1]
 
@@ -179,7 +180,7 @@ def bench_bytes(rep: Reporter, state: str, rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=5, help="chunks per render; also k of the resume figure")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds")
     args = parser.parse_args()
     set_threads(args.threads)
     rep = Reporter("checkpoint_overhead", command_line("bench.checkpoint_overhead"))

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,6 +41,7 @@ from bench.common import (
     set_threads,
     spread,
     step_seconds,
+    sync,
 )
 from bench.trim_overhead import VARIANTS, chunk_ratios, measure, pruned_mask
 from pipeline.backend import WanBackend, load_backend
@@ -50,6 +51,7 @@ from pipeline.store import Store
 from pipeline.vae import pixel_frames_for
 from tokentrim import TrimConfig
 
+T = TypeVar("T")
 PHASES = ("denoise", "trim", "commit", "decode", "encode")
 # DESIGN.md §6, for Wan2.1-1.3B shapes on CUDA; the tiny preset only exercises the code path (information)
 FPS_TARGET = 20.0  # self-forcing pixel frames/s on one H100
@@ -96,11 +98,6 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_render(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | None, seed: int
@@ -159,33 +156,34 @@ def overhead_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, 
                      ) -> dict[str, Any]:
     """Lockstep none / never / prune rollouts; never/none against ``target``, prune/none as information."""
     measure(backend, replace(config, num_chunks=2), seed, 1)  # warm-up
+    reset_peak(backend.device)
     seconds, records = measure(backend, config, seed, 1, VARIANTS)
+    peak = peak_gib(backend.device)
     never = chunk_ratios(seconds, "never", "none")
     prune = chunk_ratios(seconds, "prune", "none")
     mask = pruned_mask(records["prune"])
     pruned = sum(sum(run[1:]) for run in mask)
     rep.report(f"{config.mode}: TokenTrim never-prune / no-trim, per chunk", median(never), target,
-               note=f"lockstep, no decode, {spread(never)}")
+               note=f"lockstep, no decode, {spread(never)}" + (f"; peak {peak:.2f} GiB" if peak == peak else ""))
     rep.report(f"{config.mode}: TokenTrim prune / no-trim, per chunk", median(prune), None,
                note=f"{pruned} of {config.num_chunks - 1} chunks pruned and regenerated")
     return {"mode": config.mode, "variant": "overhead", "never_over_none": median(never),
-            "prune_over_none": median(prune), "pruned_chunks": pruned,
+            "prune_over_none": median(prune), "pruned_chunks": pruned, "peak_gib": peak,
             "step_ms": {n: 1e3 * median(s for run in v for s in run[1:]) for n, v in seconds.items()}}
 
 
-def guarded(name: str, device: torch.device, work: Callable[[], dict[str, Any]], failures: list[str]
-            ) -> dict[str, Any] | None:
-    """Run one variant; out of device memory: report it, free what can be freed, go on."""
+def guarded(name: str, device: torch.device, work: Callable[[], T], failures: list[str]) -> T | None:
+    """Run one variant; out of device memory: report it, free what can be freed, go on (None)."""
     try:
         return work()
-    except torch.OutOfMemoryError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "out of memory"
-        print(f"  OUT OF MEMORY in {name} on {device_name(device)}: {first}", flush=True)
-        failures.append(name)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return None
+    except torch.cuda.OutOfMemoryError as exc:  # an alias of torch.OutOfMemoryError in recent torch
+        first = (str(exc).splitlines() or ["out of memory"])[0]
+    print(f"  OUT OF MEMORY in {name} on {device_name(device)}: {first}", flush=True)
+    failures.append(name)
+    gc.collect()  # after the handler: the traceback no longer holds the variant's tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None
 
 
 def build(args: Any, device: torch.device, dtype: torch.dtype) -> WanBackend:
@@ -260,17 +258,17 @@ def main() -> int:
     print(f"gpu bench: {args.preset} on {device_name(device)}, {dtype}, {args.chunks} chunks, modes {args.modes}, "
           f"compile={args.compile}, torch {torch.__version__}, diffusers {diffusers.__version__}", flush=True)
     began = time.perf_counter()
-    backend = guarded("build", device, lambda: {"backend": build(args, device, dtype)}, failures)
-    if backend is None:
-        return 2
-    backend = backend["backend"]
-    h, w = backend.latent_size(backend.spec.height_px, backend.spec.width_px)
-    print(f"  built in {time.perf_counter() - began:.1f} s: {backend.spec.height_px}x{backend.spec.width_px} px, "
-          f"{backend.causal.tokens_per_frame(h, w)} tokens per latent frame", flush=True)
-    full_size = args.preset == "wan2.1-1.3b" and device.type == "cuda"
-    for mode in args.modes:
-        runs += run_mode(rep, backend, RolloutConfig(mode=mode, num_chunks=args.chunks), args.seed, budget, failures,
-                         full_size)
+    backend = guarded("build", device, lambda: build(args, device, dtype), failures)
+    if backend is not None:
+        h, w = backend.latent_size(backend.spec.height_px, backend.spec.width_px)
+        params = sum(p.numel() for p in backend.causal.transformer.parameters())
+        print(f"  built in {time.perf_counter() - began:.1f} s: transformer {params / 1e6:.2f} M parameters, "
+              f"{backend.spec.height_px}x{backend.spec.width_px} px, {backend.causal.tokens_per_frame(h, w)} tokens "
+              f"per latent frame", flush=True)
+        full_size = args.preset == "wan2.1-1.3b" and device.type == "cuda"
+        for mode in args.modes:
+            config = RolloutConfig(mode=mode, num_chunks=args.chunks)
+            runs += run_mode(rep, backend, config, args.seed, budget, failures, full_size)
     rep.extra.update({"device": device_name(device), "preset": args.preset, "dtype": str(dtype),
                       "chunks": args.chunks, "compile": args.compile, "runs": runs, "oom": failures,
                       "skipped": budget.skipped, "elapsed_s": budget.elapsed})

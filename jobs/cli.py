@@ -78,6 +78,63 @@ def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str
 
 
 @main.command()
+@click.argument("table")
+@click.option("--out", "out_url", required=True, help="Job output URL (file://, s3://, ...).")
+@click.option("--model", default="tiny", show_default=True, help="'tiny', 'wan2.1-1.3b' (random) or a Wan folder.")
+@click.option("--weights", default=None, help="Causal generator checkpoint (Self/Rolling Forcing or Wan keys).")
+@click.option("--mode", type=click.Choice(MODES), default="self-forcing", show_default=True)
+@click.option("--chunks", type=int, default=7, show_default=True, help="Chunks for rows without num_chunks.")
+@click.option("--window", "window_frames", type=int, default=None, help="Local attention window in latent frames.")
+@click.option("--sink", "sink_frames", type=int, default=None, help="Sink frames kept forever.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Actors, each holding one model.")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@click.option("--max-attempts", type=int, default=3, show_default=True, help="Claims per prompt before poison.")
+@click.option("--limit", type=int, default=None, help="Render only the first N valid rows.")
+@click.option("--force", is_flag=True, help="Re-render an output written under other settings.")
+@trim_options
+def submit(table: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int,
+           window_frames: int | None, sink_frames: int | None, workers: int, gpus_per_worker: float, dtype: str,
+           max_attempts: int, limit: int | None, force: bool, **trim: object) -> None:
+    """Render every prompt of a Parquet TABLE (prompt_id, prompt[, seed, num_chunks]) on Ray.
+
+    Connects to RAY_ADDRESS when set, else starts a local Ray. Rerunning skips finished prompts and continues
+    unfinished rollouts from their last committed chunk.
+
+    \b
+    Examples:
+      tokentrim submit prompts.parquet --out s3://bucket/job1 --model /models/wan --weights sf.pt \\
+          --workers 8 --gpus-per-worker 1 --dtype bfloat16
+      tokentrim submit ../shared/data/vbench_prompts.parquet --out out/job --model tiny --chunks 3 --limit 4
+    """
+    from jobs.job_cmds import run_submit
+
+    run_submit(table=table, out_url=out_url, model=model, weights=weights, mode=mode, chunks=chunks,
+               window_frames=window_frames, sink_frames=sink_frames, workers=workers,
+               gpus_per_worker=gpus_per_worker, dtype=dtype, max_attempts=max_attempts, limit=limit, force=force,
+               trim_args=trim)
+
+
+@main.command()
+@click.argument("out_url")
+@click.option("--workers", type=int, default=None, help="Override the recorded number of actors.")
+def resume(out_url: str, workers: int | None) -> None:
+    """Run the job recorded in OUT_URL/job.json again: finished prompts are skipped, the rest continue."""
+    from jobs.job_cmds import run_resume
+
+    run_resume(out_url, workers)
+
+
+@main.command()
+@click.argument("out_url")
+def status(out_url: str) -> None:
+    """Progress of the job under OUT_URL: finished and claimed prompts, last results by status."""
+    from jobs.job_cmds import run_status
+
+    run_status(out_url)
+
+
+@main.command()
 @click.option("--chunks", type=int, default=12, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--corrupt-at", type=int, multiple=True, default=(6,), show_default=True)

@@ -90,8 +90,13 @@ class _Sinks:
 def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_url: str, *,
            config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | Store | None = None,
            storage_options: dict | None = None, force_restart: bool = False,
-           on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None) -> list[RenderResult]:
-    """Render a batch of prompts (one sample each) with one rollout; see the module docstring."""
+           on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
+           names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet")) -> list[RenderResult]:
+    """Render a batch of prompts (one sample each) with one rollout; see the module docstring.
+
+    ``names`` are the keys of the video and the stats table under ``out_url``, ``{id}`` being the prompt id.
+    ``on_chunk(index, rows)`` is called once per chunk, in order, when its rows are complete.
+    """
     if len(prompt_ids) != len(prompts):
         raise InputError(f"need one prompt id per prompt, got {len(prompt_ids)} ids for {len(prompts)} prompts")
     for pid in prompt_ids:
@@ -129,7 +134,7 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             pending = (record, pixels)
         if pending is not None:
             complete(*pending)
-        return [_write_outputs(out, pid, sinks.encoders[b], rows[b], digest, resumed)
+        return [_write_outputs(out, pid, sinks.encoders[b], rows[b], digest, resumed, names)
                 for b, pid in enumerate(prompt_ids)]
     finally:
         sinks.close()
@@ -162,18 +167,19 @@ def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, complete: Callable[[Ch
 
 
 def _write_outputs(out: Store, pid: str, encoder: Mp4Encoder, rows: list[dict[str, Any]], digest: str,
-                   resumed: int) -> RenderResult:
+                   resumed: int, names: tuple[str, str]) -> RenderResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out.put_bytes(f"{pid}.mp4", encoder.finish())
+    video_key, stats_key = (name.format(id=pid) for name in names)
+    out.put_bytes(video_key, encoder.finish())
     columns = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
     table = pa.Table.from_pylist([{"prompt_id": pid, "config_hash": digest, **{k: _clean(r.get(k)) for k in columns}}
                                   for r in rows])
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    out.put_bytes(f"{pid}.stats.parquet", sink.getvalue().to_pybytes())
-    return RenderResult(pid, out.join(f"{pid}.mp4"), out.join(f"{pid}.stats.parquet"), digest, rows, resumed)
+    out.put_bytes(stats_key, sink.getvalue().to_pybytes())
+    return RenderResult(pid, out.join(video_key), out.join(stats_key), digest, rows, resumed)
 
 
 def _clean(value: Any) -> Any:

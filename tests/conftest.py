@@ -79,3 +79,22 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreR
     else:
         s3: FakeS3 = request.getfixturevalue("s3")
         yield StoreRoot("s3", f"{s3.url}/{prefix}", dict(s3.storage_options))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for the test session (2 CPUs, a small object store), stopped by `ray.shutdown`."""
+    import logging
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        import ray
+
+        ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
