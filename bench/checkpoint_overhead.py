@@ -1,7 +1,7 @@
 """What latent-context checkpoints cost (DESIGN.md §6).
 
 1. Per-chunk time of `render` with ``state_url`` (a local ``file://`` folder) vs without (target <= 1.05x). Renders
-   alternate (the order rotates every round); a chunk's time is the wall time between two ``on_chunk`` reports, so
+   alternate (the order flips every round); a chunk's time is the wall time between two ``on_chunk`` reports, so
    it holds the rollout step, the tiny VAE decode, the mp4 encode where it is not overlapped and, with state, the
    checkpoint write. The ratio is the median of per-chunk ratios, chunk i of one round's two renders paired.
 2. Resume at chunk k vs regenerating k chunks (target <= 0.3x): `RolloutCheckpoints.load` + `Rollout.restore`

@@ -7,6 +7,7 @@ ends with one machine-readable line ``BENCH_JSON {...}`` that `bench.run_all` co
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import statistics
@@ -81,14 +82,19 @@ def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[fl
     return time.perf_counter() - began, out
 
 
+def orders(names: list[str], rounds: int, first: int = 0) -> list[tuple[str, ...]]:
+    """The order of the variants in each round: all permutations in turn (A B, B A; A B C, A C B, ...), so that every
+    variant runs first, last and after every other one equally often, and slow drift of the load falls on all alike."""
+    perms = list(itertools.permutations(names))
+    return [perms[(first + r) % len(perms)] for r in range(rounds)]
+
+
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int,
                 device: torch.device | str = "cpu") -> dict[str, list[float]]:
-    """Seconds of ``repeats`` calls of each variant, interleaved: the order rotates every round (A B C, B C A, ...)
-    so that slow drift of the machine's load falls on every variant alike."""
-    names = list(variants)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+    """Seconds of ``repeats`` calls of each variant, interleaved in the `orders` of the rounds."""
+    out: dict[str, list[float]] = {n: [] for n in variants}
+    for order in orders(list(variants), repeats):
+        for name in order:
             out[name].append(timed(variants[name], device)[0])
     return out
 
@@ -115,23 +121,23 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return median(a / b for a, b in zip(numerator, denominator) if b > 0)
 
 
-def lockstep(rollouts: dict[str, Rollout], device: torch.device | str = "cpu"
+def lockstep(rollouts: dict[str, Rollout], device: torch.device | str = "cpu", first: int = 0
              ) -> tuple[dict[str, list[float]], dict[str, list[ChunkRecord]]]:
-    """Step rollouts of the same length chunk by chunk, rotating who goes first, timing each `Rollout.step`.
+    """Step rollouts of the same length chunk by chunk in the `orders` of the rounds, timing each `Rollout.step`.
 
     Chunk i of every variant then runs on the same context length, seconds apart: the tightest pairing there is.
+    ``first``: where in the cycle of orders to start (to continue it across repeats).
     Returns per-variant step seconds and records, index = chunk.
     """
     names = list(rollouts)
     seconds: dict[str, list[float]] = {n: [] for n in names}
     records: dict[str, list[ChunkRecord]] = {n: [] for n in names}
-    chunk = 0
-    while not all(r.done for r in rollouts.values()):
-        for name in names[chunk % len(names):] + names[: chunk % len(names)]:
+    chunks = max(r.config.num_chunks - r.next_chunk for r in rollouts.values())
+    for order in orders(names, chunks, first):
+        for name in order:
             dt, record = timed(rollouts[name].step, device)
             seconds[name].append(dt)
             records[name].append(record)
-        chunk += 1
     return seconds, records
 
 

@@ -1,7 +1,7 @@
 """TokenTrim's cost per chunk, measured side by side with the plain rollout (DESIGN.md §6: never-prune <= 1.03x).
 
-Three rollouts of the same prompt and seed step in lockstep, chunk by chunk (the order rotates every chunk), so chunk
-i of each runs on the same context length seconds apart:
+Three rollouts of the same prompt and seed step in lockstep, chunk by chunk (the order cycles through all
+permutations), so chunk i of each runs on the same context length seconds apart:
   none   ``trim=None``, the plain rollout;
   never  TokenTrim bookkeeping that never prunes (``lam=1e9``; ``warmup=3`` because with one accepted severity
          sigma is 0 and the threshold collapses to mu whatever lam is);
@@ -10,7 +10,7 @@ i of each runs on the same context length seconds apart:
          bench model's severities fall chunk after chunk and lam=0 never prunes.)
 Ratios are medians over chunks 1..N-1 of every repeat of the per-chunk ratio. Chunk 0 (warm-up) is excluded.
 
-    python -m bench.trim_overhead [--chunks 8] [--repeats 4] [--threads 1]
+    python -m bench.trim_overhead [--chunks 8] [--repeats 6] [--threads 1]
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ def measure(backend: WanBackend, config: RolloutConfig, seed: int, repeats: int,
     """Per repeat and variant: step seconds and records of a lockstep run (fresh rollouts each repeat)."""
     seconds: dict[str, list[list[float]]] = {n: [] for n in variants}
     records: dict[str, list[list[ChunkRecord]]] = {n: [] for n in variants}
-    for _ in range(repeats):
+    for r in range(repeats):
         rollouts = {n: Rollout(backend, config, [PROMPT], [seed], trim) for n, trim in variants.items()}
         if "prune" in rollouts:
             rollouts["prune"].perturb = jump_first_attempt
-        sec, rec = lockstep(rollouts, backend.device)
+        sec, rec = lockstep(rollouts, backend.device, first=r * config.num_chunks)
         for n in variants:
             seconds[n].append(sec[n])
             records[n].append(rec[n])
@@ -131,7 +131,7 @@ def report_phases(records: dict[str, list[list[ChunkRecord]]]) -> None:
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=8, help="chunks per rollout (chunk 0 is excluded)")
-    parser.add_argument("--repeats", type=int, default=4, help="lockstep runs (fresh rollouts each)")
+    parser.add_argument("--repeats", type=int, default=6, help="lockstep runs (fresh rollouts each)")
     args = parser.parse_args()
     set_threads(args.threads)
     rep = Reporter("trim_overhead", command_line("bench.trim_overhead"))
