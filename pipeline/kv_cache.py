@@ -180,16 +180,20 @@ class KVCache:
 
     # ----------------------------------------------------------------------------------------- internals
     def _reserve(self, rows: int) -> None:
-        """Grow every layer's buffer to hold ``rows`` rows; growth depends only on the history, so a replayed
-        rollout sees the same capacities (and bit-identical kernels)."""
-        if rows <= self._capacity:
+        """Grow every layer's buffer to hold ``rows`` rows. A windowed cache is sized once for a full window plus
+        the pass; an unbounded one grows by half. Growth depends only on the history, so a replayed rollout sees
+        the same capacities (and bit-identical kernels)."""
+        if rows <= self._capacity and self._keys:
             return
-        capacity = max(rows, 2 * self._capacity, self.tokens_per_frame)
+        capacity = max(rows, self._capacity + self._capacity // 2)
+        if self.window_frames is not None:
+            pass_rows = rows - self.length
+            capacity = max(rows, (self.sink_frames + self.window_frames) * self.tokens_per_frame + pass_rows)
         shape = (self.batch_size, self.heads, capacity, self.head_dim)
         keys, values = [], []
         for layer in range(self.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
             if self._keys:
                 k[:, :, : self.length] = self._keys[layer][:, :, : self.length]
                 v[:, :, : self.length] = self._values[layer][:, :, : self.length]
@@ -198,42 +202,48 @@ class KVCache:
         self._keys, self._values, self._capacity = keys, values, capacity
 
     def _keep_segments(self, keep: list[Segment]) -> None:
-        """Keep whole segments (eviction): a contiguous copy of their rows to the front of each buffer."""
-        index = torch.cat([torch.arange(s.start, s.start + s.length, device=self.device) for s in keep]) if keep \
-            else torch.zeros(0, dtype=torch.long, device=self.device)
-        self._gather(index.expand(self.batch_size, -1), keep, [s.length for s in keep])
+        """Keep whole segments (eviction): their rows move down in contiguous runs; rows before the first dropped
+        segment stay where they are."""
+        dst, new_segments = 0, []
+        for seg in keep:
+            if seg.start != dst:
+                for buffers in (self._keys, self._values):
+                    for layer in range(self.num_layers):
+                        rows = buffers[layer][:, :, seg.start: seg.start + seg.length].clone()
+                        buffers[layer][:, :, dst: dst + seg.length] = rows
+            self.valid[:, dst: dst + seg.length] = self.valid[:, seg.start: seg.start + seg.length].clone()
+            self.positions[:, dst: dst + seg.length] = self.positions[:, seg.start: seg.start + seg.length].clone()
+            new_segments.append(Segment(seg.frame, dst, seg.length, seg.sink))
+            dst += seg.length
+        self.segments, self.length = new_segments, dst
+        self.valid, self.positions = self.valid[:, :dst], self.positions[:, :dst]
+        self._padded = bool((~self.valid).any())
 
     def _compact(self, keep_rows: torch.Tensor) -> None:
-        """Drop rows where ``keep_rows [B, L]`` is False, segment by segment, padding ragged samples."""
-        parts, lengths = [], []
-        for seg in self.segments:
+        """Drop rows where ``keep_rows [B, L]`` is False, segment by segment, padding ragged samples. Rows before
+        the first segment that loses one are not touched."""
+        lost = (keep_rows != self.valid).any(dim=0)  # [L]
+        first = next(i for i, seg in enumerate(self.segments) if bool(lost[seg.start: seg.start + seg.length].any()))
+        base = self.segments[first].start
+        parts, valids, tail = [], [], []
+        for seg in self.segments[first:]:
             rows = keep_rows[:, seg.start: seg.start + seg.length]  # [B, len]
-            counts = rows.sum(dim=1)
+            counts = rows.sum(dim=1, keepdim=True)
             length = int(counts.max())
-            # stable sort puts the kept rows first, in their original order
-            order = torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices[:, :length]
-            parts.append(order + seg.start)
-            lengths.append(length)
-        index = torch.cat(parts, dim=1)  # [B, L_new]
-        new_valid = torch.cat([torch.arange(n, device=self.device)[None, :] < keep_rows[:, s.start: s.start + s.length]
-                               .sum(1, keepdim=True) for s, n in zip(self.segments, lengths)], dim=1)
-        self._gather(index, self.segments, lengths, new_valid)
-
-    def _gather(self, index: torch.Tensor, segments: list[Segment], lengths: list[int],
-                new_valid: torch.Tensor | None = None) -> None:
-        """Rebuild buffers from rows ``index [B, L_new]`` forming ``segments`` with the new ``lengths``."""
-        valid = self.valid.gather(1, index) if new_valid is None else new_valid
-        positions = self.positions.gather(1, index)
-        idx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+            # a stable sort puts each sample's kept rows first, in their original order
+            parts.append(torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices[:, :length] + seg.start)
+            valids.append(torch.arange(length, device=self.device)[None, :] < counts)
+            tail.append(Segment(seg.frame, base + sum(s.length for s in tail), length, seg.sink))
+        index = torch.cat(parts, dim=1)  # [B, n]: source rows of the new tail
         n = index.shape[1]
-        for layer in range(self.num_layers):
-            for buffers in (self._keys, self._values):
-                rows = buffers[layer].gather(2, idx)
-                buffers[layer][:, :, :n] = rows
-        start, new_segments = 0, []
-        for seg, length in zip(segments, lengths):
-            new_segments.append(Segment(seg.frame, start, length, seg.sink))
-            start += length
-        self.segments, self.length = new_segments, n
-        self.valid, self.positions = valid, positions.masked_fill(~valid, 0)
-        self._padded = bool((~valid).any())
+        idx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+        for buffers in (self._keys, self._values):
+            for layer in range(self.num_layers):
+                buffers[layer][:, :, base: base + n] = buffers[layer].gather(2, idx)
+        valid = torch.cat(valids, dim=1)
+        self.positions = torch.cat([self.positions[:, :base],
+                                    self.positions.gather(1, index).masked_fill(~valid, 0)], dim=1)
+        self.valid = torch.cat([self.valid[:, :base], valid], dim=1)
+        self.segments = self.segments[:first] + tail
+        self.length = base + n
+        self._padded = bool((~self.valid).any())

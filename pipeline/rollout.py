@@ -236,6 +236,8 @@ class Rollout:
         best_window = self.window
         for attempt in range(self._max_attempts()):
             x0, window = self._window_pass(p, attempt)
+            if self.perturb is not None:
+                x0 = self.perturb(c, attempt, x0)
             summary = judgement = None
             if self.controller is not None:
                 summary, judgement = self._judge(x0, attempt)
