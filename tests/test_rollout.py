@@ -156,3 +156,11 @@ def test_bad_arguments_are_named(backend):
         Rollout(backend, RolloutConfig(width_px=100), ["a"], [1])
     with pytest.raises(ValueError, match="mode"):
         RolloutConfig(mode="fast")
+
+
+def test_rolling_forcing_finds_injected_drift_in_the_finished_chunk(backend):
+    config, positions = RolloutConfig(mode="rolling-forcing", num_chunks=6), [4, 11, 20]
+    records = _run(backend, config, trim=TrimConfig(warmup=3), perturb=_corrupt_tokens(4, positions))
+    assert records[4].rows[0]["verdict"] == "pruned" and records[4].rows[0]["attempts"] == 2
+    assert set(positions) <= set(records[4].prunes[0].positions[0].tolist())
+    assert all(r.rows[0]["verdict"] != "pruned" for r in records[:4])
