@@ -135,6 +135,32 @@ def status(out_url: str) -> None:
 
 
 @main.command()
+@click.option("--out", "out_url", required=True, help="Where tonight's renders, report.md and plots go.")
+@click.option("--baseline", "baseline_url", default=None, help="Baseline metrics JSON (default: OUT/baseline.json).")
+@click.option("--model", default="tiny", show_default=True)
+@click.option("--prompts", type=int, default=8, show_default=True, help="First N prompts of the fixed set.")
+@click.option("--chunks", type=int, default=8, show_default=True)
+@click.option("--table", default=None, help="Prompt table (default: the shipped VBench set).")
+@click.option("--tolerance", type=float, default=0.10, show_default=True, help="Relative growth allowed.")
+@click.option("--update-baseline", is_flag=True, help="Store this run's metrics as the baseline.")
+@click.option("--workers", type=int, default=1, show_default=True)
+def regress(out_url: str, baseline_url: str | None, model: str, prompts: int, chunks: int, table: str | None,
+            tolerance: float, update_baseline: bool, workers: int) -> None:
+    """Nightly regression: the fixed prompt set with and without TokenTrim, drift vs a baseline.
+
+    Exits 1 when a drift metric grew beyond the tolerance or a prompt failed.
+
+    \b
+    Example:
+      tokentrim regress --out s3://bucket/nightly/2026-11-26 --baseline s3://bucket/nightly/baseline.json
+    """
+    from jobs.job_cmds import run_regress
+
+    run_regress(out_url=out_url, baseline_url=baseline_url, model=model, prompts=prompts, chunks=chunks,
+                table=table, tolerance=tolerance, update_baseline=update_baseline, workers=workers)
+
+
+@main.command()
 @click.option("--chunks", type=int, default=12, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--corrupt-at", type=int, multiple=True, default=(6,), show_default=True)

@@ -54,3 +54,22 @@ def run_status(out_url: str) -> None:
         click.echo(json.dumps(status(out_url), indent=2, sort_keys=True))
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def run_regress(*, out_url: str, baseline_url: str | None, model: str, prompts: int, chunks: int,
+                table: str | None, tolerance: float, update_baseline: bool, workers: int) -> None:
+    from jobs.regress import run_regression
+
+    try:
+        result = run_regression(out_url, baseline_url=baseline_url, model=model, prompts=prompts, chunks=chunks,
+                                table=table, tolerance=tolerance, update_baseline=update_baseline, workers=workers)
+    except TokentrimError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"report: {result.report_url}")
+    for variant, metrics in result.metrics.items():
+        click.echo(f"  {variant}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
+    if not result.passed:
+        for failure in result.failures:
+            click.echo(f"  REGRESSION {failure}", err=True)
+        raise SystemExit(1)
+    click.echo("  PASS")

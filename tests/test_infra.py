@@ -33,6 +33,15 @@ def test_rayjob_entrypoint_is_a_valid_tokentrim_command():
     assert workers["replicas"] == int(argv[argv.index("--workers") + 1])
 
 
+def test_nightly_regression_entrypoint_is_a_valid_tokentrim_command():
+    docs = list(yaml.safe_load_all((INFRA / "nightly-cronjob.yaml").read_text()))
+    assert docs[0]["kind"] == "CronJob"
+    rayjob = yaml.safe_load(docs[1]["data"]["regress-rayjob.yaml"])
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["tokentrim", "regress"]
+    _parse_only(argv[1:])
+
+
 def test_raycluster_has_a_gpu_worker_group():
     doc = yaml.safe_load((INFRA / "raycluster.yaml").read_text())
     assert doc["kind"] == "RayCluster"
@@ -49,5 +58,5 @@ def test_dockerfile_installs_the_three_packages():
 
 def test_cli_help_lists_every_command():
     out = CliRunner().invoke(main, ["--help"]).output
-    for command in ("render", "submit", "resume", "status", "demo"):
+    for command in ("render", "submit", "resume", "status", "regress", "demo"):
         assert command in out

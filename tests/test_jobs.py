@@ -171,3 +171,30 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
                     storage_options=s3.storage_options)
     with pytest.raises(ConfigMismatchError, match="--force"):
         submit(other)
+
+
+# -------------------------------------------------------------------------------------------- regression
+def test_regression_passes_against_its_own_baseline_and_fails_on_worse_drift(ray_cluster, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from jobs.regress import compare
+
+    args = ["regress", "--out", str(tmp_path / "night"), "--prompts", "2", "--chunks", "4"]
+    first = CliRunner().invoke(main, [*args, "--update-baseline"])
+    assert first.exit_code == 0, first.output
+    assert "PASS" in first.output
+    report = (tmp_path / "night" / "report.md").read_text()
+    assert "PASS" in report and "plots/flicker.svg" in report
+    assert (tmp_path / "night" / "plots" / "luma.svg").read_text().startswith("<svg")
+    baseline = json.loads((tmp_path / "night" / "baseline.json").read_text())
+    assert set(baseline) == {"tokentrim", "baseline"}
+    # a baseline with half the drift: tonight's run is a regression, named by variant and metric
+    halved = {v: {m: x / 2 for m, x in ms.items()} for v, ms in baseline.items()}
+    (tmp_path / "halved.json").write_text(json.dumps(halved))
+    second = CliRunner().invoke(main, [*args, "--baseline", str(tmp_path / "halved.json")])
+    assert second.exit_code == 1
+    assert "tokentrim/latent_dist_first" in second.output
+    assert compare(baseline, baseline, tolerance=0.0, slack=0.0) == []
