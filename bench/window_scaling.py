@@ -96,7 +96,7 @@ def main() -> None:
                note=f"{early_row['cache_bytes'] / 2**20:.2f} MiB -> {late_row['cache_bytes'] / 2**20:.2f} MiB")
     rep.report(f"allocated K/V buffer bytes, chunk {args.late} / chunk {args.early}",
                allocated_bytes(late.cache) / allocated_bytes(early.cache), None,
-               note="capacity only grows (doubling): the scratch room of the largest pass is kept")
+               note="a windowed cache is sized once: full window + sink + the largest pass")
     rows = [r.rows[0] for r in history] + [late_row]
     around = {c: median(step_seconds(r) for r in rows if abs(r["chunk"] - c) <= 2) for c in (args.early, args.late)}
     rep.report(f"step seconds from stats rows, chunks {args.late}+-2 / {args.early}+-2",
