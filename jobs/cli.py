@@ -21,10 +21,28 @@ TRIM_OPTIONS = [
 ]
 
 
-def trim_options(fn):
-    for option in reversed(TRIM_OPTIONS):
-        fn = option(fn)
-    return fn
+MODEL_OPTIONS = [
+    click.option("--model", default="tiny", show_default=True,
+                 help="'tiny', 'wan2.1-1.3b' (random weights) or a diffusers Wan2.1 folder."),
+    click.option("--weights", default=None, help="Causal generator checkpoint (Self/Rolling Forcing or Wan keys)."),
+    click.option("--mode", type=click.Choice(MODES), default="self-forcing", show_default=True),
+    click.option("--window", "window_frames", type=int, default=None, help="Local attention window, latent frames."),
+    click.option("--sink", "sink_frames", type=int, default=None, help="Sink frames kept forever."),
+    click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32"),
+]
+
+
+def _apply(options):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+trim_options = _apply(TRIM_OPTIONS)
+model_options = _apply(MODEL_OPTIONS)
 
 
 @click.group()
@@ -45,20 +63,15 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("prompt")
 @click.option("--out", "out_url", required=True, help="Output folder or URL (file://, s3://, memory://).")
-@click.option("--model", default="tiny", show_default=True, help="'tiny', 'wan2.1-1.3b' (random) or a Wan folder.")
-@click.option("--weights", default=None, help="Causal generator checkpoint (Self/Rolling Forcing or Wan keys).")
-@click.option("--mode", type=click.Choice(MODES), default="self-forcing", show_default=True)
+@model_options
 @click.option("--chunks", type=int, default=7, show_default=True, help="AR chunks (3 latent frames each).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--id", "prompt_id", default=None, help="Output name (default: derived from the prompt).")
-@click.option("--window", "window_frames", type=int, default=None, help="Local attention window in latent frames.")
-@click.option("--sink", "sink_frames", type=int, default=None, help="Sink frames kept forever.")
 @click.option("--height", type=int, default=None, help="Output height in pixels (default: the model's).")
 @click.option("--width", type=int, default=None, help="Output width in pixels (default: the model's).")
 @click.option("--state", "state_url", default=None, help="Commit the latent context here; resume when present.")
 @click.option("--restart", is_flag=True, help="With --state: discard state written under another config.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
 @trim_options
 def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int, seed: int,
            prompt_id: str | None, window_frames: int | None, sink_frames: int | None, height: int | None,
@@ -80,15 +93,10 @@ def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str
 @main.command()
 @click.argument("table")
 @click.option("--out", "out_url", required=True, help="Job output URL (file://, s3://, ...).")
-@click.option("--model", default="tiny", show_default=True, help="'tiny', 'wan2.1-1.3b' (random) or a Wan folder.")
-@click.option("--weights", default=None, help="Causal generator checkpoint (Self/Rolling Forcing or Wan keys).")
-@click.option("--mode", type=click.Choice(MODES), default="self-forcing", show_default=True)
+@model_options
 @click.option("--chunks", type=int, default=7, show_default=True, help="Chunks for rows without num_chunks.")
-@click.option("--window", "window_frames", type=int, default=None, help="Local attention window in latent frames.")
-@click.option("--sink", "sink_frames", type=int, default=None, help="Sink frames kept forever.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Actors, each holding one model.")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
 @click.option("--max-attempts", type=int, default=3, show_default=True, help="Claims per prompt before poison.")
 @click.option("--limit", type=int, default=None, help="Render only the first N valid rows.")
 @click.option("--force", is_flag=True, help="Re-render an output written under other settings.")

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.video import as_uint8_frames
+
 logger = logging.getLogger(__name__)
 
 HIST_BINS = 16  # per channel; 256 / 16 = 16 intensity levels per bin
@@ -43,18 +45,6 @@ class PixelStats:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def _as_frames(frames: Any) -> np.ndarray:
-    if type(frames).__module__.split(".")[0] == "torch":
-        frames = frames.detach().cpu().numpy()  # torch is not imported here: duck-typed tensor
-    if not isinstance(frames, np.ndarray):
-        raise TypeError(f"`frames` must be a numpy array or torch tensor, got {type(frames).__name__}")
-    if frames.dtype != np.uint8:
-        raise TypeError(f"`frames` must have dtype uint8, got {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-        raise ValueError(f"`frames` must have shape [T, H, W, 3] with T, H, W >= 1, got {list(frames.shape)}")
-    return frames
 
 
 def colour_histogram(frames: np.ndarray) -> np.ndarray:
@@ -102,7 +92,7 @@ class PixelTracker:
 
     def update(self, frames: Any) -> PixelStats:
         """Proxies of the next chunk of uint8 RGB `frames` `[T, H, W, 3]`, then remember what the next one needs."""
-        frames = _as_frames(frames)
+        frames = as_uint8_frames(frames)
         if self.last_frame is not None and self.last_frame.shape != frames.shape[1:]:
             raise ValueError(
                 f"`frames` must be [T, {', '.join(map(str, self.last_frame.shape))}] like the previous chunk, "
@@ -140,7 +130,7 @@ class PixelTracker:
         last = state.get("last_frame")
         hist = state.get("first_hist")
         if last is not None:
-            last = _as_frames(_to_numpy(last)[None])[0].copy()
+            last = as_uint8_frames(_to_numpy(last)[None])[0].copy()
         if hist is not None:
             hist = np.asarray(_to_numpy(hist), dtype=np.float64).copy()
             if hist.shape != (3, HIST_BINS):

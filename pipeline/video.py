@@ -48,8 +48,8 @@ def as_uint8_frames(frames: Any, name: str = "frames") -> np.ndarray:
         raise TypeError(f"`{name}` must be a numpy array or torch tensor, got {type(frames).__name__}")
     if frames.dtype != np.uint8:
         raise TypeError(f"`{name}` must have dtype uint8, got {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"`{name}` must have shape [T, H, W, 3], got {list(frames.shape)}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"`{name}` must have shape [T, H, W, 3] with T, H, W >= 1, got {list(frames.shape)}")
     return np.ascontiguousarray(frames)
 
 
