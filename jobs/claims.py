@@ -89,9 +89,17 @@ class Claims:
         self.store.put_json(f"claims/{prompt_id}/{attempt}.lease",
                             {"owner": token, "expires_at": self.clock() + self.lease_s})
 
+    def lease_expiry(self, prompt_id: str) -> float:
+        """When the newest claim's lease runs out (0.0 when there is none)."""
+        attempts = self.attempts(prompt_id)
+        return self._expiry(prompt_id, attempts[-1]) if attempts else 0.0
+
     def _alive(self, prompt_id: str, attempt: int) -> bool:
+        return self._expiry(prompt_id, attempt) > self.clock()
+
+    def _expiry(self, prompt_id: str, attempt: int) -> float:
         try:
             lease = self.store.get_json(f"claims/{prompt_id}/{attempt}.lease")
         except (KeyNotFound, CorruptStateError):
-            return False
-        return float(lease.get("expires_at", 0.0)) > self.clock()
+            return 0.0
+        return float(lease.get("expires_at", 0.0))

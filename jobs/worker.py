@@ -59,8 +59,15 @@ def render_row(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claim
     if done is not None and done.get("config_hash") == digest:
         return result_row(row, "skipped", None, video=done.get("video"), stats=done.get("stats"),
                           config_hash=digest)
+    waited = False
     while True:
         claim = claims.acquire(row.prompt_id)
+        if claim == "busy" and not waited:
+            # a worker that died mid-rollout (and whose row Ray retries here) holds a lease that is no longer
+            # renewed: wait it out once; a live holder renews it and the prompt is reported busy
+            waited = True
+            _sleep_until(claims, claims.lease_expiry(row.prompt_id) + 1.0)
+            continue
         if isinstance(claim, str):
             error = {"busy": "another worker holds a live claim on this prompt",
                      "poison": f"failed {spec.max_attempts} attempts; not tried again"}[claim]
@@ -79,6 +86,11 @@ def render_row(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claim
             claims.release(claim)
             return result_row(row, "failed", f"{type(exc).__name__}: {exc}", attempt=claim.attempt,
                               config_hash=digest)
+
+
+def _sleep_until(claims: Claims, deadline: float) -> None:
+    while (left := deadline - claims.clock()) > 0:
+        time.sleep(min(left, 5.0))
 
 
 def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims, claim: Claim, config,

@@ -198,3 +198,33 @@ def test_regression_passes_against_its_own_baseline_and_fails_on_worse_drift(ray
     assert second.exit_code == 1
     assert "tokentrim/latent_dist_first" in second.output
     assert compare(baseline, baseline, tolerance=0.0, slack=0.0) == []
+
+
+def test_a_dead_workers_claim_is_waited_out_and_a_live_one_reported_busy(backend, tmp_path):
+    from jobs.table import PromptRow
+
+    spec = _spec(tmp_path, lease_s=1.5)
+    row = PromptRow(0, "p2", "a red kite", 3, 2)
+    claims = Claims(Store(spec.output_url), lease_s=1.5, max_attempts=3)
+    claims.acquire("p2")  # a worker that died right after claiming: its lease is never renewed
+    result = render_row(backend, spec, row, claims)
+    assert result["status"] == "ok" and result["attempt"] == 1
+
+    live = Claims(Store(str(tmp_path / "live")), lease_s=1.5, max_attempts=3)
+    holder = live.acquire("p3")
+    stop = threading.Event()
+
+    def keep_renewing():
+        while not stop.wait(0.3):
+            live.renew(holder)
+
+    thread = threading.Thread(target=keep_renewing)
+    thread.start()
+    try:
+        spec_live = JobSpec(input_url=spec.input_url, output_url=str(tmp_path / "live"), lease_s=1.5,
+                            rollout=RolloutConfig(num_chunks=2))
+        busy = render_row(backend, spec_live, PromptRow(0, "p3", "x", 1, 2), live)
+    finally:
+        stop.set()
+        thread.join()
+    assert busy["status"] == "busy"
