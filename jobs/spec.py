@@ -31,7 +31,7 @@ class JobSpec:
     workers: int = 1
     gpus_per_worker: float = 0.0
     max_attempts: int = 3
-    lease_s: float = 300.0
+    lease_s: float = 120.0
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
 
