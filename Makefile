@@ -24,10 +24,12 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy tokentrim pipeline jobs
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy tokentrim pipeline jobs
 
 bench: setup
 	$(BIN)/python -m bench.run_all

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from jobs.render_cmd import trim_config
 from jobs.run import load_spec, status, submit
 from jobs.spec import JobSpec
-from pipeline.config import RolloutConfig
+from pipeline.config import Mode, RolloutConfig
 from pipeline.errors import TokentrimError
 
 
@@ -27,7 +27,8 @@ def run_submit(*, table: str, out_url: str, model: str, weights: str | None, mod
                window_frames: int | None, sink_frames: int | None, workers: int, gpus_per_worker: float,
                dtype: str, max_attempts: int, limit: int | None, force: bool, trim_args: dict[str, Any]) -> None:
     try:
-        rollout = RolloutConfig(mode=mode, num_chunks=chunks, window_frames=window_frames, sink_frames=sink_frames)
+        rollout = RolloutConfig(mode=cast(Mode, mode), num_chunks=chunks, window_frames=window_frames,
+                                sink_frames=sink_frames)
         spec = JobSpec(input_url=table, output_url=out_url, model=model, weights=weights, rollout=rollout,
                        trim=trim_config(trim_args), dtype=dtype, workers=workers, gpus_per_worker=gpus_per_worker,
                        max_attempts=max_attempts)

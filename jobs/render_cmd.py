@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import click
 import torch
 
 from pipeline.backend import load_backend
-from pipeline.config import RolloutConfig
+from pipeline.config import Mode, RolloutConfig
 from pipeline.errors import TokentrimError
 from pipeline.render import render
 from tokentrim import TrimConfig
@@ -32,8 +32,8 @@ def run_render(*, prompt: str, out_url: str, model: str, weights: str | None, mo
                trim_args: dict[str, Any]) -> None:
     try:
         trim = trim_config(trim_args)
-        config = RolloutConfig(mode=mode, num_chunks=chunks, window_frames=window_frames, sink_frames=sink_frames,
-                               height_px=height, width_px=width)
+        config = RolloutConfig(mode=cast(Mode, mode), num_chunks=chunks, window_frames=window_frames,
+                               sink_frames=sink_frames, height_px=height, width_px=width)
         backend = load_backend(model, device=device, dtype=getattr(torch, dtype), weights=weights, seed=0)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc

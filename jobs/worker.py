@@ -31,8 +31,9 @@ RESULT_FIELDS = ("prompt_id", "row", "status", "error", "attempt", "video", "sta
 def result_row(row: PromptRow | dict, status: str, error: str | None = None, **values: Any) -> dict[str, Any]:
     """One line of ``results.parquet``; every field present (None where unknown)."""
     base = row.to_dict() if isinstance(row, PromptRow) else row
-    out = {name: None for name in RESULT_FIELDS}
-    out.update(prompt_id=base.get("prompt_id"), row=base.get("row"), status=status, error=error, **values)
+    out: dict[str, Any] = {name: None for name in RESULT_FIELDS}
+    out.update({"prompt_id": base.get("prompt_id"), "row": base.get("row"), "status": status, "error": error})
+    out.update(values)
     return out
 
 

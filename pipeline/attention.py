@@ -10,6 +10,7 @@ by the processors of a model; the backend sets it before each forward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from pipeline.kv_cache import KVCache
 
 
-def rope_for_frames(rope: torch.nn.Module, frames: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor,
+def rope_for_frames(rope: Any, frames: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor,
                                                                                                      torch.Tensor]:
     """RoPE tables for tokens of absolute latent ``frames`` (``[F]`` long) on a ``grid_h x grid_w`` patch grid.
 
@@ -70,7 +71,7 @@ class CachedSelfAttention:
 
     def __call__(
         self,
-        attn: torch.nn.Module,
+        attn: Any,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,

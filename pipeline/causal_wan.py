@@ -83,8 +83,8 @@ class CausalWan:
         positions = torch.arange(first_frame, first_frame + frames)
         self.state.cache = cache
         # diffusers keeps the tables in float64; rotating in float32 keeps bf16 activations off fp64 kernels
-        tables = rope_for_frames(self.transformer.rope, positions, grid_h, grid_w)
-        self.state.rotary = tuple(t.to(self.device, torch.float32) for t in tables)
+        cos, sin = rope_for_frames(self.transformer.rope, positions, grid_h, grid_w)
+        self.state.rotary = (cos.to(self.device, torch.float32), sin.to(self.device, torch.float32))
         if timestep.ndim == 2 and bool((timestep == timestep[:, :1]).all()):
             timestep = timestep[:, 0]
         if timestep.ndim == 2:

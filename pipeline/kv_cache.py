@@ -225,7 +225,9 @@ class KVCache:
         lost = (keep_rows != self.valid).any(dim=0)  # [L]
         first = next(i for i, seg in enumerate(self.segments) if bool(lost[seg.start: seg.start + seg.length].any()))
         base = self.segments[first].start
-        parts, valids, tail = [], [], []
+        parts: list[torch.Tensor] = []
+        valids: list[torch.Tensor] = []
+        tail: list[Segment] = []
         for seg in self.segments[first:]:
             rows = keep_rows[:, seg.start: seg.start + seg.length]  # [B, len]
             counts = rows.sum(dim=1, keepdim=True)

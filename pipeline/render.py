@@ -134,7 +134,9 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             pending = (record, pixels)
         if pending is not None:
             complete(*pending)
-        return [_write_outputs(out, pid, sinks.encoders[b], rows[b], digest, resumed, names)
+        encoders = sinks.encoders
+        assert encoders is not None  # created by the first chunk's frames
+        return [_write_outputs(out, pid, encoders[b], rows[b], digest, resumed, names)
                 for b, pid in enumerate(prompt_ids)]
     finally:
         sinks.close()

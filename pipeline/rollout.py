@@ -59,9 +59,9 @@ class ChunkRecord:
 class _Candidate:
     """Per-sample bookkeeping of the candidates of one chunk."""
 
-    latents: torch.Tensor | None = None
-    attempts: torch.Tensor | None = None
-    pruned_tokens: torch.Tensor | None = None
+    attempts: torch.Tensor  # [B] long
+    pruned_tokens: torch.Tensor  # [B] long
+    latents: torch.Tensor | None = None  # [B, C, F, h, w], set by the first `_take`
     judgement: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,6 +117,7 @@ class Rollout:
         else:
             cand, prunes = self._rolling_chunk(c)
         latents = cand.latents
+        assert latents is not None  # every sample took a candidate
         if not bool(torch.isfinite(latents).all()):
             raise NonFiniteLatentError(f"chunk {c} has NaN or Inf latents")
         with self.timer.phase("commit"):
@@ -153,6 +154,7 @@ class Rollout:
             done |= take
             if bool(done.all()):
                 break
+            assert judgement is not None  # only a judged candidate is rejected
             prunes.append(self._prune(c, judgement, reject, cand))
         return cand, prunes
 
@@ -168,7 +170,7 @@ class Rollout:
                 x0 = to_x0(x, flow, t / 1000.0)
             if self.perturb is not None:
                 x0 = self.perturb(c, attempt, x0)
-            if self.controller is not None and i == self.trim.measure_step:
+            if self.controller is not None and i == self._trim.measure_step:
                 summary, judgement = self._judge(x0, attempt)
                 if bool((judgement.prune | done).all()):
                     break
@@ -178,15 +180,25 @@ class Rollout:
 
     def _judge(self, x0: torch.Tensor, attempt: int) -> tuple[torch.Tensor, Judgement]:
         with self.timer.phase("trim"):
-            summary = latent_summary(x0, self.trim.patch_size)
-            return summary, self.controller.judge(summary, attempt)
+            summary = latent_summary(x0, self._trim.patch_size)
+            return summary, self._controller.judge(summary, attempt)
+
+    @property
+    def _trim(self) -> TrimConfig:
+        assert self.trim is not None, "TokenTrim is off"
+        return self.trim
+
+    @property
+    def _controller(self) -> TrimController:
+        assert self.controller is not None, "TokenTrim is off"
+        return self.controller
 
     def _max_attempts(self) -> int:
         return 1 + (self.trim.max_retries if self.trim is not None else 0)
 
     def _new_candidate(self) -> _Candidate:
         zeros = torch.zeros(self.batch, dtype=torch.long, device=self.backend.device)
-        return _Candidate(None, zeros.clone(), zeros.clone(), {})
+        return _Candidate(zeros.clone(), zeros.clone())
 
     def _take(self, cand: _Candidate, take: torch.Tensor, x0: torch.Tensor, summary: torch.Tensor | None,
               judgement: Judgement | None, attempt: int) -> None:
@@ -194,9 +206,9 @@ class Rollout:
         mask = take.view(-1, 1, 1, 1, 1)
         cand.latents = x0 if cand.latents is None else torch.where(mask, x0, cand.latents)
         cand.attempts = torch.where(take, attempt + 1, cand.attempts)
-        if judgement is None:
+        if judgement is None or summary is None:
             return
-        self.controller.accept(summary, judgement, take)
+        self._controller.accept(summary, judgement, take)
         for name in ("severity", "mu", "sigma", "threshold"):
             value = getattr(judgement, name).to(torch.float64)
             old = cand.judgement.get(name, torch.full_like(value, float("nan")))
@@ -210,14 +222,14 @@ class Rollout:
         with self.timer.phase("trim"):
             frames = self._prune_frames(c)
             before = self.cache.num_tokens()
-            self.cache.prune(frames, judgement.positions, reject, protect_sink=self.trim.protect_sink)
+            self.cache.prune(frames, judgement.positions, reject, protect_sink=self._trim.protect_sink)
             cand.pruned_tokens += before - self.cache.num_tokens()
         logger.debug("chunk %d: pruned %s from frames %s", c, reject.tolist(), frames)
         return PruneEvent(c, frames, judgement.positions.clone(), reject.clone())
 
     def _prune_frames(self, c: int) -> list[int]:
-        cached = [s.frame for s in self.cache.segments if not (s.sink and self.trim.protect_sink)]
-        if self.trim.prune_scope == "window":
+        cached = [s.frame for s in self.cache.segments if not (s.sink and self._trim.protect_sink)]
+        if self._trim.prune_scope == "window":
             return cached
         last = self.cache.frames[-1] if self.cache.frames else -1
         lo = last - self.config.chunk_frames + 1
@@ -236,6 +248,7 @@ class Rollout:
         best_window = self.window
         for attempt in range(self._max_attempts()):
             x0, window = self._window_pass(p, attempt)
+            assert x0 is not None  # pass c + depth - 1 finishes chunk c
             if self.perturb is not None:
                 x0 = self.perturb(c, attempt, x0)
             summary = judgement = None
@@ -249,6 +262,7 @@ class Rollout:
             done |= take
             if bool(done.all()):
                 break
+            assert judgement is not None  # only a judged candidate is rejected
             prunes.append(self._prune(c, judgement, reject, cand))
         self.window = best_window
         return cand, prunes

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    import av
-    import av.container
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class Mp4Encoder:
         os.close(fd)
         try:
             # bitexact: no library version strings or creation times in the file
-            self._container: av.container.OutputContainer | None = av.open(
+            self._container: Any = av.open(
                 self._path, "w", format="mp4", options={"movflags": "+faststart", "fflags": "+bitexact"}
             )
             stream = self._container.add_stream("libx264", rate=Fraction(fps, 1))
