@@ -28,6 +28,8 @@ MODEL_OPTIONS = [
     click.option("--mode", type=click.Choice(MODES), default="self-forcing", show_default=True),
     click.option("--window", "window_frames", type=int, default=None, help="Local attention window, latent frames."),
     click.option("--sink", "sink_frames", type=int, default=None, help="Sink frames kept forever."),
+    click.option("--sink-rope", type=click.Choice(["absolute", "adjacent"]), default=None,
+                 help="Sink at frame 0, or re-rotated next to the window (default: adjacent for rolling-forcing)."),
     click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32"),
 ]
 
@@ -74,7 +76,8 @@ def main(verbose: int) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @trim_options
 def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int, seed: int,
-           prompt_id: str | None, window_frames: int | None, sink_frames: int | None, height: int | None,
+           prompt_id: str | None, window_frames: int | None, sink_frames: int | None, sink_rope: str | None,
+           height: int | None,
            width: int | None, state_url: str | None, restart: bool, device: str, dtype: str, **trim: object) -> None:
     """Render one PROMPT to <id>.mp4 and <id>.stats.parquet under --out (no cluster).
 
@@ -86,8 +89,8 @@ def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str
 
     run_render(prompt=prompt, out_url=out_url, model=model, weights=weights, mode=mode, chunks=chunks, seed=seed,
                prompt_id=prompt_id or slug(prompt), window_frames=window_frames, sink_frames=sink_frames,
-               height=height, width=width, state_url=state_url, restart=restart, device=device, dtype=dtype,
-               trim_args=trim)
+               sink_rope=sink_rope, height=height, width=width, state_url=state_url, restart=restart, device=device,
+               dtype=dtype, trim_args=trim)
 
 
 @main.command()
@@ -102,7 +105,8 @@ def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str
 @click.option("--force", is_flag=True, help="Re-render an output written under other settings.")
 @trim_options
 def submit(table: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int,
-           window_frames: int | None, sink_frames: int | None, workers: int, gpus_per_worker: float, dtype: str,
+           window_frames: int | None, sink_frames: int | None, sink_rope: str | None, workers: int,
+           gpus_per_worker: float, dtype: str,
            max_attempts: int, limit: int | None, force: bool, **trim: object) -> None:
     """Render every prompt of a Parquet TABLE (prompt_id, prompt[, seed, num_chunks]) on Ray.
 
@@ -118,7 +122,7 @@ def submit(table: str, out_url: str, model: str, weights: str | None, mode: str,
     from jobs.job_cmds import run_submit
 
     run_submit(table=table, out_url=out_url, model=model, weights=weights, mode=mode, chunks=chunks,
-               window_frames=window_frames, sink_frames=sink_frames, workers=workers,
+               window_frames=window_frames, sink_frames=sink_frames, sink_rope=sink_rope, workers=workers,
                gpus_per_worker=gpus_per_worker, dtype=dtype, max_attempts=max_attempts, limit=limit, force=force,
                trim_args=trim)
 

@@ -11,7 +11,7 @@ import click
 from jobs.render_cmd import trim_config
 from jobs.run import load_spec, status, submit
 from jobs.spec import JobSpec
-from pipeline.config import Mode, RolloutConfig
+from pipeline.config import Mode, RolloutConfig, SinkRope
 from pipeline.errors import TokentrimError
 
 
@@ -24,11 +24,12 @@ def _report(report) -> None:
 
 
 def run_submit(*, table: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int,
-               window_frames: int | None, sink_frames: int | None, workers: int, gpus_per_worker: float,
+               window_frames: int | None, sink_frames: int | None, sink_rope: str | None, workers: int,
+               gpus_per_worker: float,
                dtype: str, max_attempts: int, limit: int | None, force: bool, trim_args: dict[str, Any]) -> None:
     try:
         rollout = RolloutConfig(mode=cast(Mode, mode), num_chunks=chunks, window_frames=window_frames,
-                                sink_frames=sink_frames)
+                                sink_frames=sink_frames, sink_rope=cast(SinkRope | None, sink_rope))
         spec = JobSpec(input_url=table, output_url=out_url, model=model, weights=weights, rollout=rollout,
                        trim=trim_config(trim_args), dtype=dtype, workers=workers, gpus_per_worker=gpus_per_worker,
                        max_attempts=max_attempts)

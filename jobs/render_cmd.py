@@ -9,7 +9,7 @@ import click
 import torch
 
 from pipeline.backend import load_backend
-from pipeline.config import Mode, RolloutConfig
+from pipeline.config import Mode, RolloutConfig, SinkRope
 from pipeline.errors import TokentrimError
 from pipeline.render import render
 from tokentrim import TrimConfig
@@ -27,13 +27,15 @@ def trim_config(args: dict[str, Any]) -> TrimConfig | None:
 
 
 def run_render(*, prompt: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int, seed: int,
-               prompt_id: str, window_frames: int | None, sink_frames: int | None, height: int | None,
+               prompt_id: str, window_frames: int | None, sink_frames: int | None, sink_rope: str | None,
+               height: int | None,
                width: int | None, state_url: str | None, restart: bool, device: str, dtype: str,
                trim_args: dict[str, Any]) -> None:
     try:
         trim = trim_config(trim_args)
         config = RolloutConfig(mode=cast(Mode, mode), num_chunks=chunks, window_frames=window_frames,
-                               sink_frames=sink_frames, height_px=height, width_px=width)
+                               sink_frames=sink_frames, sink_rope=cast(SinkRope | None, sink_rope), height_px=height,
+                               width_px=width)
         backend = load_backend(model, device=device, dtype=getattr(torch, dtype), weights=weights, seed=0)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc

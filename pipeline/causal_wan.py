@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.attention import CachedSelfAttention, PassState, rope_for_frames
-from pipeline.kv_cache import KVCache
+from pipeline.attention import CachedSelfAttention, PassState
+from pipeline.kv_cache import KVCache, SinkRope
+from pipeline.rope import rope_for_frames
 
 if TYPE_CHECKING:
     from diffusers import WanTransformer3DModel
@@ -60,10 +61,11 @@ class CausalWan:
         return grid_h * grid_w
 
     def new_cache(self, batch_size: int, height: int, width: int, *, sink_frames: int = 0,
-                  window_frames: int | None = None) -> KVCache:
+                  window_frames: int | None = None, sink_rope: SinkRope = "absolute") -> KVCache:
         """An empty cache sized for this model and latent frame size."""
         return KVCache(self.num_layers, batch_size, self.heads, self.head_dim, self.tokens_per_frame(height, width),
-                       sink_frames=sink_frames, window_frames=window_frames, dtype=self.dtype, device=self.device)
+                       sink_frames=sink_frames, window_frames=window_frames, sink_rope=sink_rope, dtype=self.dtype,
+                       device=self.device)
 
     @torch.no_grad()
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, cache: KVCache | None,
@@ -82,6 +84,8 @@ class CausalWan:
         grid_h, grid_w = self.grid(height, width)
         positions = torch.arange(first_frame, first_frame + frames)
         self.state.cache = cache
+        if cache is not None:
+            self._place_sink(cache, first_frame)
         # diffusers keeps the tables in float64; rotating in float32 keeps bf16 activations off fp64 kernels
         cos, sin = rope_for_frames(self.transformer.rope, positions, grid_h, grid_w)
         self.state.rotary = (cos.to(self.device, torch.float32), sin.to(self.device, torch.float32))
@@ -96,6 +100,14 @@ class CausalWan:
         finally:
             self.state.cache, self.state.rotary = None, None
         return out
+
+    def _place_sink(self, cache: KVCache, first_frame: int) -> None:
+        """Re-rotate an adjacent sink for a pass starting at ``first_frame`` (a no-op when it is in place)."""
+        shift = cache.sink_shift_for(first_frame)
+        if shift != cache.sink_shift:
+            # a pure temporal rotation: frame `shift` on a 1x1 grid (h = w = 0 rotate by nothing)
+            cos, sin = rope_for_frames(self.transformer.rope, torch.tensor([shift]), 1, 1)
+            cache.shift_sink(shift, cos.to(self.device, torch.float32), sin.to(self.device, torch.float32))
 
     def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, cache: KVCache,
                 first_frame: int) -> torch.Tensor:

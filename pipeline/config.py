@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from pipeline.kv_cache import SinkRope
 from pipeline.sampler import ROLLING_FORCING_STEPS, SELF_FORCING_STEPS, warp_timesteps
 
 Mode = Literal["self-forcing", "rolling-forcing"]
@@ -23,6 +24,8 @@ class RolloutConfig:
     steps: the unwarped timestep list (None: the mode's default), warped with ``shift``.
     window_frames: local attention window over committed non-sink frames (None: attend to all).
     sink_frames: first frames kept forever (None: 0 for self-forcing, one chunk for rolling-forcing).
+    sink_rope: ``absolute`` keeps the sink at frames 0..; ``adjacent`` re-rotates it right before the oldest cached
+        frame, as Rolling Forcing does (None: adjacent for rolling-forcing, absolute for self-forcing).
     height_px, width_px: output size (None: the model's default); fps: output frame rate.
     """
 
@@ -33,6 +36,7 @@ class RolloutConfig:
     shift: float = 5.0
     window_frames: int | None = None
     sink_frames: int | None = None
+    sink_rope: SinkRope | None = None
     height_px: int | None = None
     width_px: int | None = None
     fps: int = 16
@@ -55,6 +59,8 @@ class RolloutConfig:
             if not steps or any(not 0 < t <= 1000 for t in steps) or list(steps) != sorted(steps, reverse=True):
                 raise ValueError(f"`steps` must be a decreasing list of timesteps in (0, 1000], got {self.steps!r}")
             object.__setattr__(self, "steps", steps)
+        if self.sink_rope not in (None, "absolute", "adjacent"):
+            raise ValueError(f"`sink_rope` must be 'absolute', 'adjacent' or None, got {self.sink_rope!r}")
         if not self.shift > 0:
             raise ValueError(f"`shift` must be > 0, got {self.shift!r}")
 
@@ -69,6 +75,12 @@ class RolloutConfig:
         if self.sink_frames is not None:
             return self.sink_frames
         return self.chunk_frames if self.mode == "rolling-forcing" else 0
+
+    @property
+    def sink_placement(self) -> SinkRope:
+        if self.sink_rope is not None:
+            return self.sink_rope
+        return "adjacent" if self.mode == "rolling-forcing" else "absolute"
 
     @property
     def num_frames(self) -> int:

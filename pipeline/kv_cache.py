@@ -8,17 +8,24 @@ different numbers of rows in a segment, the segment is padded to the largest cou
 padding (the attention then takes a boolean mask; with no padding it takes none).
 
 Sink frames are never evicted nor (with ``protect_sink``) pruned; non-sink frames beyond ``window_frames`` are
-evicted oldest first when a chunk is committed.
+evicted oldest first when a chunk is committed. With ``sink_rope="adjacent"`` (Rolling Forcing's attention sink)
+the sink's keys are re-rotated before each pass so that the sink sits right before the oldest cached non-sink frame
+instead of at frame 0; a pristine copy of the sink keys is kept so that rotations never accumulate rounding.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from pipeline.rope import apply_rope
+
 logger = logging.getLogger(__name__)
+
+SinkRope = Literal["absolute", "adjacent"]
 
 
 @dataclass
@@ -44,6 +51,7 @@ class KVCache:
         *,
         sink_frames: int = 0,
         window_frames: int | None = None,
+        sink_rope: SinkRope = "absolute",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -57,7 +65,11 @@ class KVCache:
             raise ValueError(f"`window_frames` must be >= 1 or None, got {window_frames}")
         self.num_layers, self.batch_size, self.heads, self.head_dim = num_layers, batch_size, heads, head_dim
         self.tokens_per_frame = tokens_per_frame
-        self.sink_frames, self.window_frames = sink_frames, window_frames
+        if sink_rope not in ("absolute", "adjacent"):
+            raise ValueError(f"`sink_rope` must be 'absolute' or 'adjacent', got {sink_rope!r}")
+        self.sink_frames, self.window_frames, self.sink_rope = sink_frames, window_frames, sink_rope
+        self.sink_shift = 0  # frames the sink keys are currently rotated by
+        self._sink_keys: list[torch.Tensor] | None = None  # pristine sink keys per layer, at frames 0..sink-1
         self.dtype, self.device = dtype, torch.device(device)
         self.segments: list[Segment] = []
         self.length = 0  # committed rows
@@ -141,13 +153,35 @@ class KVCache:
         remove = torch.zeros_like(self.valid)  # [B, L]
         targets = set(frames)
         for seg in self.segments:
-            if seg.frame in targets and not (seg.sink and protect_sink):
+            if seg.frame in targets and not (seg.sink and (protect_sink or self.sink_rope == "adjacent")):
                 rows = slice(seg.start, seg.start + seg.length)
                 remove[:, rows] = hit.gather(1, self.positions[:, rows]) & self.valid[:, rows]
         removed = int(remove.sum())
         if removed:
             self._compact(self.valid & ~remove)
         return removed
+
+    def sink_shift_for(self, first_frame: int) -> int:
+        """The shift that puts the sink right before the oldest cached non-sink frame (or before a pass starting at
+        ``first_frame`` when none is cached); 0 for ``sink_rope="absolute"`` or while the sink is being written."""
+        if self.sink_rope != "adjacent" or first_frame < self.sink_frames:
+            return 0
+        body = [s.frame for s in self.segments if not s.sink]
+        return (body[0] if body else first_frame) - self.sink_frames
+
+    def shift_sink(self, shift: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the sink keys to frames ``shift .. shift+sink-1``; ``cos``/``sin`` ``[1, 1, 1, head_dim]`` are
+        the RoPE tables of a pure temporal rotation by ``shift`` frames."""
+        if shift == self.sink_shift:
+            return
+        rows = sum(s.length for s in self.segments if s.sink)  # sink segments come first
+        if self._sink_keys is None:
+            if self.sink_shift != 0:
+                raise RuntimeError("sink keys were shifted without a pristine copy")
+            self._sink_keys = [k[:, :, :rows].clone() for k in self._keys]
+        for layer, pristine in enumerate(self._sink_keys):
+            self._keys[layer][:, :, :rows] = apply_rope(pristine, cos, sin)
+        self.sink_shift = shift
 
     def frame_keep_mask(self, frame: int) -> torch.Tensor:
         """``[B, tokens_per_frame]`` bool: which spatial positions of ``frame`` each sample still holds."""

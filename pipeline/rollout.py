@@ -82,7 +82,8 @@ class Rollout:
         self.latent_hw = backend.latent_size(height, width)
         self.text = backend.encode_prompts(prompts)
         self.cache = backend.causal.new_cache(self.batch, *self.latent_hw, sink_frames=config.sink,
-                                              window_frames=config.window_frames)
+                                              window_frames=config.window_frames,
+                                              sink_rope=config.sink_placement)
         self.controller = TrimController(trim, self.batch, backend.device) if trim is not None else None
         self.next_chunk = 0
         self.window: dict[int, torch.Tensor] = {}  # rolling-forcing: chunk -> its current noisy latents

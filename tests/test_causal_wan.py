@@ -139,3 +139,44 @@ def test_rope_past_its_table_is_refused():
     cache = model.new_cache(1, H, W)
     with pytest.raises(ValueError, match="rope_max_seq_len"):
         model.commit(clean, text, cache, 1023)
+
+
+def test_adjacent_sink_is_the_sink_committed_right_before_the_window():
+    """Rolling Forcing's sink: after eviction its keys equal those of the sink chunk committed at the frames just
+    before the oldest cached frame (RoPE is relative, so only the rotation changes)."""
+    model = CausalWan(tiny_transformer())
+    clean, noisy, text = _inputs(1, 5)
+    cache = model.new_cache(1, H, W, sink_frames=3, window_frames=3, sink_rope="adjacent")
+    for k in range(4):
+        model.commit(clean[:, :, k * CHUNK:(k + 1) * CHUNK], text, cache, k * CHUNK)
+    model.denoise(noisy[:, :, 12:15], torch.full((1,), 500.0), text, cache, 12)  # places the sink
+    assert cache.frames == [0, 1, 2, 9, 10, 11] and cache.sink_shift == 6
+    fresh = model.new_cache(1, H, W)
+    model.commit(clean[:, :, :CHUNK], text, fresh, 6)  # the sink chunk as if it stood at frames 6..8
+    rows = 3 * TOKENS
+    for layer in range(model.num_layers):
+        got, _ = cache.attend(layer, *(torch.zeros(1, 2, 0, 12),) * 2)
+        want, _ = fresh.attend(layer, *(torch.zeros(1, 2, 0, 12),) * 2)
+        torch.testing.assert_close(got[:, :, :rows], want[:, :, :rows], rtol=0, atol=1e-5)
+        cache.end_pass()
+        fresh.end_pass()
+
+
+def test_adjacent_sink_changes_nothing_until_frames_are_evicted():
+    clean, noisy, text = _inputs(1, 4)
+    model = CausalWan(tiny_transformer())
+    absolute = _run(model, clean, noisy, 750.0, text, sink=3, window=None, prunes={})
+    cache_outs = []
+    cache = model.new_cache(1, H, W, sink_frames=3, sink_rope="adjacent")
+    for k in range(4):
+        cache_outs.append(model.denoise(noisy[:, :, k * CHUNK:(k + 1) * CHUNK], torch.full((1,), 750.0), text, cache,
+                                        k * CHUNK))
+        model.commit(clean[:, :, k * CHUNK:(k + 1) * CHUNK], text, cache, k * CHUNK)
+    assert cache.sink_shift == 0
+    assert all(torch.equal(a, b) for a, b in zip(absolute, cache_outs))
+    windowed = model.new_cache(1, H, W, sink_frames=3, window_frames=3, sink_rope="adjacent")
+    for k in range(3):
+        model.commit(clean[:, :, k * CHUNK:(k + 1) * CHUNK], text, windowed, k * CHUNK)
+    shifted = model.denoise(noisy[:, :, 9:12], torch.full((1,), 750.0), text, windowed, 9)
+    reference = _run(model, clean, noisy, 750.0, text, sink=3, window=3, prunes={})[3]
+    assert windowed.sink_shift == 3 and (shifted - reference).abs().max() > 1e-4

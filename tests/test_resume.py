@@ -38,7 +38,8 @@ def _render(backend, out, state=None, *, mode="self-forcing", trim=TRIM, stop_af
         if stop_after is not None and index == stop_after:
             raise Interrupt(index)
 
-    config = RolloutConfig(mode=mode, num_chunks=CHUNKS)
+    # rolling-forcing with a window: the adjacent sink is re-rotated as frames are evicted, and must replay exactly
+    config = RolloutConfig(mode=mode, num_chunks=CHUNKS, window_frames=6 if mode == "rolling-forcing" else None)
     return render(backend, [PROMPT], [PID], out, config=config, trim=trim, seeds=[7], state_url=state,
                   storage_options=opts, force_restart=restart, on_chunk=on_chunk)[0]
 
