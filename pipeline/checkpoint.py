@@ -1,8 +1,9 @@
 """Latent-context checkpoints: a rollout's accepted chunks, committed one by one to a store.
 
-Per chunk ``i`` two objects, each written whole:
-  ``chunk-<i>.safetensors``  the clean latents, prune events, TokenTrim state and (rolling) in-flight window;
-  ``chunk-<i>.json``         the commit marker, written last: config hash, prompt ids, the data object's size and
+Per chunk ``i``, each object written whole:
+  ``chunk-<i>.safetensors``  the clean latents, prune events and TokenTrim state;
+  ``window-<i>.safetensors`` rolling-forcing only: the in-flight window after chunk i (kept for the last two chunks);
+  ``chunk-<i>.json``         the commit marker, written last: config hash, prompt ids, each object's size and
                               sha256, prune frames and the chunk's stats rows.
 A reader trusts only chunks 0..k-1 whose markers exist and whose data matches size and hash; at the first gap or
 mismatch it falls back to the last good chunk and deletes everything after it (a later rerun rewrites it). Nothing
@@ -35,6 +36,14 @@ def _marker_key(index: int) -> str:
     return f"chunk-{index:06d}.json"
 
 
+def _window_key(index: int) -> str:
+    return f"window-{index:06d}.safetensors"
+
+
+def _describe(key: str, data: bytes) -> dict[str, Any]:
+    return {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def encode_record(record: ChunkRecord) -> bytes:
     """The tensors of a record as safetensors bytes."""
     from safetensors.torch import save
@@ -44,8 +53,14 @@ def encode_record(record: ChunkRecord) -> bytes:
         tensors[f"prune.{i}.positions"] = event.positions
         tensors[f"prune.{i}.samples"] = event.samples
     tensors.update({f"trim.{k}": v for k, v in record.trim_state.items()})
-    tensors.update({f"window.{j}": x for j, x in record.window.items()})
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def encode_window(record: ChunkRecord) -> bytes:
+    """The in-flight window of a rolling-forcing record as safetensors bytes."""
+    from safetensors.torch import save
+
+    return save({f"window.{j}": x.detach().contiguous().cpu() for j, x in record.window.items()})
 
 
 def decode_record(meta: dict[str, Any], data: bytes) -> ChunkRecord:
@@ -56,8 +71,7 @@ def decode_record(meta: dict[str, Any], data: bytes) -> ChunkRecord:
     prunes = [PruneEvent(meta["index"], list(p["frames"]), tensors[f"prune.{i}.positions"],
                          tensors[f"prune.{i}.samples"]) for i, p in enumerate(meta["prunes"])]
     trim = {k[len("trim."):]: v for k, v in tensors.items() if k.startswith("trim.")}
-    window = {int(k[len("window."):]): v for k, v in tensors.items() if k.startswith("window.")}
-    return ChunkRecord(meta["index"], tensors["latents"], prunes, trim, window, list(meta["rows"]))
+    return ChunkRecord(meta["index"], tensors["latents"], prunes, trim, {}, list(meta["rows"]))
 
 
 class RolloutCheckpoints:
@@ -66,17 +80,26 @@ class RolloutCheckpoints:
     def __init__(self, store: Store, config_hash: str, prompt_ids: list[str], *, force_restart: bool = False) -> None:
         self.store, self.config_hash, self.prompt_ids = store, config_hash, list(prompt_ids)
         self.force_restart = force_restart
+        self._metas: dict[int, dict[str, Any]] = {}
 
     def save(self, record: ChunkRecord) -> None:
-        """Commit one accepted chunk: the data object, then its marker."""
+        """Commit one accepted chunk: the data (and window) objects, then its marker; then drop the window of the
+        chunk before the previous one (only the last two chunks can be resume points of a rolling window)."""
+        i = record.index
         data = encode_record(record)
         meta = {
-            "format": FORMAT, "index": record.index, "config_hash": self.config_hash, "prompt_ids": self.prompt_ids,
-            "data": _data_key(record.index), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "prunes": [{"frames": e.frames} for e in record.prunes], "rows": record.rows,
+            "format": FORMAT, "index": i, "config_hash": self.config_hash, "prompt_ids": self.prompt_ids,
+            "data": _data_key(i), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "prunes": [{"frames": e.frames} for e in record.prunes], "rows": record.rows, "window": None,
         }
-        self.store.put_bytes(_data_key(record.index), data)
-        self.store.put_bytes(_marker_key(record.index), json.dumps(meta, sort_keys=True).encode())
+        self.store.put_bytes(_data_key(i), data)
+        if record.window:
+            window = encode_window(record)
+            meta["window"] = _describe(_window_key(i), window)
+            self.store.put_bytes(_window_key(i), window)
+        self.store.put_bytes(_marker_key(i), json.dumps(meta, sort_keys=True).encode())
+        if record.window and i >= 2:
+            self.store.delete(_window_key(i - 2))
 
     def committed(self) -> list[int]:
         """Indices of the chunk markers present (not yet verified)."""
@@ -101,8 +124,38 @@ class RolloutCheckpoints:
             except CorruptStateError as exc:
                 logger.warning("%s; resuming after chunk %d", exc, index - 1)
                 break
+        records = self._attach_window(records)
         self._drop_after(len(records), indices)
         return records
+
+    def _attach_window(self, records: list[ChunkRecord]) -> list[ChunkRecord]:
+        """Give the last record its in-flight window; without a good one, fall back a chunk (the window of the chunk
+        before is kept), and to a fresh start when none is left."""
+        while records:
+            meta = self._metas[records[-1].index]
+            if meta.get("window") is None:
+                return records
+            try:
+                records[-1].window = self._read_window(meta["window"])
+                return records
+            except CorruptStateError as exc:
+                logger.warning("%s; resuming after chunk %d", exc, records[-1].index - 1)
+                records = records[:-1]
+        return records
+
+    def _read_window(self, desc: dict[str, Any]) -> dict[int, Any]:
+        from safetensors.torch import load
+
+        try:
+            data = self.store.get_bytes(desc["key"])
+        except KeyNotFound as exc:
+            raise CorruptStateError(f"window object {desc['key']} is missing") from exc
+        if len(data) != desc["size"] or hashlib.sha256(data).hexdigest() != desc["sha256"]:
+            raise CorruptStateError(f"window object {desc['key']} does not match its marker")
+        try:
+            return {int(k[len("window."):]): v for k, v in load(data).items()}
+        except Exception as exc:  # a malformed safetensors header: report as corrupt state
+            raise CorruptStateError(f"cannot decode {desc['key']}: {exc}") from exc
 
     def _read(self, index: int) -> ChunkRecord:
         try:
@@ -113,6 +166,7 @@ class RolloutCheckpoints:
             raise ConfigMismatchError(
                 f"state under {self.store.url} was written with config hash {meta.get('config_hash')!r}, this run "
                 f"has {self.config_hash!r}; use another state URL or force a fresh start (--restart)")
+        self._metas[index] = meta
         if meta.get("prompt_ids") != self.prompt_ids:
             raise ConfigMismatchError(f"state under {self.store.url} is for prompts {meta.get('prompt_ids')}, "
                                       f"not {self.prompt_ids}")
@@ -135,6 +189,7 @@ class RolloutCheckpoints:
             self.store.delete(_marker_key(i))
         for i in stale:
             self.store.delete(_data_key(i))
+            self.store.delete(_window_key(i))
         if stale:
             logger.info("removed %d stale chunk(s) from %s", len(stale), self.store.url)
 

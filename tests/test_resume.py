@@ -80,17 +80,27 @@ def test_checkpoint_objects_are_small_and_never_pickled(backend, tmp_path):
     data = (tmp_path / "state" / "chunk-000003.safetensors").read_bytes()
     assert b"pickle" not in data and not data.startswith(b"\x80")
     assert len(data) < 64 * 1024
+    _render(backend, f"file://{tmp_path}/out2", f"file://{tmp_path}/rolling", mode="rolling-forcing")
+    windows = sorted(n for n in os.listdir(tmp_path / "rolling") if n.startswith("window-"))
+    # the last chunk leaves nothing in flight; the two before it keep their windows
+    assert windows == [f"window-{CHUNKS - 3:06d}.safetensors", f"window-{CHUNKS - 2:06d}.safetensors"]
 
 
-def test_truncated_chunk_falls_back_to_the_last_good_one(backend, reference, tmp_path):
+@pytest.mark.parametrize("truncated", [2, 4])
+def test_truncated_chunk_falls_back_to_the_last_good_one(backend, reference, tmp_path, truncated):
     mode, (video, stats) = reference
     state = tmp_path / "state"
     with pytest.raises(Interrupt):
         _render(backend, f"file://{tmp_path}/a", f"file://{state}", mode=mode, stop_after=3)
-    blob = state / "chunk-000002.safetensors"
+    assert (state / "chunk-000004.json").exists() and not (state / "chunk-000005.json").exists()
+    blob = state / f"chunk-{truncated:06d}.safetensors"
     blob.write_bytes(blob.read_bytes()[:-100])
     result = _render(backend, f"file://{tmp_path}/b", f"file://{state}", mode=mode)
-    assert result.resumed_from == 2
+    if mode == "rolling-forcing" and truncated == 2:
+        # the in-flight windows of the last two chunks only are kept: nothing older is a resume point
+        assert result.resumed_from == 0
+    else:
+        assert result.resumed_from == truncated
     assert _outputs(f"file://{tmp_path}/b") == (video, stats)
 
 
