@@ -73,7 +73,7 @@ def main(verbose: int) -> None:
 @click.option("--width", type=int, default=None, help="Output width in pixels (default: the model's).")
 @click.option("--state", "state_url", default=None, help="Commit the latent context here; resume when present.")
 @click.option("--restart", is_flag=True, help="With --state: discard state written under another config.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
 @trim_options
 def render(prompt: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int, seed: int,
            prompt_id: str | None, window_frames: int | None, sink_frames: int | None, sink_rope: str | None,

@@ -36,6 +36,8 @@ def run_render(*, prompt: str, out_url: str, model: str, weights: str | None, mo
         config = RolloutConfig(mode=cast(Mode, mode), num_chunks=chunks, window_frames=window_frames,
                                sink_frames=sink_frames, sink_rope=cast(SinkRope | None, sink_rope), height_px=height,
                                width_px=width)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         backend = load_backend(model, device=device, dtype=getattr(torch, dtype), weights=weights, seed=0)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc
