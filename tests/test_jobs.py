@@ -228,3 +228,38 @@ def test_a_dead_workers_claim_is_waited_out_and_a_live_one_reported_busy(backend
         stop.set()
         thread.join()
     assert busy["status"] == "busy"
+
+
+def test_a_worker_killed_mid_rollout_is_retried_and_resumes(ray_cluster, tmp_path):
+    """SIGKILL the actor rendering a prompt once it has committed chunks: Ray restarts it, the row is retried,
+    the retry waits out the dead lease, resumes from the checkpoint, and the video equals an uninterrupted job's."""
+    import json
+    import os
+    import signal
+    import time
+
+    url = _table(tmp_path / "p.parquet", prompt_id=["long"], prompt=["a lighthouse in a storm"], num_chunks=[6])
+
+    def spec(out):
+        return JobSpec(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=6),
+                       lease_s=2.0, workers=1)
+
+    reports = {}
+    job = threading.Thread(target=lambda: reports.setdefault("killed", submit(spec("killed"))))
+    job.start()
+    marker = tmp_path / "killed" / "rollouts" / "long" / "chunk-000002.json"
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert job.is_alive() and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    owner = json.loads((tmp_path / "killed" / "claims" / "long" / "0.json").read_text())["owner"]
+    os.kill(int(owner.split(":")[1]), signal.SIGKILL)
+    job.join(timeout=300)
+    assert not job.is_alive()
+    row = reports["killed"].results[0]
+    assert row["status"] == "ok", row
+    assert row["attempt"] == 1 and row["resumed_from"] >= 3
+    clean = submit(spec("clean")).results[0]
+    assert clean["resumed_from"] == 0
+    assert (tmp_path / "killed" / "videos" / "long.mp4").read_bytes() == \
+        (tmp_path / "clean" / "videos" / "long.mp4").read_bytes()
