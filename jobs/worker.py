@@ -105,7 +105,7 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
     summary = drift_summary(result)
     values = {**summary, "video": result.video_url, "stats": result.stats_url, "attempt": claim.attempt,
               "seconds": time.perf_counter() - began, "config_hash": digest}
-    claims.mark_done(row.prompt_id, {k: v for k, v in values.items() if k != "seconds"} | {"config_hash": digest})
+    claims.mark_done(row.prompt_id, {k: v for k, v in values.items() if k != "seconds"})
     claims.release(claim)
     return result_row(row, "ok", None, **values)
 

@@ -9,7 +9,7 @@ by the processors of a model; the backend sets it before each forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ class PassState:
 
     cache: KVCache | None = None
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class CachedSelfAttention:

@@ -87,8 +87,8 @@ class Rollout:
         self.controller = TrimController(trim, self.batch, backend.device) if trim is not None else None
         self.next_chunk = 0
         self.window: dict[int, torch.Tensor] = {}  # rolling-forcing: chunk -> its current noisy latents
-        self._first: torch.Tensor | None = None
-        self._prev: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None  # [B, C, h, w] frame-averaged latents of chunk 0
+        self._prev: torch.Tensor | None = None  # same, of the previous chunk
         # fault injection for tests and drift studies: (chunk, attempt, x0 [B, C, F, h, w]) -> x0
         self.perturb: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
 
@@ -130,9 +130,10 @@ class Rollout:
         return record
 
     def _advance(self, latents: torch.Tensor) -> None:
+        averaged = latents.float().mean(dim=2)  # [B, C, F, h, w] -> [B, C, h, w]
         if self._first is None:
-            self._first = latents
-        self._prev = latents
+            self._first = averaged
+        self._prev = averaged
         self.next_chunk += 1
 
     def _noise(self, chunk: int, step: int, attempt: int) -> torch.Tensor:
@@ -144,11 +145,18 @@ class Rollout:
 
     def _self_forcing_chunk(self, c: int) -> tuple[_Candidate, list[PruneEvent]]:
         first = c * self.config.chunk_frames
+        return self._attempts(c, lambda attempt, done: self._denoise_chunk(c, first, attempt, done))
+
+    def _attempts(self, c: int, propose: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None,
+                                                                            Judgement | None]]
+                  ) -> tuple[_Candidate, list[PruneEvent]]:
+        """Steps 3-4 for both modes: ``propose(attempt, done)`` candidates until every sample has accepted one; a
+        rejected sample's unstable positions are pruned before the next attempt (bounded by ``max_retries``)."""
         cand = self._new_candidate()
         prunes: list[PruneEvent] = []
         done = torch.zeros(self.batch, dtype=torch.bool, device=self.backend.device)
         for attempt in range(self._max_attempts()):
-            x0, summary, judgement = self._denoise_chunk(c, first, attempt, done)
+            x0, summary, judgement = propose(attempt, done)
             reject = judgement.prune & ~done if judgement is not None else torch.zeros_like(done)
             take = ~done & ~reject
             self._take(cand, take, x0, summary, judgement, attempt)
@@ -221,14 +229,14 @@ class Rollout:
     def _prune(self, c: int, judgement: Judgement, reject: torch.Tensor, cand: _Candidate) -> PruneEvent:
         """Step 4: drop the unstable positions from the cached frames of the scope, for the rejected samples."""
         with self.timer.phase("trim"):
-            frames = self._prune_frames(c)
+            frames = self._prune_frames()
             before = self.cache.num_tokens()
             self.cache.prune(frames, judgement.positions, reject, protect_sink=self._trim.protect_sink)
             cand.pruned_tokens += before - self.cache.num_tokens()
         logger.debug("chunk %d: pruned %s from frames %s", c, reject.tolist(), frames)
         return PruneEvent(c, frames, judgement.positions.clone(), reject.clone())
 
-    def _prune_frames(self, c: int) -> list[int]:
+    def _prune_frames(self) -> list[int]:
         cached = [s.frame for s in self.cache.segments if not (s.sink and self._trim.protect_sink)]
         if self._trim.prune_scope == "window":
             return cached
@@ -242,30 +250,22 @@ class Rollout:
         if c == 0:
             for p in range(depth - 1):  # fill the window: chunks 0..depth-2 enter, none finishes
                 self.window = self._window_pass(p, attempt=0)[1]
-        p = c + depth - 1
-        cand = self._new_candidate()
-        prunes: list[PruneEvent] = []
-        done = torch.zeros(self.batch, dtype=torch.bool, device=self.backend.device)
-        best_window = self.window
-        for attempt in range(self._max_attempts()):
-            x0, window = self._window_pass(p, attempt)
+        windows: list[dict[int, torch.Tensor]] = []  # the in-flight window each attempt leaves
+
+        def propose(attempt: int, done: torch.Tensor):
+            x0, window = self._window_pass(c + depth - 1, attempt)
             assert x0 is not None  # pass c + depth - 1 finishes chunk c
+            windows.append(window)
             if self.perturb is not None:
                 x0 = self.perturb(c, attempt, x0)
-            summary = judgement = None
-            if self.controller is not None:
-                summary, judgement = self._judge(x0, attempt)
-            reject = judgement.prune & ~done if judgement is not None else torch.zeros_like(done)
-            take = ~done & ~reject
-            self._take(cand, take, x0, summary, judgement, attempt)
-            best_window = window if attempt == 0 else {
-                j: torch.where(take.view(-1, 1, 1, 1, 1), x, best_window[j]) for j, x in window.items()}
-            done |= take
-            if bool(done.all()):
-                break
-            assert judgement is not None  # only a judged candidate is rejected
-            prunes.append(self._prune(c, judgement, reject, cand))
-        self.window = best_window
+            if self.controller is None:
+                return x0, None, None
+            return (x0, *self._judge(x0, attempt))
+
+        cand, prunes = self._attempts(c, propose)
+        # each sample keeps the window of the attempt it accepted
+        chosen, samples = (cand.attempts - 1).cpu(), torch.arange(self.batch)
+        self.window = {j: torch.stack([w[j] for w in windows])[chosen, samples] for j in windows[0]}
         return cand, prunes
 
     def _window_pass(self, p: int, attempt: int) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
@@ -296,8 +296,8 @@ class Rollout:
     # ----------------------------------------------------------------------------------------------- stats rows
     def _rows(self, record: ChunkRecord, cand: _Candidate, timings: dict[str, float]) -> list[dict[str, Any]]:
         latents = record.latents.float().mean(dim=2)  # [B, C, h, w]: frame-averaged
-        prev = self._prev.float().mean(dim=2) if self._prev is not None else latents
-        first = self._first.float().mean(dim=2) if self._first is not None else latents
+        prev = self._prev if self._prev is not None else latents
+        first = self._first if self._first is not None else latents
         dist_prev = (latents - prev).pow(2).mean(dim=(1, 2, 3)).sqrt().tolist()
         dist_first = (latents - first).pow(2).mean(dim=(1, 2, 3)).sqrt().tolist()
         tokens = self.cache.num_tokens().tolist()
