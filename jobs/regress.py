@@ -9,7 +9,6 @@ chunk, luma, and VBench's flicker score. A run regresses when a variant's mean |
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -53,9 +52,8 @@ def drift_delta(values: list[float]) -> float:
 
 
 def _stats(out: Store, prompt_id: str) -> dict[str, list[float]]:
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(out.get_bytes(f"stats/{prompt_id}.parquet")))
+    table = out.get_table(f"stats/{prompt_id}.parquet")
     return {m: [float(v) for v in table.column(m).to_pylist()] for m in METRICS}
 
 

@@ -7,7 +7,6 @@ Output layout under the job URL: ``job.json`` (spec, config hash, version), ``vi
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import warnings
@@ -124,7 +123,6 @@ def _render_pool(ds: Any, spec: JobSpec, force: bool) -> Any:
 
 def write_results(out: Store, results: list[dict[str, Any]]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = pa.schema([("prompt_id", pa.string()), ("row", pa.int64()), ("status", pa.string()),
                         ("error", pa.string()), ("attempt", pa.int64()), ("video", pa.string()),
@@ -133,14 +131,11 @@ def write_results(out: Store, results: list[dict[str, Any]]) -> None:
                         ("mean_severity", pa.float64()), ("latent_dist_first", pa.float64()),
                         ("hist_dist_first", pa.float64()), ("flicker", pa.float64()), ("seconds", pa.float64()),
                         ("config_hash", pa.string())])
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(results, schema=schema), buf)
-    out.put_bytes("results.parquet", buf.getvalue())
+    out.put_table("results.parquet", pa.Table.from_pylist(results, schema=schema))
 
 
 def status(output_url: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Progress of a job output: prompts finished, claimed, and the last results table's counts."""
-    import pyarrow.parquet as pq
 
     out = Store(output_url, storage_options)
     spec = load_spec(output_url, storage_options)
@@ -149,7 +144,7 @@ def status(output_url: str, storage_options: dict | None = None) -> dict[str, An
     report: dict[str, Any] = {"output": out.url, "config_hash": spec.config_hash(), "input": spec.input_url,
                               "done": len(done), "claimed": len(claimed), "results": None}
     try:
-        table = pq.read_table(io.BytesIO(out.get_bytes("results.parquet")))
+        table = out.get_table("results.parquet")
         report["results"] = dict(Counter(table.column("status").to_pylist()))
     except KeyNotFound:
         pass

@@ -8,12 +8,11 @@ other rows go on.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import CorruptStateError, InputError
 from pipeline.store import Store
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -55,13 +54,12 @@ def default_seed(base: int, prompt_id: str) -> int:
 
 def read_table(url: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """All rows of a Parquet file as dicts; InputError naming the URL when it is not a readable table."""
-    import pyarrow.parquet as pq
 
     store = Store(url.rsplit("/", 1)[0] if "/" in url else ".", storage_options)
     name = url.rsplit("/", 1)[-1]
     try:
-        table = pq.read_table(io.BytesIO(store.get_bytes(name)))
-    except (OSError, ValueError) as exc:
+        table = store.get_table(name)
+    except CorruptStateError as exc:
         raise InputError(f"prompt table {url!r} is not readable Parquet: {exc}") from exc
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:

@@ -171,16 +171,13 @@ def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, complete: Callable[[Ch
 def _write_outputs(out: Store, pid: str, encoder: Mp4Encoder, rows: list[dict[str, Any]], digest: str,
                    resumed: int, names: tuple[str, str]) -> RenderResult:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     video_key, stats_key = (name.format(id=pid) for name in names)
     out.put_bytes(video_key, encoder.finish())
     columns = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
     table = pa.Table.from_pylist([{"prompt_id": pid, "config_hash": digest, **{k: _clean(r.get(k)) for k in columns}}
                                   for r in rows])
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    out.put_bytes(stats_key, sink.getvalue().to_pybytes())
+    out.put_table(stats_key, table)
     return RenderResult(pid, out.join(video_key), out.join(stats_key), digest, rows, resumed)
 
 

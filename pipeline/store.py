@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pipeline.errors import CorruptStateError, InputError, StoreError, TokentrimError, TransientStoreError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from fsspec import AbstractFileSystem
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,30 @@ class Store:
             return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise CorruptStateError(f"object at key {key!r} under {self.url!r} is not UTF-8 JSON: {e}") from e
+
+    def get_table(self, key: str) -> pa.Table:
+        """The Parquet table at `key`, read from pyarrow's own buffer; `CorruptStateError` if it does not parse.
+
+        Never through a Python file object: after PyAV is loaded, pyarrow's threaded read from an `io.BytesIO`
+        can abort the process at interpreter exit ("terminate called without an active exception").
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = self.get_bytes(key)
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise CorruptStateError(f"object at key {key!r} under {self.url!r} is not Parquet: {e}") from e
+
+    def put_table(self, key: str, table: pa.Table) -> None:
+        """Write `table` as one whole Parquet object at `key`."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.put_bytes(key, sink.getvalue().to_pybytes())
 
     def exists(self, key: str) -> bool:
         """Whether an object (not just a prefix of others) is stored at `key`."""
