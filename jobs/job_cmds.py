@@ -1,70 +1,170 @@
-"""`tokentrim submit | resume | status`: parse, call one function, print the outcome."""
+"""`tokentrim submit | resume | status | regress`: parse, call one function, print the outcome.
+
+Exit status: 0 when every row that could be rendered was (invalid and excluded rows are reported, not fatal), 1
+when a prompt failed or is poison, when nothing could be rendered, or (regress) on a regression; 2 on bad options.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import click
 
-from jobs.render_cmd import trim_config
-from jobs.run import load_spec, status, submit
-from jobs.spec import JobSpec
-from pipeline.config import Mode, RolloutConfig, SinkRope
+from jobs.options import build, options
+from jobs.spec import Executor, JobSpec
+from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError
+from tokentrim.config import TrimConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+_NOT_OPTIONS = ("input_url", "output_url", "rollout", "trim", "storage_options")
 
 
-def _report(report) -> None:
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """``--storage-options`` as a dict (a JSON object), or a usage error naming the option."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--storage-options") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"must be a JSON object, got {text!r}", param_hint="--storage-options")
+    return value
+
+
+storage_option = click.option(
+    "--storage-options", default=None,
+    help='JSON object for fsspec/s3fs, e.g. \'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'; '
+         "AWS_ENDPOINT_URL and the usual AWS_* variables work too.")
+
+
+def job_options(exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """The job spec's, the rollout's and TokenTrim's options, each built from its config's own fields."""
+    def decorate(fn: F) -> F:
+        fn = options(TrimConfig, "trim")(fn)
+        fn = options(RolloutConfig, "rollout")(fn)
+        fn = options(JobSpec, "job", exclude=(*_NOT_OPTIONS, *exclude))(fn)
+        fn = click.option("--no-trim", is_flag=True, help="Baseline: the same rollout without TokenTrim.")(fn)
+        return storage_option(fn)
+
+    return decorate
+
+
+def spec_from(groups: dict[str, Any], *, input_url: str, output_url: str, no_trim: bool,
+              storage_options: str | None, **fixed: Any) -> JobSpec:
+    return build(JobSpec, "job", groups, input_url=input_url, output_url=output_url,
+                 rollout=build(RolloutConfig, "rollout", groups),
+                 trim=None if no_trim else build(TrimConfig, "trim", groups),
+                 storage_options=parse_storage_options(storage_options), **fixed)
+
+
+def _report(report: Any) -> None:
     click.echo(f"results: {report.results_url}")
     click.echo("  " + ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) + f" ({report.seconds:.1f} s)")
     for row in report.results:
-        if row["status"] in ("failed", "invalid", "poison", "busy"):
+        if row["status"] in ("failed", "invalid", "poison"):
             click.echo(f"  {row['status']}: row {row['row']} {row['prompt_id']!r}: {row['error']}")
+    if not report.succeeded:
+        raise SystemExit(1)
 
 
-def run_submit(*, table: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int,
-               window_frames: int | None, sink_frames: int | None, sink_rope: str | None, workers: int,
-               gpus_per_worker: float,
-               dtype: str, max_attempts: int, limit: int | None, force: bool, trim_args: dict[str, Any]) -> None:
+@click.command()
+@click.argument("table")
+@click.option("--out", "out_url", required=True, help="Job output URL (file://, s3://, ...).")
+@click.option("--force", is_flag=True, help="Re-render an output written under other settings.")
+@job_options()
+def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options: str | None,
+           **groups: Any) -> None:
+    """Render every prompt of a Parquet TABLE (prompt_id, prompt[, seed, num_chunks]).
+
+    With --executor ray (default) it connects to RAY_ADDRESS when set, else starts a local Ray; --executor local
+    renders in this process. Rerunning skips finished prompts and continues unfinished rollouts from their last
+    committed chunk.
+
+    \b
+    Examples:
+      tokentrim submit prompts.parquet --out s3://bucket/job1 --model /models/wan --weights sf.pt \\
+          --workers 8 --gpus-per-worker 1 --dtype bfloat16
+      tokentrim submit jobs/data/vbench_prompts.parquet --out out/job --model tiny --num-chunks 3 --limit 4
+    """
+    from jobs.run import submit as run_submit
+
+    spec = spec_from(groups, input_url=table, output_url=out_url, no_trim=no_trim, storage_options=storage_options)
     try:
-        rollout = RolloutConfig(mode=cast(Mode, mode), num_chunks=chunks, window_frames=window_frames,
-                                sink_frames=sink_frames, sink_rope=cast(SinkRope | None, sink_rope))
-        spec = JobSpec(input_url=table, output_url=out_url, model=model, weights=weights, rollout=rollout,
-                       trim=trim_config(trim_args), dtype=dtype, workers=workers, gpus_per_worker=gpus_per_worker,
-                       max_attempts=max_attempts)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-    try:
-        _report(submit(spec, force=force, limit=limit))
+        _report(run_submit(spec, force=force))
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-def run_resume(out_url: str, workers: int | None) -> None:
+@click.command()
+@click.argument("out_url")
+@click.option("--workers", type=int, default=None, help="Override the recorded number of workers.")
+@click.option("--executor", type=click.Choice(["ray", "local"]), default=None, help="Override the recorded one.")
+@storage_option
+def resume(out_url: str, workers: int | None, executor: str | None, storage_options: str | None) -> None:
+    """Run the job recorded in OUT_URL/job.json again, writing under OUT_URL (wherever the job was first written):
+    finished prompts are skipped, the rest continue."""
+    from jobs.run import load_spec
+    from jobs.run import submit as run_submit
+
     try:
-        spec = load_spec(out_url)
+        spec = load_spec(out_url, parse_storage_options(storage_options))
         if workers is not None:
             spec = dataclasses.replace(spec, workers=workers)
-        _report(submit(spec))
+        if executor is not None:
+            spec = dataclasses.replace(spec, executor=cast(Executor, executor))
+        _report(run_submit(spec))
+    except (TokentrimError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command()
+@click.argument("out_url")
+@storage_option
+def status(out_url: str, storage_options: str | None) -> None:
+    """Progress of the job under OUT_URL: rows done and remaining, live leases, last results, stored bytes."""
+    from jobs.run import status as job_status
+
+    try:
+        click.echo(json.dumps(job_status(out_url, parse_storage_options(storage_options)), indent=2, sort_keys=True))
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-def run_status(out_url: str) -> None:
+@click.command()
+@click.option("--out", "out_url", required=True, help="Where tonight's renders, report.md and plots go.")
+@click.option("--baseline", "baseline_url", default=None, help="Baseline JSON (default: OUT/baseline.json).")
+@click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True,
+              help="First N prompts of the fixed set.")
+@click.option("--table", default=None, help="Prompt table (default: the shipped VBench set).")
+@click.option("--tolerance", type=click.FloatRange(min=0.0), default=0.10, show_default=True,
+              help="Relative growth allowed.")
+@click.option("--update-baseline", is_flag=True, help="Store this run's metrics and settings as the baseline.")
+@job_options(exclude=("limit",))
+def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | None, tolerance: float,
+            update_baseline: bool, no_trim: bool, storage_options: str | None, **groups: Any) -> None:
+    """Nightly regression: the fixed prompt set with and without TokenTrim, drift vs a baseline.
+
+    Exits 1 when a drift metric grew beyond the tolerance, a prompt failed, nothing rendered, or the baseline was
+    made under other settings. Takes the job options of `submit` (model, weights, dtype, GPUs, mode, ...).
+
+    \b
+    Example:
+      tokentrim regress --out s3://bucket/nightly/2026-11-26 --baseline s3://bucket/nightly/baseline.json \\
+          --model /models/wan --weights /models/sf.pt --dtype bfloat16 --gpus-per-worker 1 --workers 4
+    """
+    from jobs.regress import default_table, run_regression
+
+    if no_trim:
+        raise click.BadParameter("regress renders both variants itself", param_hint="--no-trim")
+    spec = spec_from(groups, input_url=table or default_table(), output_url=out_url, no_trim=False,
+                     storage_options=storage_options, limit=prompts)
     try:
-        click.echo(json.dumps(status(out_url), indent=2, sort_keys=True))
-    except TokentrimError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-def run_regress(*, out_url: str, baseline_url: str | None, model: str, prompts: int, chunks: int,
-                table: str | None, tolerance: float, update_baseline: bool, workers: int) -> None:
-    from jobs.regress import run_regression
-
-    try:
-        result = run_regression(out_url, baseline_url=baseline_url, model=model, prompts=prompts, chunks=chunks,
-                                table=table, tolerance=tolerance, update_baseline=update_baseline, workers=workers)
+        result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline)
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"report: {result.report_url}")

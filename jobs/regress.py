@@ -9,6 +9,7 @@ chunk, luma, and VBench's flicker score. A run regresses when a variant's mean |
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,14 +18,15 @@ from typing import Any
 
 from jobs.run import submit
 from jobs.spec import JobSpec
-from pipeline.config import RolloutConfig
-from pipeline.store import KeyNotFound, Store
-from tokentrim import TrimConfig
+from pipeline.config import config_hash
+from pipeline.errors import InputError
+from pipeline.store import KeyNotFound, Store, split_url
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("latent_dist_first", "hist_dist_first", "luma", "flicker")
 VARIANTS = ("tokentrim", "baseline")
+BASELINE_FORMAT = 2
 
 
 def default_table() -> str:
@@ -52,18 +54,17 @@ def drift_delta(values: list[float]) -> float:
 
 
 def _stats(out: Store, prompt_id: str) -> dict[str, list[float]]:
-
     table = out.get_table(f"stats/{prompt_id}.parquet")
     return {m: [float(v) for v in table.column(m).to_pylist()] for m in METRICS}
 
 
-def measure(out_url: str, results: list[dict[str, Any]], storage_options: dict | None = None
-            ) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+def measure(out: Store, results: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
     """Mean |delta| per metric over the rendered prompts, mean curves, and the prompts that did not render."""
-    out = Store(out_url, storage_options)
     ok = [r["prompt_id"] for r in results if r["status"] in ("ok", "skipped")]
     failed = [f"{r['prompt_id']}: {r['status']} {r['error'] or ''}".strip() for r in results
-              if r["status"] not in ("ok", "skipped")]
+              if r["status"] not in ("ok", "skipped", "excluded")]
+    if not ok:
+        failed.append("nothing rendered: no prompt to measure")
     per_prompt = [_stats(out, pid) for pid in ok]
     metrics = {m: sum(abs(drift_delta(s[m])) for s in per_prompt) / max(1, len(per_prompt)) for m in METRICS}
     length = min((len(s[METRICS[0]]) for s in per_prompt), default=0)
@@ -86,39 +87,69 @@ def compare(current: dict[str, dict[str, float]], baseline: dict[str, dict[str, 
     return failures
 
 
-def run_regression(out_url: str, *, baseline_url: str | None = None, model: str = "tiny", prompts: int = 8,
-                   chunks: int = 8, table: str | None = None, tolerance: float = 0.10, slack: float = 1e-4,
-                   update_baseline: bool = False, workers: int = 1, storage_options: dict | None = None
-                   ) -> Regression:
-    """Render the fixed set twice (TokenTrim on / off) under ``out_url``, compare, write ``report.md``."""
+def settings_of(spec: JobSpec, prompt_ids: list[str]) -> dict[str, Any]:
+    """What a baseline is only comparable under: the render settings (model, weights, dtype, rollout incl. chunks,
+    TokenTrim) and the prompts rendered."""
+    return {"render": spec.render_settings(), "prompt_ids": prompt_ids}
+
+
+def check_baseline(doc: Any, settings: dict[str, Any], where: str) -> list[str]:
+    """Why a stored baseline cannot judge this run (empty when it can)."""
+    if not isinstance(doc, dict) or doc.get("format") != BASELINE_FORMAT or not isinstance(doc.get("metrics"), dict):
+        return [f"{where} is not a baseline of format {BASELINE_FORMAT} (run once with --update-baseline)"]
+    if doc.get("config_hash") != config_hash(settings):
+        old = doc.get("settings") or {}
+        differ = sorted(k for k in {*_flat(old), *_flat(settings)} if _flat(old).get(k) != _flat(settings).get(k))
+        return [f"{where} was made under other settings ({', '.join(differ) or 'unknown'} differ): "
+                "rerun with the baseline's settings or --update-baseline"]
+    return []
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance: float = 0.10, slack: float = 1e-4,
+                   update_baseline: bool = False) -> Regression:
+    """Render the spec's first ``limit`` prompts twice (TokenTrim on / off) under ``spec.output_url``, compare with
+    the baseline (refused when made under other settings), write ``report.md``."""
+    if not tolerance >= 0 or not slack >= 0:
+        raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
+    if spec.trim is None:
+        raise InputError("`trim` must be set: the regression renders with and without TokenTrim itself")
     metrics, curves, failures = {}, {}, []
+    prompt_ids: list[str] = []
     for variant in VARIANTS:
-        spec = JobSpec(input_url=table or default_table(), output_url=f"{out_url.rstrip('/')}/{variant}",
-                       model=model, rollout=RolloutConfig(num_chunks=chunks),
-                       trim=TrimConfig() if variant == "tokentrim" else None, workers=workers,
-                       storage_options=storage_options or {})
-        report = submit(spec, limit=prompts)
-        metrics[variant], curves[variant], failed = measure(spec.output_url, report.results, storage_options)
+        out = Store(spec.output_url, spec.storage_options)
+        vspec = dataclasses.replace(spec, output_url=out.join(variant),
+                                    trim=spec.trim if variant == "tokentrim" else None)
+        report = submit(vspec)
+        prompt_ids = [r["prompt_id"] for r in report.results if r["status"] not in ("invalid", "excluded")]
+        metrics[variant], curves[variant], failed = measure(Store(vspec.output_url, spec.storage_options),
+                                                            report.results)
         failures += [f"{variant}: {f}" for f in failed]
-    out = Store(out_url, storage_options)
-    base_store, key = _baseline_location(out, baseline_url, storage_options)
-    if update_baseline:
-        base_store.put_json(key, metrics)
+    out = Store(spec.output_url, spec.storage_options)
+    base_store, key = ((out, "baseline.json") if baseline_url is None
+                       else split_url(baseline_url, spec.storage_options))
+    settings = settings_of(spec, prompt_ids)
+    if update_baseline and not failures:
+        base_store.put_json(key, {"format": BASELINE_FORMAT, "settings": settings,
+                                  "config_hash": config_hash(settings), "metrics": metrics})
     try:
-        baseline = base_store.get_json(key)
-        failures += compare(metrics, baseline, tolerance=tolerance, slack=slack)
+        doc = base_store.get_json(key)
+        problems = check_baseline(doc, settings, base_store.join(key))
+        failures += problems or compare(metrics, doc["metrics"], tolerance=tolerance, slack=slack)
     except KeyNotFound:
         failures.append(f"no baseline at {base_store.join(key)} (run once with --update-baseline)")
     result = Regression(metrics, curves, failures)
     result.report_url = write_report(out, result)
     return result
-
-
-def _baseline_location(out: Store, baseline_url: str | None, storage_options: dict | None) -> tuple[Store, str]:
-    if baseline_url is None:
-        return out, "baseline.json"
-    root, _, key = baseline_url.rpartition("/")
-    return Store(root or ".", storage_options), key
 
 
 def write_report(out: Store, result: Regression) -> str:

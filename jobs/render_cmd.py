@@ -2,52 +2,76 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, cast
+from typing import Any
 
 import click
-import torch
 
-from pipeline.backend import load_backend
-from pipeline.config import Mode, RolloutConfig, SinkRope
+from jobs.options import build, options
+from jobs.spec import JobSpec, absolute_url
+from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError
-from pipeline.render import render
-from tokentrim import TrimConfig
+from tokentrim.config import TrimConfig
 
-_TRIM_FIELDS = {"trim_p": "p", "trim_lam": "lam", "trim_warmup": "warmup", "trim_retries": "max_retries",
-                "trim_scope": "prune_scope"}
-
-
-def trim_config(args: dict[str, Any]) -> TrimConfig | None:
-    """The TrimConfig from CLI options (None with --no-trim)."""
-    if args.get("no_trim"):
-        return None
-    given = {_TRIM_FIELDS[k]: v for k, v in args.items() if k in _TRIM_FIELDS and v is not None}
-    return dataclasses.replace(TrimConfig(), **given)
+_NOT_RENDER = ("input_url", "output_url", "rollout", "trim", "storage_options", "workers", "gpus_per_worker",
+               "max_attempts", "lease_s", "seed", "limit", "keep_state", "executor")
 
 
-def run_render(*, prompt: str, out_url: str, model: str, weights: str | None, mode: str, chunks: int, seed: int,
-               prompt_id: str, window_frames: int | None, sink_frames: int | None, sink_rope: str | None,
-               height: int | None,
-               width: int | None, state_url: str | None, restart: bool, device: str, dtype: str,
-               trim_args: dict[str, Any]) -> None:
+@click.command()
+@click.argument("prompt")
+@click.option("--out", "out_url", required=True, help="Output folder or URL (file://, s3://, memory://).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The rollout's seed.")
+@click.option("--id", "prompt_id", default=None, help="Output name (default: derived from the prompt).")
+@click.option("--state", "state_url", default=None, help="Commit the latent context here; resume when present.")
+@click.option("--restart", is_flag=True, help="With --state: discard state written under another config.")
+@click.option("--no-trim", is_flag=True, help="Baseline: the same rollout without TokenTrim.")
+@click.option("--storage-options", default=None, help="JSON object for fsspec/s3fs (e.g. an endpoint, keys).")
+@options(JobSpec, "job", exclude=_NOT_RENDER)
+@options(RolloutConfig, "rollout")
+@options(TrimConfig, "trim")
+def render(prompt: str, out_url: str, seed: int, prompt_id: str | None, state_url: str | None, restart: bool,
+           no_trim: bool, storage_options: str | None, **groups: Any) -> None:
+    """Render one PROMPT to <id>.mp4 and <id>.stats.parquet under --out (no cluster).
+
+    \b
+    Example:
+      tokentrim render "a red panda in the snow" --model tiny --num-chunks 8 --out out/demo
+    """
+    from jobs.cli import slug
+    from jobs.job_cmds import parse_storage_options
+
+    # the model settings are the job spec's own fields; the rest of a spec does not apply to one render
+    spec = build(JobSpec, "job", groups, input_url="-", output_url=out_url, rollout=build(RolloutConfig, "rollout",
+                 groups), trim=None if no_trim else build(TrimConfig, "trim", groups),
+                 storage_options=parse_storage_options(storage_options))
+    run_render(spec, prompt, prompt_id or slug(prompt), seed=seed, state_url=state_url, restart=restart)
+
+
+def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_url: str | None,
+               restart: bool) -> None:
+    import torch
+
+    from pipeline.backend import load_backend
+    from pipeline.render import render as render_prompts
+    from pipeline.store import Store
+
+    config = spec.rollout
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        trim = trim_config(trim_args)
-        config = RolloutConfig(mode=cast(Mode, mode), num_chunks=chunks, window_frames=window_frames,
-                               sink_frames=sink_frames, sink_rope=cast(SinkRope | None, sink_rope), height_px=height,
-                               width_px=width)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        backend = load_backend(model, device=device, dtype=getattr(torch, dtype), weights=weights, seed=0)
+        backend = load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype), weights=spec.weights,
+                               seed=0)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc
-    with click.progressbar(length=chunks, label=f"rendering {prompt_id}", file=None) as bar:
+    state = Store(absolute_url(state_url), spec.storage_options) if state_url else None
+    with click.progressbar(length=config.num_chunks, label=f"rendering {prompt_id}", file=None) as bar:
         def on_chunk(index: int, rows: list[dict[str, Any]]) -> None:
             bar.update(1)
 
         try:
-            results = render(backend, [prompt], [prompt_id], out_url, config=config, trim=trim, seeds=[seed],
-                             state_url=state_url, force_restart=restart, on_chunk=on_chunk)
+            results = render_prompts(backend, [prompt], [prompt_id], spec.output_url, config=config, trim=spec.trim,
+                                     seeds=[seed], state_url=state, storage_options=spec.storage_options,
+                                     force_restart=restart, on_chunk=on_chunk)
         except TokentrimError as exc:
             raise click.ClickException(str(exc)) from exc
     result = results[0]
@@ -55,4 +79,4 @@ def run_render(*, prompt: str, out_url: str, model: str, weights: str | None, mo
     click.echo(f"video: {result.video_url}")
     click.echo(f"stats: {result.stats_url}")
     click.echo(f"chunks: {len(result.rows)} (resumed after {result.resumed_from}); pruned: "
-               f"{verdicts.count('pruned')}; config hash {result.config_hash}")
+               f"{verdicts.count('pruned')}; seed {seed}; config hash {result.config_hash}")

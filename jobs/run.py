@@ -1,22 +1,24 @@
-"""Submit, resume and inspect render jobs. All distribution lives here (Ray Data); ray is imported lazily.
+"""Submit, resume and inspect render jobs: validate, record, dispatch to an executor, write the results.
 
 Output layout under the job URL: ``job.json`` (spec, config hash, version), ``videos/<id>.mp4``,
-``stats/<id>.parquet``, ``rollouts/<id>/`` (latent context), ``claims/`` and ``done/`` (bookkeeping),
-``results.parquet`` (one row per prompt of the table: status, error, paths, drift summary).
+``stats/<id>.parquet``, ``rollouts/<id>/`` (latent context, deleted once the prompt is done unless ``keep_state``),
+``claims/`` and ``done/`` (bookkeeping, see `jobs.policy`), ``results.parquet`` (one row per row of the table).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.spec import JOB_FORMAT, JobSpec
-from jobs.table import BadRow, PromptRow, read_table, validate_rows
-from jobs.worker import RESULT_FIELDS, RenderWorker, result_row
+from jobs.executors import Executor, make_executor
+from jobs.policy import RESULT_FIELDS, Claims, finished_rows, result_row, results_schema
+from jobs.spec import JOB_FORMAT, JobSpec, absolute_url
+from jobs.table import PromptRow, read_table, validate_rows
 from pipeline.errors import ConfigMismatchError, InputError
 from pipeline.store import KeyNotFound, Store
 
@@ -33,6 +35,12 @@ class JobReport:
     seconds: float = 0.0
     results: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def succeeded(self) -> bool:
+        """Every row that could be rendered was (ok or skipped); invalid and excluded rows do not count against it."""
+        return any(self.counts.get(s) for s in ("ok", "skipped")) and not any(
+            self.counts.get(s) for s in ("failed", "poison"))
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -43,112 +51,150 @@ def _version() -> str:
         return "unknown"
 
 
-def write_job_json(out: Store, spec: JobSpec, *, force: bool) -> None:
-    """Record the spec; refuse an output written by a job with other render settings (unless ``force``)."""
+def check_model(spec: JobSpec) -> None:
+    """Refuse an unknown model or a missing weights file before anything is written or any worker starts.
+
+    A path that this machine does not have is accepted only for a Ray job on a remote cluster (RAY_ADDRESS set),
+    whose workers may mount it."""
+    from pipeline.backend import PRESETS
+
+    remote = spec.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
+    if spec.model not in PRESETS:
+        if os.path.isdir(spec.model):
+            if not os.path.isdir(os.path.join(spec.model, "transformer")):
+                raise InputError(f"`model` {spec.model!r} is a folder without transformer/: not a diffusers Wan2.1 "
+                                 "folder")
+        elif not (remote and "/" in spec.model):
+            raise InputError(f"`model` must be one of {sorted(PRESETS)} or a diffusers Wan2.1 folder, got "
+                             f"{spec.model!r}")
+    if spec.weights is not None and not os.path.isfile(spec.weights) and not remote:
+        raise InputError(f"`weights` {spec.weights!r} is not a file")
+
+
+def check_output(out: Store, spec: JobSpec, *, force: bool) -> None:
+    """Refuse an output written by a job with other render settings (unless ``force``)."""
     try:
         old = out.get_json("job.json")
     except KeyNotFound:
-        old = None
-    if old is not None and old.get("config_hash") != spec.config_hash() and not force:
+        return
+    if isinstance(old, dict) and old.get("config_hash") != spec.config_hash() and not force:
         raise ConfigMismatchError(
             f"{out.url} holds job {old.get('config_hash')} with other render settings than this one "
             f"({spec.config_hash()}); use another output or --force to re-render under the new settings")
+
+
+def write_job_json(out: Store, spec: JobSpec) -> None:
     out.put_json("job.json", {"format": JOB_FORMAT, "version": _version(), "config_hash": spec.config_hash(),
                               "spec": spec.to_dict(), "updated_at": time.time()})
 
 
 def load_spec(output_url: str, storage_options: dict | None = None) -> JobSpec:
-    """The spec recorded in ``job.json`` of an output (for resume and status)."""
+    """The spec recorded in ``job.json`` of an output, writing to ``output_url`` (wherever it was first written)."""
     try:
         doc = Store(output_url, storage_options).get_json("job.json")
     except KeyNotFound as exc:
         raise InputError(f"no job.json under {output_url!r}: not a tokentrim job output") from exc
-    return JobSpec.from_dict(doc["spec"], storage_options)
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+        raise InputError(f"job.json under {output_url!r} holds no job spec")
+    spec = dict(doc["spec"], output_url=absolute_url(output_url))
+    return JobSpec.from_dict(spec, storage_options)
 
 
-def submit(spec: JobSpec, *, force: bool = False, limit: int | None = None) -> JobReport:
-    """Render every valid row of the spec's prompt table on Ray; finished prompts are skipped, unfinished
-    rollouts continue from their last committed chunk. Returns counts per status; writes ``results.parquet``."""
-    began = time.perf_counter()
-    out = Store(spec.output_url, spec.storage_options)
-    write_job_json(out, spec, force=force)
+def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]:
+    """Everything that can be checked before anything is written: the spec with location-independent URLs, the rows
+    to render (``--limit`` applied) and the result rows of the invalid and excluded ones. Raises InputError."""
+    spec = dataclasses.replace(spec, input_url=absolute_url(spec.input_url),
+                               output_url=absolute_url(spec.output_url))
+    check_model(spec)
     good, bad = validate_rows(read_table(spec.input_url, spec.storage_options),
                               default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
-    if limit is not None:
-        good = good[:limit]
+    if not good:
+        first = "; ".join(b.error for b in bad[:3])
+        raise InputError(f"prompt table {spec.input_url!r} has no valid row ({len(bad)} invalid): {first}")
     for b in bad:
         logger.warning("skipping %s", b.error)
-    results = run_rows(spec, good, force=force) if good else []
-    results += [result_row({"prompt_id": b.prompt_id, "row": b.row}, "invalid", b.error) for b in bad]
+    other = [result_row({"prompt_id": b.prompt_id, "row": b.row}, "invalid", b.error) for b in bad]
+    if spec.limit is not None:
+        other += [result_row(r, "excluded", f"beyond --limit {spec.limit}") for r in good[spec.limit:]]
+        good = good[:spec.limit]
+    return spec, good, other
+
+
+def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = None) -> JobReport:
+    """Render every valid row of the spec's prompt table; finished prompts are skipped (decided here, before any
+    worker starts), unfinished rollouts continue from their last committed chunk. Writes ``results.parquet``."""
+    began = time.perf_counter()
+    spec, rows, results = plan(spec)
+    out = Store(spec.output_url, spec.storage_options)
+    check_output(out, spec, force=force)
+    write_job_json(out, spec)
+    results += run_rows(spec, rows, executor or make_executor(spec, force=force), out)
     results.sort(key=lambda r: r["row"])
     write_results(out, results)
     counts = dict(Counter(r["status"] for r in results))
     return JobReport(spec.output_url, counts, out.join("results.parquet"), time.perf_counter() - began, results)
 
 
-def run_rows(spec: JobSpec, rows: list[PromptRow], *, force: bool = False) -> list[dict[str, Any]]:
-    """Ray Data: rows -> an actor pool of `RenderWorker` (model loaded once per actor, ``gpus_per_worker`` each)."""
-    try:
-        import ray
-    except ImportError as exc:  # pragma: no cover - ray is a dependency; the message names the fix
-        raise ImportError("tokentrim jobs need Ray: pip install 'ray[data,default]'") from exc
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)  # honours RAY_ADDRESS; a local cluster otherwise
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.verbose_progress = False
-    # one row is a whole long rollout: do not let Ray Data call that "no progress" after its default 30 min
-    ctx.execution_no_progress_timeout_s = max(ctx.execution_no_progress_timeout_s, 6 * 3600.0)
-    ds = ray.data.from_items([r.to_dict() for r in rows], override_num_blocks=min(len(rows), 200))
-    with warnings.catch_warnings():  # actor restart caps have no named parameter yet (Ray 2.60)
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = _render_pool(ds, spec, force)
-    return [{name: row.get(name) for name in RESULT_FIELDS} for row in ds.take_all()]
-
-
-def _render_pool(ds: Any, spec: JobSpec, force: bool) -> Any:
-    import ray
-
-    return ds.map_batches(
-        RenderWorker,
-        fn_constructor_kwargs={"spec": spec.to_dict(), "storage_options": spec.storage_options, "force": force},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=spec.workers),
-        num_gpus=spec.gpus_per_worker or None,
-        num_cpus=1,
-        # a crashed actor is restarted and its row retried a bounded number of times (claims count attempts)
-        max_restarts=spec.max_attempts,
-        max_task_retries=spec.max_attempts,
-    )
+def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Store) -> list[dict[str, Any]]:
+    """Rows already done are answered from their markers; the rest go to the executor in rounds: a row that came
+    back ``busy`` (a live lease elsewhere) is handed out again after the others, once that lease could have run out.
+    """
+    results, todo = finished_rows(spec, rows, out)
+    by_id = {r.prompt_id: r for r in rows}
+    while todo:
+        work = executor.run(todo)
+        seen = {w["prompt_id"] for w in work}
+        results += [result_row(r, "failed", "the executor returned no result for this row")
+                    for r in todo if r.prompt_id not in seen]
+        results += [{k: w[k] for k in RESULT_FIELDS} for w in work if w["status"] != "busy"]
+        busy = [w for w in work if w["status"] == "busy"]
+        if not busy:
+            break
+        wake = min(float(w["retry_at"] or 0.0) for w in busy)
+        pause = min(max(wake - time.time(), 0.0) + 0.2, spec.lease_s)
+        logger.info("%d prompt(s) held by live leases elsewhere; back to them in %.1f s", len(busy), pause)
+        time.sleep(pause)
+        todo = [by_id[w["prompt_id"]] for w in busy]
+    return results
 
 
 def write_results(out: Store, results: list[dict[str, Any]]) -> None:
     import pyarrow as pa
 
-    schema = pa.schema([("prompt_id", pa.string()), ("row", pa.int64()), ("status", pa.string()),
-                        ("error", pa.string()), ("attempt", pa.int64()), ("video", pa.string()),
-                        ("stats", pa.string()), ("chunks", pa.int64()), ("resumed_from", pa.int64()),
-                        ("pruned_chunks", pa.int64()), ("tokens_pruned", pa.int64()),
-                        ("mean_severity", pa.float64()), ("latent_dist_first", pa.float64()),
-                        ("hist_dist_first", pa.float64()), ("flicker", pa.float64()), ("seconds", pa.float64()),
-                        ("config_hash", pa.string())])
-    out.put_table("results.parquet", pa.Table.from_pylist(results, schema=schema))
+    out.put_table("results.parquet", pa.Table.from_pylist(results, schema=results_schema()))
 
 
 def status(output_url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """Progress of a job output: prompts finished, claimed, and the last results table's counts."""
-
+    """Progress of a job output, also while it runs: rows by state, live leases, last results, stored bytes."""
     out = Store(output_url, storage_options)
     spec = load_spec(output_url, storage_options)
-    done = [k for k in out.list("done/") if k.endswith(".json")]
-    claimed = {k.split("/")[1] for k in out.list("claims/") if k.endswith(".json")}
-    report: dict[str, Any] = {"output": out.url, "config_hash": spec.config_hash(), "input": spec.input_url,
-                              "done": len(done), "claimed": len(claimed), "results": None}
+    done = {k[len("done/"):-len(".json")] for k in out.list("done/") if k.endswith(".json")}
+    report: dict[str, Any] = {"output": out.url, "config_hash": spec.config_hash(), "input": spec.input_url}
     try:
-        table = out.get_table("results.parquet")
-        report["results"] = dict(Counter(table.column("status").to_pylist()))
+        _, rows, other = plan(spec)
+        counts = Counter(r["status"] for r in other)
+        finished = sum(r.prompt_id in done for r in rows)
+        report["rows"] = {"to_render": len(rows), "done": finished, "remaining": len(rows) - finished,
+                          "invalid": counts["invalid"], "excluded": counts["excluded"]}
+    except InputError as exc:
+        report["rows"] = {"error": str(exc)}
+    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    report["in_progress"] = sorted(pid for pid in {k.split("/")[1] for k in out.list("claims/")}
+                                   if pid not in done and claims.held(pid))
+    try:
+        report["results"] = dict(Counter(out.get_table("results.parquet").column("status").to_pylist()))
     except KeyNotFound:
-        pass
+        report["results"] = None
+    report["stored_bytes"] = stored_bytes(out)
     return report
 
 
-__all__ = ["BadRow", "JobReport", "JobSpec", "load_spec", "run_rows", "status", "submit"]
+def stored_bytes(out: Store) -> dict[str, int]:
+    """Bytes under the output by top-level folder (videos, stats, rollouts, ...) and in total."""
+    sizes: Counter[str] = Counter()
+    for key, size in out.sizes().items():
+        sizes[key.split("/", 1)[0] if "/" in key else "other"] += size
+    return {**dict(sizes), "total": sum(sizes.values())}
+
+
+__all__ = ["JobReport", "JobSpec", "load_spec", "run_rows", "status", "submit"]

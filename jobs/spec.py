@@ -3,52 +3,83 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pipeline.config import RolloutConfig, config_hash
-from tokentrim import TrimConfig
+from tokentrim.config import TrimConfig
 
-JOB_FORMAT = 1
-DTYPES = ("float32", "bfloat16", "float16")
+JOB_FORMAT = 2
+DEFAULT_MODEL = "tiny"  # the one place the default model is named (CLI, jobs, regress)
+Dtype = Literal["float32", "bfloat16", "float16"]
+Executor = Literal["ray", "local"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+EXECUTORS: tuple[str, ...] = get_args(Executor)
 
 
 @dataclass(frozen=True)
 class JobSpec:
     """Everything a worker needs to render any row of the job's prompt table.
 
-    ``rollout.num_chunks`` is the default for rows without ``num_chunks``; ``seed`` the base for rows without one.
+    model: a preset ('tiny', 'wan2.1-1.3b') or a diffusers Wan2.1 folder.
+    weights: a causal generator checkpoint (Self/Rolling Forcing or Wan keys).
+    device: cpu, cuda, cuda:N; auto: cuda when the job asks for GPUs (render: when one is available).
+    dtype: the model's dtype.
+    workers: workers, each holding one model.
+    gpus_per_worker: GPUs each Ray worker claims.
+    max_attempts: failed attempts per prompt before it is poison.
+    lease_s: seconds a claim's lease lasts without a heartbeat (renewed every third of it).
+    seed: base of the per-prompt seeds of rows without one.
+    limit: render only the first N valid rows (the rest are reported as excluded).
+    keep_state: keep rollouts/<id>/ after a prompt's outputs are committed (default: delete it).
+    executor: 'ray' (RAY_ADDRESS or a local Ray) or 'local' (serial, in this process, no Ray).
+
+    ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written.
     """
 
     input_url: str
     output_url: str
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     weights: str | None = None
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trim: TrimConfig | None = field(default_factory=TrimConfig)
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     workers: int = 1
     gpus_per_worker: float = 0.0
     max_attempts: int = 3
     lease_s: float = 120.0
     seed: int = 0
+    limit: int | None = None
+    keep_state: bool = False
+    executor: Executor = "ray"
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("input_url", "output_url", "model"):
+        for name in ("input_url", "output_url", "model", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {DTYPES}, got {self.dtype!r}")
-        for name, low in (("workers", 1), ("max_attempts", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-        if not 0 <= self.gpus_per_worker <= 64:
-            raise ValueError(f"`gpus_per_worker` must be in [0, 64], got {self.gpus_per_worker!r}")
-        if not self.lease_s > 0:
-            raise ValueError(f"`lease_s` must be > 0, got {self.lease_s!r}")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ValueError(f"`weights` must be a non-empty string or None, got {self.weights!r}")
+        for name, choices in (("dtype", DTYPES), ("executor", EXECUTORS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}")
+        for name, low in (("workers", 1), ("max_attempts", 1), ("seed", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.limit is not None:
+            _check_int("limit", self.limit, 1)
+        if not isinstance(self.keep_state, bool):
+            raise ValueError(f"`keep_state` must be a bool, got {self.keep_state!r}")
+        limits: tuple[tuple[str, float, float], ...] = (("gpus_per_worker", 0.0, 64.0), ("lease_s", 0.1, 86400.0))
+        for name, lowest, high in limits:
+            number = getattr(self, name)
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not lowest <= number <= high:
+                raise ValueError(f"`{name}` must be a number in [{lowest}, {high}], got {number!r}")
+        if not isinstance(self.rollout, RolloutConfig):
+            raise TypeError(f"`rollout` must be a RolloutConfig, got {type(self.rollout).__name__}")
+        if self.trim is not None and not isinstance(self.trim, TrimConfig):
+            raise TypeError(f"`trim` must be a TrimConfig or None, got {type(self.trim).__name__}")
 
     @property
     def resolved_device(self) -> str:
@@ -68,20 +99,32 @@ class JobSpec:
         d = dataclasses.asdict(self)
         d["rollout"] = self.rollout.to_dict()
         d["trim"] = self.trim.to_dict() if self.trim else None
-        d["storage_options"] = {}  # credentials never go into job.json
+        del d["storage_options"]  # credentials never go into job.json
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], storage_options: dict[str, Any] | None = None) -> JobSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise ValueError(f"a job spec must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"storage_options"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown JobSpec fields {unknown}")
         d = dict(d)
         d["rollout"] = RolloutConfig.from_dict(d.get("rollout") or {})
         d["trim"] = TrimConfig.from_dict(d["trim"]) if d.get("trim") is not None else None
-        d["storage_options"] = storage_options or {}
-        return cls(**d)
+        return cls(**d, storage_options=storage_options or {})
 
-    def with_storage(self, storage_options: dict[str, Any] | None) -> JobSpec:
-        return dataclasses.replace(self, storage_options=storage_options or {})
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+
+
+def absolute_url(url: str) -> str:
+    """A URL that means the same from any working directory: local paths made absolute, others unchanged."""
+    if "://" in url:
+        if url.startswith("file://"):
+            return "file://" + os.path.abspath(url[len("file://"):])
+        return url.rstrip("/")
+    return os.path.abspath(url)

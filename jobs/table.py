@@ -8,14 +8,15 @@ other rows go on.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.errors import CorruptStateError, InputError
-from pipeline.store import Store
+from pipeline.store import KeyNotFound, split_url
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch): no trailing newline
 MAX_PROMPT_CHARS = 10_000
 MAX_CHUNKS = 2_000
 REQUIRED = ("prompt_id", "prompt")
@@ -54,11 +55,11 @@ def default_seed(base: int, prompt_id: str) -> int:
 
 def read_table(url: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """All rows of a Parquet file as dicts; InputError naming the URL when it is not a readable table."""
-
-    store = Store(url.rsplit("/", 1)[0] if "/" in url else ".", storage_options)
-    name = url.rsplit("/", 1)[-1]
+    store, name = split_url(url, storage_options)
     try:
         table = store.get_table(name)
+    except KeyNotFound as exc:
+        raise InputError(f"no prompt table at {url!r}") from exc
     except CorruptStateError as exc:
         raise InputError(f"prompt table {url!r} is not readable Parquet: {exc}") from exc
     missing = [c for c in REQUIRED if c not in table.column_names]
@@ -88,24 +89,35 @@ def validate_rows(rows: list[dict[str, Any]], *, default_chunks: int, base_seed:
 
 def _validate(i: int, raw: dict[str, Any], default_chunks: int, base_seed: int) -> PromptRow:
     pid, prompt = raw.get("prompt_id"), raw.get("prompt")
-    if not isinstance(pid, str) or not ID_PATTERN.match(pid):
+    if not isinstance(pid, str) or not ID_PATTERN.fullmatch(pid):
         raise InputError(f"row {i}: `prompt_id` must be 1-128 characters of [A-Za-z0-9._-] starting with a letter "
                          f"or digit, got {pid!r}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"row {i}: `prompt` must be a non-empty string, got {prompt!r}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"row {i}: `prompt` has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}")
-    seed = raw.get("seed")
+    seed = _integral(raw.get("seed"))
     if seed is None:
         seed = default_seed(base_seed, pid)
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InputError(f"row {i}: `seed` must be an integer in [0, 2**63), got {seed!r}")
-    chunks = raw.get("num_chunks")
+        raise InputError(f"row {i}: `seed` must be an integer in [0, 2**63), got {raw.get('seed')!r}")
+    chunks = _integral(raw.get("num_chunks"))
     if chunks is None:
         chunks = default_chunks
     elif isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= MAX_CHUNKS:
-        raise InputError(f"row {i}: `num_chunks` must be an integer in [1, {MAX_CHUNKS}], got {chunks!r}")
+        raise InputError(f"row {i}: `num_chunks` must be an integer in [1, {MAX_CHUNKS}], "
+                         f"got {raw.get('num_chunks')!r}")
     negative = raw.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise InputError(f"row {i}: `negative_prompt` must be a string or null, got {negative!r}")
     return PromptRow(i, pid, prompt, int(seed), int(chunks), negative)
+
+
+def _integral(value: Any) -> Any:
+    """An integral float (a pandas integer column with a null turns float64) as an int; NaN as missing."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return int(value)
+    return value

@@ -136,7 +136,7 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             complete(*pending)
         encoders = sinks.encoders
         assert encoders is not None  # created by the first chunk's frames
-        return [_write_outputs(out, pid, encoders[b], rows[b], digest, resumed, names)
+        return [_write_outputs(out, pid, encoders[b], rows[b], digest, resumed, names, seeds[b])
                 for b, pid in enumerate(prompt_ids)]
     finally:
         sinks.close()
@@ -169,14 +169,14 @@ def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, complete: Callable[[Ch
 
 
 def _write_outputs(out: Store, pid: str, encoder: Mp4Encoder, rows: list[dict[str, Any]], digest: str,
-                   resumed: int, names: tuple[str, str]) -> RenderResult:
+                   resumed: int, names: tuple[str, str], seed: int) -> RenderResult:
     import pyarrow as pa
 
     video_key, stats_key = (name.format(id=pid) for name in names)
     out.put_bytes(video_key, encoder.finish())
     columns = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
-    table = pa.Table.from_pylist([{"prompt_id": pid, "config_hash": digest, **{k: _clean(r.get(k)) for k in columns}}
-                                  for r in rows])
+    table = pa.Table.from_pylist([{"prompt_id": pid, "seed": seed, "config_hash": digest,
+                                   **{k: _clean(r.get(k)) for k in columns}} for r in rows])
     out.put_table(stats_key, table)
     return RenderResult(pid, out.join(video_key), out.join(stats_key), digest, rows, resumed)
 

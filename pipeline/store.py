@@ -103,6 +103,17 @@ def validate_key(key: str, *, name: str = "key", allow_empty: bool = False) -> s
     return key
 
 
+def split_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Store, str]:
+    """The store holding the object at `url` (its folder) and the object's key: ``s3://b/x/t.parquet`` ->
+    ``(Store("s3://b/x"), "t.parquet")``; a bare file name is in the working directory."""
+    if not isinstance(url, str) or not url.strip() or url.endswith("/"):
+        raise InputError(f"`url` must name an object, got {url!r}")
+    root, _, key = url.rpartition("/")
+    if root.endswith(":/"):  # "s3://bucket-only" has no folder part to root a store at
+        raise InputError(f"`url` {url!r} names no object under a bucket or folder")
+    return Store(root or ".", storage_options), key
+
+
 class Store:
     """Whole-object key/value store rooted at an fsspec URL (file://, plain local path, memory://, s3://...).
 
@@ -288,6 +299,26 @@ class Store:
             return sorted(k for k in keys if k.startswith(prefix) and not _TMP_NAME.match(k.rpartition("/")[2]))
 
         return self._retry("list", prefix, op)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Bytes of every object whose key starts with `prefix` (a fresh listing), by key."""
+        validate_key(prefix, name="prefix", allow_empty=True)
+        folder = prefix.rpartition("/")[0]
+        path = self._path(folder) if folder else self._root
+
+        def op() -> dict[str, int]:
+            self._fs.invalidate_cache(path)
+            try:
+                found = self._fs.find(path, detail=True)
+            except FileNotFoundError:
+                return {}
+            strip = len(self._root) + 1
+            keys = {p[strip:]: int(info.get("size") or 0) for p, info in found.items()
+                    if p.startswith(self._root + "/")}
+            return {k: v for k, v in sorted(keys.items())
+                    if k.startswith(prefix) and not _TMP_NAME.match(k.rpartition("/")[2])}
+
+        return self._retry("sizes", prefix, op)
 
     def delete(self, key: str) -> None:
         """Remove the object at `key`; a missing key is fine."""

@@ -1,0 +1,174 @@
+"""Executors only dispatch: they hand rows to `jobs.policy.process_row` and return one work row per prompt.
+
+`LocalExecutor` runs rows one after another in this process (no Ray: tests and small runs). `RayExecutor` runs them
+on a Ray Data actor pool, one row per task, each actor holding one model. Neither decides anything about a prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from jobs.policy import WORK_FIELDS, Claims, process_row
+from jobs.spec import JobSpec
+from jobs.table import PromptRow
+from pipeline.store import Store
+
+if TYPE_CHECKING:
+    from pipeline.backend import WanBackend
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = "tokentrim-worker-"
+
+
+class Executor(Protocol):
+    def run(self, rows: list[PromptRow]) -> list[dict[str, Any]]:
+        """One work row (`jobs.policy.WORK_FIELDS`) per input row, in any order."""
+        ...
+
+
+def load_model(spec: JobSpec) -> WanBackend:
+    import torch
+
+    from pipeline.backend import load_backend
+
+    return load_backend(spec.model, device=spec.resolved_device, dtype=getattr(torch, spec.dtype),
+                        weights=spec.weights)
+
+
+def worker_tempdir(root: str | None = None) -> str:
+    """A temp folder private to this process; first removes the folders of dead workers on this host, and what
+    they left there (a killed worker's half-written mp4)."""
+    root = root or tempfile.gettempdir()
+    host = socket.gethostname()
+    for name in os.listdir(root):
+        pid = name[len(f"{TEMP_PREFIX}{host}-"):]
+        if name.startswith(f"{TEMP_PREFIX}{host}-") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    path = os.path.join(root, f"{TEMP_PREFIX}{host}-{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def private_tempdir() -> Iterator[str]:
+    """Temporary files of this block (the mp4 encoder's) go to `worker_tempdir()`, removed afterwards."""
+    path, old = worker_tempdir(), tempfile.tempdir
+    tempfile.tempdir = path
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class LocalExecutor:
+    """Serial, in this process: the model is loaded once, on the first row that needs it."""
+
+    def __init__(self, spec: JobSpec, *, force: bool = False) -> None:
+        self.spec, self.force = spec, force
+        self.claims = Claims(Store(spec.output_url, spec.storage_options), lease_s=spec.lease_s,
+                             max_attempts=spec.max_attempts)
+        self.backend: WanBackend | None = None
+
+    def run(self, rows: list[PromptRow]) -> list[dict[str, Any]]:
+        if not rows:
+            return []
+        if self.backend is None:
+            self.backend = load_model(self.spec)
+        backend = self.backend
+        with private_tempdir():
+            return [process_row(backend, self.spec, row, self.claims, force=self.force) for row in rows]
+
+
+class RenderWorker:
+    """Ray Data actor: loads the model once, then renders each batch (one prompt row) into one work row."""
+
+    def __init__(self, spec: dict[str, Any], storage_options: dict[str, Any] | None = None,
+                 force: bool = False) -> None:
+        self.spec = JobSpec.from_dict(spec, storage_options)
+        self.force = force
+        tempfile.tempdir = worker_tempdir()  # this actor process's own; a dead actor's is removed by the next one
+        self.backend = load_model(self.spec)
+        self.claims = Claims(Store(self.spec.output_url, self.spec.storage_options), lease_s=self.spec.lease_s,
+                             max_attempts=self.spec.max_attempts)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """``batch``: columns of PromptRow fields -> columns of work fields."""
+        n = len(batch["prompt_id"])
+        rows = [PromptRow(**{f.name: _plain(batch[f.name][i]) for f in dataclasses.fields(PromptRow)})
+                for i in range(n)]
+        results = [process_row(self.backend, self.spec, row, self.claims, force=self.force) for row in rows]
+        return {name: [r[name] for r in results] for name in WORK_FIELDS}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from Ray Data batches -> Python values."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class RayExecutor:
+    """Ray Data: one row per block and task, an actor pool of `RenderWorker` (``gpus_per_worker`` each).
+
+    No Ray retry caps: a task lost with its node is retried by Ray without limit, and the claims bound the attempts
+    a prompt gets. Each actor runs one task at a time, so no row waits behind a long rollout on a busy actor.
+    """
+
+    def __init__(self, spec: JobSpec, *, force: bool = False) -> None:
+        self.spec, self.force = spec, force
+
+    def run(self, rows: list[PromptRow]) -> list[dict[str, Any]]:
+        if not rows:
+            return []
+        ray = _import_ray()
+        if not ray.is_initialized():
+            ray.init(logging_level=logging.WARNING)  # honours RAY_ADDRESS; a local cluster otherwise
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.verbose_progress = False
+        # one row is a whole long rollout: do not let Ray Data call that "no progress" after its default 30 min
+        ctx.execution_no_progress_timeout_s = max(ctx.execution_no_progress_timeout_s, 6 * 3600.0)
+        ds = ray.data.from_items([r.to_dict() for r in rows], override_num_blocks=len(rows))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(
+                RenderWorker,
+                fn_constructor_kwargs={"spec": self.spec.to_dict(), "storage_options": self.spec.storage_options,
+                                       "force": self.force},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=min(self.spec.workers, len(rows)),
+                                                   max_tasks_in_flight_per_actor=1),
+                num_gpus=self.spec.gpus_per_worker or None,
+                num_cpus=1,
+            )
+        return [{name: row.get(name) for name in WORK_FIELDS} for row in ds.take_all()]
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - ray is a dependency; the message names the fix
+        raise ImportError("tokentrim jobs need Ray: pip install 'ray[data,default]'") from exc
+    return ray
+
+
+def make_executor(spec: JobSpec, *, force: bool = False) -> Executor:
+    return LocalExecutor(spec, force=force) if spec.executor == "local" else RayExecutor(spec, force=force)
