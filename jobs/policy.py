@@ -145,7 +145,7 @@ class Claims:
         token = owner_token()
         body = json.dumps({"owner": token, "attempt": n, "claimed_at": self.clock(), "lease_s": self.lease_s})
         if not self.store.create_only(f"claims/{prompt_id}/{n}.json", body.encode()):
-            return Busy(self.clock() + self.lease_s)  # another worker created attempt n just now
+            return Busy(self.clock())  # another worker created attempt n just now: its lease tells how long
         claim = Claim(prompt_id, n, token)
         self.renew(claim)
         logger.info("claimed %s (attempt %d)", prompt_id, n)
@@ -206,7 +206,7 @@ class Heartbeat:
         while not self._stop.wait(self.claims.lease_s / 3):
             try:
                 self.claims.renew(self.claim)
-            except TokentrimError as exc:  # a flaky store: the next beat tries again, well inside the lease
+            except (TokentrimError, OSError) as exc:  # a flaky store: the next beat tries again, inside the lease
                 logger.warning("lease renewal of %s failed: %s", self.claim.prompt_id, exc)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
-from jobs.run import submit
+from jobs.run import plan, submit
 from jobs.spec import JobSpec
 from pipeline.config import config_hash
 from pipeline.errors import InputError
@@ -123,30 +123,32 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
         raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
     if spec.trim is None:
         raise InputError("`trim` must be set: the regression renders with and without TokenTrim itself")
-    metrics, curves, failures = {}, {}, []
-    prompt_ids: list[str] = []
-    for variant in VARIANTS:
-        out = Store(spec.output_url, spec.storage_options)
-        vspec = dataclasses.replace(spec, output_url=out.join(variant),
-                                    trim=spec.trim if variant == "tokentrim" else None)
-        report = submit(vspec)
-        prompt_ids = [r["prompt_id"] for r in report.results if r["status"] not in ("invalid", "excluded")]
-        metrics[variant], curves[variant], failed = measure(Store(vspec.output_url, spec.storage_options),
-                                                            report.results)
-        failures += [f"{variant}: {f}" for f in failed]
     out = Store(spec.output_url, spec.storage_options)
     base_store, key = ((out, "baseline.json") if baseline_url is None
                        else split_url(baseline_url, spec.storage_options))
-    settings = settings_of(spec, prompt_ids)
-    if update_baseline and not failures:
-        base_store.put_json(key, {"format": BASELINE_FORMAT, "settings": settings,
-                                  "config_hash": config_hash(settings), "metrics": metrics})
+    settings = settings_of(spec, [row.prompt_id for row in plan(spec)[1]])
     try:
-        doc = base_store.get_json(key)
-        problems = check_baseline(doc, settings, base_store.join(key))
-        failures += problems or compare(metrics, doc["metrics"], tolerance=tolerance, slack=slack)
+        baseline = None if update_baseline else base_store.get_json(key)
     except KeyNotFound:
+        baseline = None
+    if baseline is not None and (problems := check_baseline(baseline, settings, base_store.join(key))):
+        raise InputError(problems[0])  # refused before hours of rendering
+    metrics, curves, failures = {}, {}, []
+    for variant in VARIANTS:
+        vspec = dataclasses.replace(spec, output_url=out.join(variant),
+                                    trim=spec.trim if variant == "tokentrim" else None)
+        report = submit(vspec)
+        metrics[variant], curves[variant], failed = measure(Store(vspec.output_url, spec.storage_options),
+                                                            report.results)
+        failures += [f"{variant}: {f}" for f in failed]
+    if update_baseline and not failures:
+        baseline = {"format": BASELINE_FORMAT, "settings": settings, "config_hash": config_hash(settings),
+                    "metrics": metrics}
+        base_store.put_json(key, baseline)
+    if baseline is None:
         failures.append(f"no baseline at {base_store.join(key)} (run once with --update-baseline)")
+    else:
+        failures += compare(metrics, baseline["metrics"], tolerance=tolerance, slack=slack)
     result = Regression(metrics, curves, failures)
     result.report_url = write_report(out, result)
     return result

@@ -105,7 +105,6 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
     to render (``--limit`` applied) and the result rows of the invalid and excluded ones. Raises InputError."""
     spec = dataclasses.replace(spec, input_url=absolute_url(spec.input_url),
                                output_url=absolute_url(spec.output_url))
-    check_model(spec)
     good, bad = validate_rows(read_table(spec.input_url, spec.storage_options),
                               default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
     if not good:
@@ -124,6 +123,7 @@ def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = No
     """Render every valid row of the spec's prompt table; finished prompts are skipped (decided here, before any
     worker starts), unfinished rollouts continue from their last committed chunk. Writes ``results.parquet``."""
     began = time.perf_counter()
+    check_model(spec)
     spec, rows, results = plan(spec)
     out = Store(spec.output_url, spec.storage_options)
     check_output(out, spec, force=force)

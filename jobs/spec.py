@@ -106,11 +106,11 @@ class JobSpec:
     def from_dict(cls, d: dict[str, Any], storage_options: dict[str, Any] | None = None) -> JobSpec:
         if not isinstance(d, dict):
             raise ValueError(f"a job spec must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"storage_options"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown JobSpec fields {unknown}")
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k != "storage_options"}  # format 1 wrote an empty one
         d["rollout"] = RolloutConfig.from_dict(d.get("rollout") or {})
         d["trim"] = TrimConfig.from_dict(d["trim"]) if d.get("trim") is not None else None
         return cls(**d, storage_options=storage_options or {})

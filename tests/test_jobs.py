@@ -331,11 +331,11 @@ def test_a_dead_workers_lease_is_outwaited_while_a_live_one_is_left_for_other_ro
 def test_two_concurrent_submits_render_every_prompt_exactly_once(tmp_path):
     """Two `submit` processes on one output with a short lease: every prompt rendered once (counted by the done
     leases: one render each, no failed attempt), the two reports' ok counts add up to the number of prompts."""
-    n = 4
-    table = _prompts(tmp_path / "p.parquet", n=n, chunks=3)
+    n = 3
+    table = _prompts(tmp_path / "p.parquet", n=n, chunks=2)
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "jobs.cli", "submit", table, "--out", str(out), "--executor", "local",
-            "--lease-s", "1", "--num-chunks", "3"]
+            "--lease-s", "1", "--num-chunks", "2"]
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -448,7 +448,7 @@ def test_options_are_the_configs_own_fields_with_their_defaults():
                 option = params[f"{prefix}__{f.name}"]
                 assert option.opts[0].split("/")[0] == "--" + f.name.replace("_", "-"), (name, f.name)
                 default = f.default if f.default is not dataclasses.MISSING else None
-                assert option.default == (default if default is not None else ([] if option.multiple else None))
+                assert option.default == (default if default is not None else (() if option.multiple else None))
 
 
 def test_regress_takes_the_job_options_and_validates_its_own(monkeypatch, tmp_path):
