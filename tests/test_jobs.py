@@ -328,28 +328,45 @@ def test_a_dead_workers_lease_is_outwaited_while_a_live_one_is_left_for_other_ro
     assert _leases(out, "p0") == ["done"]
 
 
-def test_two_concurrent_submits_render_every_prompt_exactly_once(tmp_path):
-    """Two `submit` processes on one output with a short lease: every prompt rendered once (counted by the done
-    leases: one render each, no failed attempt), the two reports' ok counts add up to the number of prompts."""
+def test_a_killed_job_and_two_concurrent_submits_render_every_prompt_exactly_once(tmp_path):
+    """A table with planted bad rows; a `submit` process SIGKILLed mid-rollout; then two `submit` processes at once
+    on the same output with a short lease. Every valid prompt is rendered exactly once (counted by the leases that
+    ended in a render: one `done` each; nothing failed; the only other attempt is the killed worker's), the killed
+    rollout continues from its checkpoint, and both reports account for every row."""
+    import signal
+
     n = 3
-    table = _prompts(tmp_path / "p.parquet", n=n, chunks=2)
+    table = _table(tmp_path / "p.parquet", prompt_id=[*(f"p{i}" for i in range(n)), "../x", "y\n"],
+                   prompt=[*(f"a lantern number {i}" for i in range(n)), "evil", "newline"])
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "jobs.cli", "submit", table, "--out", str(out), "--executor", "local",
-            "--lease-s", "1", "--num-chunks", "2"]
+            "--lease-s", "1", "--num-chunks", "3"]
+    killed = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "rollouts" / "p0" / "chunk-000001.json").exists():
+        assert killed.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    oks = []
+    oks = 0
     for stdout, _ in outputs:
         line = stdout.splitlines()[1]
-        counts = dict(part.split(": ") for part in line.split(" (")[0].strip().split(", "))
-        oks.append(int(counts.get("ok", 0)))
-        assert int(counts.get("ok", 0)) + int(counts.get("skipped", 0)) == n
-    assert sum(oks) == n
+        counts = {k: int(v) for k, v in (part.split(": ") for part in line.split(" (")[0].strip().split(", "))}
+        assert counts.get("ok", 0) + counts.get("skipped", 0) == n and counts["invalid"] == 2, counts
+        oks += counts.get("ok", 0)
+    assert oks == n  # each prompt reported rendered by exactly one of the two jobs
     for i in range(n):
         states = _leases(out, f"p{i}")
-        assert states.count("done") == 1 and "failed" not in states and "held" not in states, (i, states)
+        assert states.count("done") == 1 and "failed" not in states, (i, states)
+        assert states.count("held") == (1 if i == 0 else 0), (i, states)  # only the killed worker's lapsed lease
+    assert json.loads((out / "done" / "p0.json").read_text())["resumed_from"] >= 2
+    rows = _results(out)
+    assert [r["row"] for r in rows] == list(range(n + 2))
+    assert [r["status"] in ("ok", "skipped") for r in rows] == [True] * n + [False, False]
 
 
 # -------------------------------------------------------------------------------- validation before writing
