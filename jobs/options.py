@@ -114,4 +114,6 @@ def build(cls: type[C], group: str, params: dict[str, Any], **fixed: Any) -> C:
     try:
         return cls(**values, **fixed)
     except (TypeError, ValueError) as exc:
-        raise click.BadParameter(str(exc)) from exc
+        named = re.search(r"`(\w+)`", str(exc))
+        hint = "--" + named.group(1).replace("_", "-") if named and named.group(1) in names else None
+        raise click.BadParameter(str(exc), param_hint=hint) from exc

@@ -395,6 +395,10 @@ def test_cli_exit_codes_limit_and_its_record(tmp_path):
     result = CliRunner().invoke(main, [*base, table, "--out", str(tmp_path / "o2"), "--limit", "-1"])
     assert result.exit_code == 2 and "limit" in result.output
     assert not (tmp_path / "o2").exists()
+    for bad in (["--lease-s", "0"], ["--storage-options", "{"], ["--storage-options", "[1]"], ["--dtype", "int8"]):
+        result = CliRunner().invoke(main, [*base, table, "--out", str(tmp_path / "o2"), *bad])
+        assert result.exit_code == 2 and bad[0] in result.output + str(result.exception), (bad, result.output)
+    assert not (tmp_path / "o2").exists()
     result = CliRunner().invoke(main, [*base, table, "--out", str(tmp_path / "o3"), "--limit", "1"])
     assert result.exit_code == 0, result.output
     assert [(r["prompt_id"], r["status"]) for r in _results(tmp_path / "o3")] == \
