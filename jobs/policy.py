@@ -241,13 +241,11 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
         if isinstance(claim, str):
             return result_row(row, "poison", f"failed {spec.max_attempts} attempts; not tried again")
         try:
-            with Heartbeat(claims, claim):
-                # finished while we claimed (a concurrent job's worker): give the claim back unspent
-                if (skipped := from_marker(row, spec, claims.done(row.prompt_id))) is not None:
-                    claims.finish(claim, "yielded")
-                    return skipped
-                result = _render_claimed(backend, spec, row, claims, claim, force)
-            claims.finish(claim, "done")
+            with Heartbeat(claims, claim):  # stopped before the lease is given up below: no renewal after that
+                # finished while we claimed (a concurrent job's worker): the claim is given back unspent
+                skipped = from_marker(row, spec, claims.done(row.prompt_id))
+                result = skipped if skipped is not None else _render_claimed(backend, spec, row, claims, claim, force)
+            claims.finish(claim, "yielded" if skipped is not None else "done")
         except TransientError as exc:  # a flaky store or device: the next attempt resumes from the checkpoint
             logger.warning("prompt %s attempt %d: %s; retrying", row.prompt_id, claim.attempt, exc)
             claims.finish(claim, "failed")
@@ -256,7 +254,8 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
             logger.exception("prompt %s attempt %d failed", row.prompt_id, claim.attempt)
             claims.finish(claim, "failed")
             return result_row(row, "failed", f"{type(exc).__name__}: {exc}", attempt=claim.attempt)
-        drop_state(claims.store, row.prompt_id, keep=spec.keep_state)
+        if skipped is None:
+            drop_state(claims.store, row.prompt_id, keep=spec.keep_state)
         return result
 
 

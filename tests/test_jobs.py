@@ -208,6 +208,24 @@ def test_a_poison_prompt_is_not_tried_again(backend, tmp_path):
     assert result["status"] == "poison" and "2 attempts" in result["error"]
 
 
+def test_a_prompt_finished_while_it_was_claimed_is_given_back_unspent(backend, tmp_path):
+    spec = _spec(tmp_path, max_attempts=1)
+    row = PromptRow(0, "p", "x", 1, 2)
+
+    class Racy(Claims):
+        calls = 0
+
+        def done(self, prompt_id):  # another job's worker commits the prompt between our check and our claim
+            self.calls += 1
+            return None if self.calls == 1 else {"row_hash": row_hash(spec, row), "chunks": 2, "attempt": 0}
+
+    result = process_row(backend, spec, row, Racy(Store(spec.output_url), lease_s=60, max_attempts=1))
+    assert (result["status"], result["chunks"], result["attempt"]) == ("skipped", 2, 0)
+    assert _leases(spec.output_url, "p") == ["yielded"]
+    again = Claims(Store(spec.output_url), lease_s=60, max_attempts=1).acquire("p")
+    assert not isinstance(again, (str, Busy)) and again.attempt == 1  # max_attempts 1, and still not poison
+
+
 def test_a_failure_in_the_bookkeeping_is_the_rows_result_not_a_crash(backend, tmp_path):
     spec = _spec(tmp_path)
 
