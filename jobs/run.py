@@ -115,9 +115,8 @@ def _render_pool(ds: Any, spec: JobSpec, force: bool) -> Any:
         compute=ray.data.ActorPoolStrategy(size=spec.workers),
         num_gpus=spec.gpus_per_worker or None,
         num_cpus=1,
-        # a crashed actor is restarted and its row retried a bounded number of times (claims count attempts)
-        max_restarts=spec.max_attempts,
-        max_task_retries=spec.max_attempts,
+        # no max_restarts / max_task_retries: Ray Data's defaults (unlimited) restart an actor lost with its node and
+        # retry its rows elsewhere; the claims bound the attempts per prompt (a cap here failed the whole job)
     )
 
 
