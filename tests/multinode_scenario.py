@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,
-        "_system_config": SYSTEM_CONFIG})
+        "_system_config": dict(SYSTEM_CONFIG)})  # a copy: Ray adds its own keys to the dict it is given
     try:
         for _ in range(args.nodes):
             cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
