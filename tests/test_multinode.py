@@ -26,7 +26,7 @@ from pipeline.config import RolloutConfig
 from pipeline.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS, CHUNKS, KILLS, KILL_AFTER = 4, 4, 2, 2
+PROMPTS, CHUNKS, KILLS, KILL_AFTER = 4, 5, 2, 2
 
 
 def _run_scenario(out: Path, report: Path, timeout_s: float = 480.0) -> subprocess.CompletedProcess:
@@ -94,7 +94,19 @@ def test_each_interrupted_rollout_continued_from_its_last_committed_chunk(scenar
 
 
 def test_a_resumed_video_equals_an_uninterrupted_render(scenario, tmp_path):
-    """Oracle: the same row of the job's table rendered in one go, in this process, without Ray."""
+    """Oracle: the same row of the job's table rendered in one go, in this process, without Ray, with one torch
+    thread like the job's actors (a CPU render is bit-identical only at the same intra-op thread count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_resumed_videos(scenario, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_resumed_videos(scenario, tmp_path) -> None:
     from jobs.table import read_table, validate_rows
 
     _, report, out = scenario
