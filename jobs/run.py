@@ -115,8 +115,8 @@ def _render_pool(ds: Any, spec: JobSpec, force: bool) -> Any:
         compute=ray.data.ActorPoolStrategy(size=spec.workers),
         num_gpus=spec.gpus_per_worker or None,
         num_cpus=1,
-        # no max_restarts / max_task_retries: Ray Data's defaults (unlimited) restart an actor lost with its node and
-        # retry its rows elsewhere; the claims bound the attempts per prompt (a cap here failed the whole job)
+        # no max_restarts / max_task_retries: Ray Data's defaults (unlimited) restart an actor lost with its node on
+        # another node and retry its rows there; the claims bound the attempts per prompt (a cap failed the whole job)
     )
 
 

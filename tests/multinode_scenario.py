@@ -5,7 +5,8 @@ Run in a process of its own (``python -m tests.multinode_scenario --out DIR --re
 ``--nodes`` worker nodes with one CPU each), submits a job over ``--prompts`` prompts, and each time a rollout has
 committed ``--kill-after`` chunks on a node, removes that node (its raylet and workers are killed) until ``--kills``
 nodes are gone. It records every write of a done marker and of a chunk's commit marker (each write of a local store
-key is a new file: temp file + rename), then writes a JSON report for `tests/test_multinode.py` to check.
+key is a new file: temp file + rename), renders the interrupted prompts again in one go without Ray (the oracle),
+then writes a JSON report for `tests/test_multinode.py` to check.
 
 ``RAY_TMPDIR`` must point to a private folder: the cluster writes its address file there instead of
 ``/tmp/ray/ray_current_cluster``, where every other ``ray.init()`` on the machine would find and join it.
@@ -141,6 +142,24 @@ def wait_and_kill(cluster: Any, root: Path, killed: list[dict], kill_after: int,
     return None
 
 
+def render_oracles(spec: Any, prompt_ids: list[str], folder: Path) -> None:
+    """Render these rows of the job in one go, here, without Ray: ``folder/<id>/videos/<id>.mp4``. This process
+    has the actors' thread settings (``OMP_NUM_THREADS=1``): CPU renders are bit-identical only at equal ones."""
+    import dataclasses
+
+    from jobs.claims import Claims
+    from jobs.table import read_table, validate_rows
+    from jobs.worker import render_row
+    from pipeline.backend import load_backend
+    from pipeline.store import Store
+
+    backend = load_backend(spec.model)
+    rows, _ = validate_rows(read_table(spec.input_url), default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
+    for row in (r for r in rows if r.prompt_id in prompt_ids):
+        alone = dataclasses.replace(spec, output_url=str(folder / row.prompt_id))
+        render_row(backend, alone, row, Claims(Store(alone.output_url), lease_s=60, max_attempts=1))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -193,6 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         watcher.stop.set()
         watcher.join()
         report = outcome.get("report")
+        if report is not None:
+            render_oracles(spec, [k["prompt_id"] for k in killed], root.parent / "oracle")
         return {
             "error": outcome.get("error") or (None if report else "the job did not end in time"),
             "counts": report.counts if report else None,
