@@ -166,6 +166,8 @@ state = json.load(open(state_path))
 args = sys.argv[1:]
 state["calls"].append(args)
 if args[:2] == ["get", "rayjobs"]:
+    if state["existing"] == "ERROR":
+        sys.exit(1)
     print("".join(f"{{n}} {{s}}\\n" for n, s in state["existing"]), end="")
 elif args[0] == "create":
     state["created"] = sys.stdin.read()
@@ -216,11 +218,17 @@ def test_the_submitter_waits_for_the_rayjob_and_exits_with_its_outcome(tmp_path,
     assert len(polls) == len(statuses)  # it polled until the terminal status, not once
 
 
-def test_the_submitter_refuses_to_start_while_a_nightly_rayjob_is_unfinished(tmp_path):
-    rc, state, output = _run_submitter(tmp_path, [["tokentrim-nightly-a", "Complete"],
-                                                  ["tokentrim-nightly-b", "Running"]], ["SUCCEEDED Complete"])
-    assert rc == 3 and "tokentrim-nightly-b" in output
+@pytest.mark.parametrize("other", ["Running", "", "Initializing"])  # "": just created, no status yet
+def test_the_submitter_refuses_to_start_while_a_nightly_rayjob_is_unfinished(tmp_path, other):
+    existing = [["tokentrim-nightly-a", "Complete"], ["tokentrim-nightly-c", "Failed"], ["tokentrim-nightly-b", other]]
+    rc, state, output = _run_submitter(tmp_path, existing, ["SUCCEEDED Complete"])
+    assert rc == 3 and "tokentrim-nightly-b" in output and "nightly-a" not in output and "nightly-c" not in output
     assert "created" not in state and all(c[0] != "create" for c in state["calls"])
+
+
+def test_the_submitter_fails_when_it_cannot_list_the_rayjobs(tmp_path):
+    rc, state, _ = _run_submitter(tmp_path, "ERROR", ["SUCCEEDED Complete"])
+    assert rc != 0 and "created" not in state
 
 
 def test_the_submitter_gives_up_at_its_deadline(tmp_path):
