@@ -13,9 +13,9 @@ being run) live in one `PassState`, set by the backend before each forward and b
 
 Two ways to attend to the cache:
 - dynamic (default): the cache returns views ``[B, heads, L + n, head_dim]``; shapes change with ``L``.
-- static (`kv_cache.StaticPass`, used when compiling): the pass attends over the whole fixed-capacity buffer with a boolean
-  length mask, and writes its K/V with ``index_copy_`` at a device index; every shape is fixed by the capacity, so one
-  compiled graph serves all blocks and every pass of a chunk (and a CUDA graph can capture it).
+- static (`kv_cache.StaticPass`, used when compiling): the pass attends over the whole fixed-capacity buffer with a
+  boolean length mask, and writes its K/V with ``index_copy_`` at a device index; every shape is fixed by the
+  capacity, so one compiled graph serves all blocks and every pass of a chunk (and a CUDA graph can capture it).
 """
 
 from __future__ import annotations
