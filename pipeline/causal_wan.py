@@ -77,6 +77,13 @@ class CausalWan:
         self.static = self.compiled = True
         return self
 
+    def eager(self) -> CausalWan:
+        """Undo `compile`: the blocks run eagerly on the dynamic path again (a later `compile` reuses the graphs)."""
+        for block in self.transformer.blocks:
+            block.__dict__.pop("forward", None)
+        self.static = self.compiled = False
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.patch_embedding.weight.dtype

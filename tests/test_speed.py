@@ -11,13 +11,12 @@ import torch
 
 from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
-from pipeline.host import to_host
+from pipeline.host import HostReadCounter, to_host
 from pipeline.rollout import Rollout
 from tokentrim import TrimConfig
 
 PROMPTS, SEEDS = ["a cat", "a red car on a long road"], [1, 2]  # a ragged batch once pruned
-# conversions of a tensor to host values; on CUDA each one waits for the device
-SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+ITEM = torch.Tensor.item
 
 
 @pytest.fixture(scope="module")
@@ -135,63 +134,34 @@ def test_compiled_blocks_match_eager_and_compile_once_per_shape():
 
 
 # --------------------------------------------------------------------------------------- host syncs
-class SyncCounter:
-    """Counts conversions of tensors to host values (each a device wait on CUDA) while `active`."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count, self.active, self.where = 0, False, []
-        for name in SYNC_METHODS:
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, original))
-
-    def _wrap(self, name, original):
-        def counted(tensor, *args, **kwargs):
-            if self.active:
-                self.count += 1
-                self.where.append(name)
-            return original(tensor, *args, **kwargs)
-
-        return counted
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[None]:
-        self.count, self.where, self.active = 0, [], True
-        try:
-            yield
-        finally:
-            self.active = False
-
-
-def test_the_counter_sees_each_kind_of_host_read(monkeypatch):
-    counter = SyncCounter(monkeypatch)
+def test_the_counter_sees_each_kind_of_host_read():
     t = torch.ones(3)
-    with counter.measure():
+    with HostReadCounter() as counter:
         t.sum().item(), t.tolist(), bool(t[0]), int(t[0]), float(t[0]), [0, 1][t[0].long()], t.cpu()
-    assert counter.count == 7, counter.where
+    assert counter.count == 7, counter.calls
+    assert torch.Tensor.item is ITEM  # restored
 
 
 @pytest.mark.parametrize("sink_rope", ["absolute", "adjacent"])
-def test_denoise_and_commit_passes_never_read_the_device(backend, monkeypatch, sink_rope):
-    counter = SyncCounter(monkeypatch)
+def test_denoise_and_commit_passes_never_read_the_device(backend, sink_rope):
     causal, text = backend.causal, backend.encode_prompts(PROMPTS)
     cache = causal.new_cache(2, 4, 6, sink_frames=2, window_frames=4, sink_rope=sink_rope)
     x = torch.randn(2, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))
-    with counter.measure():
+    with HostReadCounter() as counter:
         for chunk in range(5):  # the window fills at chunk 3: commits evict, the adjacent sink is re-rotated
             causal.denoise(x, torch.full((2,), 900.0), text, cache, 2 * chunk)
             causal.denoise(x, torch.full((2, 2), 500.0), text, cache, 2 * chunk)
             causal.commit(x, text, cache, 2 * chunk)
-    assert counter.count == 0, counter.where
+    assert counter.count == 0, counter.calls
     assert cache.frames == [0, 1, 6, 7, 8, 9]
 
 
 @pytest.mark.parametrize("mode", ["self-forcing", "rolling-forcing"])
-def test_a_chunk_without_trim_reads_the_device_once(backend, monkeypatch, mode):
-    counter = SyncCounter(monkeypatch)
+def test_a_chunk_without_trim_reads_the_device_once(backend, mode):
     rollout = Rollout(backend, RolloutConfig(mode=mode, num_chunks=4, window_frames=6), PROMPTS, SEEDS)
     counts = []
     for _ in range(4):
-        with counter.measure():
+        with HostReadCounter() as counter:
             rollout.step()
         counts.append(counter.count)
     assert counts == [1, 1, 1, 1]
