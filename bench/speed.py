@@ -17,7 +17,7 @@ import torch
 
 from bench.common import PROMPT, Reporter, base_parser, build_mid_backend, command_line, median, set_threads, spread
 from pipeline.backend import WanBackend, load_backend
-from pipeline.config import RolloutConfig
+from pipeline.config import Mode, RolloutConfig
 from pipeline.host import HostReadCounter
 from pipeline.rollout import Rollout
 from pipeline.vae import pixel_frames_for
@@ -61,7 +61,8 @@ def switched(backend: WanBackend, **attrs: Any) -> Iterator[None]:
 
 def paired(variants: dict[str, Callable[[], list[float]]], repeats: int) -> dict[str, list[float]]:
     """Per variant, the per-chunk seconds (chunk 0 dropped) of ``repeats`` interleaved runs, order rotated."""
-    names, got = list(variants), {n: [] for n in variants}
+    names = list(variants)
+    got: dict[str, list[float]] = {n: [] for n in variants}
     for r in range(repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:
             got[n].extend(variants[n]()[1:])
@@ -153,6 +154,37 @@ def batching(rep: Reporter, backend: WanBackend, config: RolloutConfig, batches:
     return out
 
 
+def window_flatness(rep: Reporter, backend: WanBackend, mode: Mode, repeats: int, early: int = 10, late: int = 60,
+                    window: int = 9, sink: int = 3) -> dict[str, Any]:
+    """Per-chunk time at chunk ``late`` / chunk ``early`` with a window (the passes of one chunk, interleaved)."""
+    from bench.window_scaling import advance, chunk_passes
+
+    def at(chunk: int) -> Rollout:
+        config = RolloutConfig(mode=mode, num_chunks=chunk + 1, window_frames=window, sink_frames=sink)
+        rollout = Rollout(backend, config, [PROMPT], [0])
+        advance(rollout, chunk)
+        return rollout
+
+    first, last = at(early), at(late)
+
+    def passes(rollout: Rollout) -> Callable[[], list[float]]:
+        def run() -> list[float]:
+            sync(backend.device)
+            began = time.perf_counter()
+            chunk_passes(rollout)
+            sync(backend.device)
+            return [0.0, time.perf_counter() - began]  # [chunk 0 placeholder, the timed passes]
+        return run
+
+    got = paired({"early": passes(first), "late": passes(last)}, repeats)
+    value, per_chunk = ratio(got, "late", "early")
+    rep.report(f"{mode}: passes of one chunk, chunk {late} / chunk {early} (window {window} + sink {sink})",
+               value, 1.1,
+               note=f"{median(got['early']) * 1e3:.1f} -> {median(got['late']) * 1e3:.1f} ms, {spread(per_chunk)}")
+    return {"variant": "window", "mode": mode, "late_over_early": value, "early_ms": 1e3 * median(got["early"]),
+            "late_ms": 1e3 * median(got["late"])}
+
+
 def build(preset: str, seed: int) -> WanBackend:
     if preset == "mid":
         return build_mid_backend(seed=seed, with_vae=False)
@@ -179,6 +211,7 @@ def main() -> None:
     config = RolloutConfig(num_chunks=args.chunks, window_frames=6)
     runs.append(static_and_compiled(rep, backend, config, args.repeats, args.compile))
     runs.append(batching(rep, backend, config))
+    runs.append(window_flatness(rep, backend, "self-forcing", args.repeats, early=3, late=12, window=6, sink=3))
     rep.extra["runs"] = runs
     rep.finish()
 
