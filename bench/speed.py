@@ -104,7 +104,7 @@ def host_reads(rep: Reporter, backend: WanBackend, config: RolloutConfig) -> dic
 
 
 def static_and_compiled(rep: Reporter, backend: WanBackend, config: RolloutConfig, repeats: int,
-                        compile_too: bool) -> dict[str, Any]:
+                        compile_too: bool, mode: str | None = None) -> dict[str, Any]:
     """Item 2: static eager / dynamic eager and (``compile_too``) compiled / dynamic eager, per chunk; compile
     seconds apart (the first compiled rollout, excluded from the ratio)."""
     def static() -> list[float]:
@@ -115,7 +115,7 @@ def static_and_compiled(rep: Reporter, backend: WanBackend, config: RolloutConfi
     out: dict[str, Any] = {"variant": "compile", "mode": config.mode}
     if compile_too:
         def compiled() -> list[float]:
-            backend.causal.compile()
+            backend.causal.compile(mode)
             try:
                 return step_times(backend, config)
             finally:
