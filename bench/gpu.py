@@ -16,6 +16,7 @@ With ``--all`` (issue 13), after the modes (windowed self-forcing, `bench.speed`
   reads    tensor-to-host reads per chunk (each a device wait), trim none and never;
   batch    pixel frames/s (before decode) of one rollout of B = 1, 2, 4 prompts;
   window   the passes of one chunk at chunk 60 / chunk 10 with window 9 + sink 3;
+  vae      ms per decoded chunk, channels-last 3D copy of the VAE / the default layout;
   compile  static eager / dynamic and compiled / dynamic per chunk, compile seconds apart (paid once per shape).
 Each prints its peak device memory. A variant that runs out of device memory (or, for compile, fails) is reported
 and skipped (exit status 2 at the end); no variant starts when its estimated time would pass ``--time-limit``. The
@@ -219,6 +220,7 @@ def run_extras(rep: Reporter, backend: WanBackend, args: Any, budget: Budget, fa
         ("reads", 2 * args.chunks, partial(speed.host_reads, rep, backend, config)),
         ("batch", 7 * args.chunks, partial(speed.batching, rep, backend, config)),
         ("window", 70 + 4 * repeats, partial(speed.window_flatness, rep, backend, "self-forcing", repeats)),
+        ("vae", 4 * repeats, partial(speed.vae_decode, rep, backend, repeats)),
     ]
     runs = []
     for name, cost, work in plan:

@@ -185,6 +185,39 @@ def window_flatness(rep: Reporter, backend: WanBackend, mode: Mode, repeats: int
             "late_ms": 1e3 * median(got["late"])}
 
 
+def vae_decode(rep: Reporter, backend: WanBackend, repeats: int, chunks: int = 4) -> dict[str, Any]:
+    """Item 4: ms per decoded chunk (3 latent frames) of the backend's VAE vs a channels-last 3D copy of it."""
+    import copy
+
+    from pipeline.backend import LATENT_CHANNELS
+    from pipeline.vae import StreamingDecoder, speed_up_vae
+
+    if backend.vae is None:
+        raise ValueError("vae_decode needs a backend built with its VAE")
+    h, w = backend.latent_size(backend.spec.height_px, backend.spec.width_px)
+    z = torch.randn(1, LATENT_CHANNELS, 3, h, w, generator=torch.Generator().manual_seed(0))
+    z = z.to(backend.device, backend.dtype)
+    vaes = {"default": backend.vae, "channels_last": speed_up_vae(copy.deepcopy(backend.vae), channels_last=True)}
+
+    def decode(vae: Any) -> Callable[[], list[float]]:
+        def run() -> list[float]:
+            decoder, out = StreamingDecoder(vae), []
+            for _ in range(chunks):
+                sync(backend.device)
+                began = time.perf_counter()
+                decoder.decode(z)
+                sync(backend.device)
+                out.append(time.perf_counter() - began)
+            return out
+        return run
+
+    got = paired({k: decode(v) for k, v in vaes.items()}, repeats)
+    value, per_chunk = ratio(got, "channels_last", "default")
+    rep.report("VAE decode per chunk, channels-last 3D / default layout", value, None,
+               note=f"{median(got['default']) * 1e3:.1f} ms per chunk default, {spread(per_chunk)}")
+    return {"variant": "vae", "channels_last_over_default": value, "default_ms": 1e3 * median(got["default"])}
+
+
 def build(preset: str, seed: int) -> WanBackend:
     if preset == "mid":
         return build_mid_backend(seed=seed, with_vae=False)
