@@ -50,6 +50,7 @@ class CausalWan:
         self.compile_seconds = 0.0  # wall seconds of the passes that compiled (see `compile`)
         self._text_kv: TextKV | None = None
         self._compile_count = 0
+        self._static_addresses = False
         self_attention, cross_attention = CachedSelfAttention(self.state), CachedCrossAttention(self.state)
         for i, block in enumerate(transformer.blocks):
             block.attn1.set_processor(self_attention)
@@ -62,6 +63,9 @@ class CausalWan:
         state.layer = layer
         state.layer_text = state.text_kv.layers[layer] if state.text_kv is not None else None
         state.layer_kv = state.cache.layer_buffers(layer) if state.static is not None and state.cache else None
+        if self._static_addresses:  # CUDA graphs: the buffers this block writes stay where they are between passes
+            for tensor in (*(state.layer_kv or ()), *(state.layer_text or ())):
+                torch._dynamo.mark_static_address(tensor)
 
     def compile(self, mode: str | None = None) -> CausalWan:
         """Compile every transformer block (``torch.compile``, static shapes) and switch to the static path.
@@ -69,9 +73,12 @@ class CausalWan:
         Identical blocks share one compiled graph; it is compiled on the first pass of a new shape (batch, tokens
         per pass, cache capacity) and reused after, so one backend pays it once per shape, not per prompt. The
         seconds of passes that compiled are added to `compile_seconds`. ``mode`` is torch.compile's (e.g.
-        ``"max-autotune-no-cudagraphs"``; None: its default)."""
+        ``"max-autotune-no-cudagraphs"``; None: its default). With ``"reduce-overhead"`` (CUDA graphs) the K/V and
+        prompt buffers are marked as static addresses, so that their in-place writes do not rule the graphs out
+        (not yet tried on a GPU)."""
         if self.compiled:
             return self
+        self._static_addresses = mode is not None and "reduce-overhead" in mode
         for block in self.transformer.blocks:
             block.forward = torch.compile(block.forward, dynamic=False, mode=mode)
         self.static = self.compiled = True
@@ -81,7 +88,7 @@ class CausalWan:
         """Undo `compile`: the blocks run eagerly on the dynamic path again (a later `compile` reuses the graphs)."""
         for block in self.transformer.blocks:
             block.__dict__.pop("forward", None)
-        self.static = self.compiled = False
+        self.static = self.compiled = self._static_addresses = False
         return self
 
     @property
