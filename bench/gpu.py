@@ -11,11 +11,19 @@ Per mode, in this order (each variant starts with a warm-up, excluded):
   overhead `bench.trim_overhead.measure`: none / never / prune rollouts stepped in lockstep (no decode), per-chunk
            ratios never/none (target <= 1.03x) and prune/none (information; pruned every judged chunk through the
            fault-injection hook in self-forcing). The warm-up is one 2-chunk lockstep round.
-A variant that runs out of device memory is reported and skipped (exit status 2 at the end); no variant starts when
-its estimated time would pass ``--time-limit``. The last line is ``BENCH_JSON {...}``.
+With ``--all`` (issue 13), after the modes (windowed self-forcing, `bench.speed`'s variants):
+  text_kv  prompt K/V cached / projected every pass, per chunk;
+  reads    tensor-to-host reads per chunk (each a device wait), trim none and never;
+  batch    pixel frames/s (before decode) of one rollout of B = 1, 2, 4 prompts;
+  window   the passes of one chunk at chunk 60 / chunk 10 with window 9 + sink 3;
+  vae      ms per decoded chunk, channels-last 3D copy of the VAE / the default layout;
+  compile  static eager / dynamic and compiled / dynamic per chunk, compile seconds apart (paid once per shape).
+Each prints its peak device memory. A variant that runs out of device memory (or, for compile, fails) is reported
+and skipped (exit status 2 at the end); no variant starts when its estimated time would pass ``--time-limit``. The
+last line is ``BENCH_JSON {...}``.
 
-    python -m bench.gpu --preset tiny                                    # CPU here, < 1 min
-    timeout 540 python -m bench.gpu --preset wan2.1-1.3b --device cuda   # one H100, < 5 min
+    python -m bench.gpu --preset tiny --device cpu --all                          # CPU here, ~2 min
+    timeout 540 python -m bench.gpu --preset wan2.1-1.3b --device cuda --all      # one H100, <= 7.5 min
 """
 
 from __future__ import annotations
@@ -172,13 +180,16 @@ def overhead_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, 
             "step_ms": {n: 1e3 * median(s for run in v for s in run[1:]) for n, v in seconds.items()}}
 
 
-def guarded(name: str, device: torch.device, work: Callable[[], T], failures: list[str]) -> T | None:
-    """Run one variant; out of device memory: report it, free what can be freed, go on (None)."""
+def guarded(name: str, device: torch.device, work: Callable[[], T], failures: list[str], catch_all: bool = False
+            ) -> T | None:
+    """Run one variant; out of device memory (or, with ``catch_all``, any error: a compile that fails): report
+    it, free what can be freed, go on (None)."""
+    caught: tuple[type[BaseException], ...] = (Exception,) if catch_all else (torch.cuda.OutOfMemoryError,)
     try:
         return work()
-    except torch.cuda.OutOfMemoryError as exc:  # an alias of torch.OutOfMemoryError in recent torch
-        first = (str(exc).splitlines() or ["out of memory"])[0]
-    print(f"  OUT OF MEMORY in {name} on {device_name(device)}: {first}", flush=True)
+    except caught as exc:  # OutOfMemoryError is an alias of torch.OutOfMemoryError in recent torch
+        first = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    print(f"  FAILED {name} on {device_name(device)}: {first}", flush=True)
     failures.append(name)
     gc.collect()  # after the handler: the traceback no longer holds the variant's tensors
     if device.type == "cuda":
@@ -188,10 +199,43 @@ def guarded(name: str, device: torch.device, work: Callable[[], T], failures: li
 
 def build(args: Any, device: torch.device, dtype: torch.dtype) -> WanBackend:
     backend = load_backend(args.preset, device=device, dtype=dtype, seed=args.seed)
-    if args.compile:  # the feed-forwards only: static shapes per pass; attention's cache length changes every chunk
-        for block in backend.causal.transformer.blocks:
-            block.ffn.compile()
+    if args.compile:  # whole blocks on the static path (fixed-capacity cache); compiles on the first pass
+        backend.causal.compile(args.compile_mode)
     return backend
+
+
+def run_extras(rep: Reporter, backend: WanBackend, args: Any, budget: Budget, failures: list[str]
+               ) -> list[dict[str, Any]]:
+    """The `--all` variants of issue 13 (see the module docstring), each within the time budget."""
+    from bench import speed
+
+    config = RolloutConfig(num_chunks=args.chunks, window_frames=9, sink_frames=3)
+    repeats = 2
+    plan: list[tuple[str, int, Callable[[], dict[str, Any]]]] = []
+    if not args.compile:  # compiled vs eager on one backend; compile time apart, so give it room
+        plan.append(("compile", 6 * repeats * args.chunks + int(args.compile_budget / max(budget.per_chunk_s, 1e-3)),
+                     partial(speed.static_and_compiled, rep, backend, config, repeats, True, args.compile_mode)))
+    plan += [
+        ("text_kv", 2 * repeats * args.chunks, partial(speed.text_kv, rep, backend, config, repeats)),
+        ("reads", 2 * args.chunks, partial(speed.host_reads, rep, backend, config)),
+        ("batch", 7 * args.chunks, partial(speed.batching, rep, backend, config)),
+        ("window", 70 + 4 * repeats, partial(speed.window_flatness, rep, backend, "self-forcing", repeats)),
+        ("vae", 4 * repeats, partial(speed.vae_decode, rep, backend, repeats)),
+    ]
+    runs = []
+    for name, cost, work in plan:
+        if not budget.allows(name, cost):
+            continue
+        reset_peak(backend.device)
+        began = time.perf_counter()
+        got = guarded(name, backend.device, work, failures, catch_all=name == "compile")
+        budget.observe(time.perf_counter() - began, cost)
+        if got is not None:
+            got["peak_gib"] = peak_gib(backend.device)
+            peak = f"{got['peak_gib']:.2f} GiB" if backend.device.type == "cuda" else "n/a on a CPU"
+            print(f"    {name}: peak device memory {peak}, {time.perf_counter() - began:.0f} s", flush=True)
+            runs.append(got)
+    return runs
 
 
 def run_mode(rep: Reporter, backend: WanBackend, config: RolloutConfig, seed: int, budget: Budget,
@@ -227,8 +271,16 @@ def parse_args() -> Any:
     parser.add_argument("--chunks", type=int, default=None,
                         help="chunks per timed variant, chunk 0 excluded (default: 8 on CUDA, 6 on a CPU)")
     parser.add_argument("--modes", default="self-forcing,rolling-forcing", help="comma-separated modes")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block's feed-forward")
-    parser.add_argument("--time-limit", type=float, default=270.0, help="seconds; no variant starts past it")
+    parser.add_argument("--compile", action="store_true",
+                        help="every variant on compiled blocks (static path); default: eager, and --all compares")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-budget", type=float, default=120.0,
+                        help="seconds of the time limit kept for compiling in --all's compile variant")
+    parser.add_argument("--all", action="store_true", help="also the issue-13 variants (text K/V, host reads, "
+                        "B = 1/2/4, window chunk 60 vs 10, compiled vs eager)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds; no variant starts past it (default 270, 450 with --all)")
     args = parser.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]
@@ -237,6 +289,7 @@ def parse_args() -> Any:
     on_cuda = torch.device(args.device).type == "cuda"
     args.chunks = args.chunks if args.chunks is not None else (8 if on_cuda else 6)
     args.threads = args.threads or (torch.get_num_threads() if on_cuda else 1)
+    args.time_limit = args.time_limit if args.time_limit is not None else (450.0 if args.all else 270.0)
     if args.chunks < 3:
         parser.error(f"--chunks must be >= 3 (chunk 0 and the last report are excluded), got {args.chunks}")
     return args
@@ -266,13 +319,15 @@ def main() -> int:
               f"{backend.spec.height_px}x{backend.spec.width_px} px, {backend.causal.tokens_per_frame(h, w)} tokens "
               f"per latent frame", flush=True)
         full_size = args.preset == "wan2.1-1.3b" and device.type == "cuda"
-        for mode in args.modes:
+        for i, mode in enumerate(args.modes):
             config = RolloutConfig(mode=mode, num_chunks=args.chunks)
             runs += run_mode(rep, backend, config, args.seed, budget, failures, full_size)
+            if args.all and i == 0:  # after the headline mode, before the others
+                runs += run_extras(rep, backend, args, budget, failures)
     rep.extra.update({"device": device_name(device), "preset": args.preset, "dtype": str(dtype),
-                      "chunks": args.chunks, "compile": args.compile, "runs": runs, "oom": failures,
+                      "chunks": args.chunks, "compile": args.compile, "runs": runs, "failed": failures,
                       "skipped": budget.skipped, "elapsed_s": budget.elapsed})
-    print(f"  done in {budget.elapsed:.0f} s on {device_name(device)}; out of memory: {failures or 'none'}; "
+    print(f"  done in {budget.elapsed:.0f} s on {device_name(device)}; failed: {failures or 'none'}; "
           f"skipped for time: {budget.skipped or 'none'}", flush=True)
     rep.finish()
     return 2 if failures else 0

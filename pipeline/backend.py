@@ -138,9 +138,19 @@ def _random_wide_text_encoder(text_dim: int, text_len: int, seed: int) -> TextEn
 
 def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  weights: str | None = None, seed: int = 0, with_vae: bool = True,
-                 text_len: int | None = None) -> WanBackend:
+                 text_len: int | None = None, compile: bool = False) -> WanBackend:
     """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
-    (``text_len``: prompt tokens for a folder's umT5, default 512 as Wan was trained)."""
+    (``text_len``: prompt tokens for a folder's umT5, default 512 as Wan was trained; ``compile``: compile the
+    transformer blocks on the static path, `CausalWan.compile`)."""
+    backend = _load_backend(model, device=device, dtype=dtype, weights=weights, seed=seed, with_vae=with_vae,
+                            text_len=text_len)
+    if compile:
+        backend.causal.compile()
+    return backend
+
+
+def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype, weights: str | None, seed: int,
+                  with_vae: bool, text_len: int | None) -> WanBackend:
     if model == "tiny":
         spec = PRESETS["tiny"]
         transformer = _seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)

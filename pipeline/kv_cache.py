@@ -11,6 +11,11 @@ Sink frames are never evicted nor (with ``protect_sink``) pruned; non-sink frame
 evicted oldest first when a chunk is committed. With ``sink_rope="adjacent"`` (Rolling Forcing's attention sink)
 the sink's keys are re-rotated before each pass so that the sink sits right before the oldest cached non-sink frame
 instead of at frame 0; a pristine copy of the sink keys is kept so that rotations never accumulate rounding.
+
+With ``static=True`` (the compile path) the buffers are zero-filled and a pass attends over the whole capacity with a
+length mask (`static_pass`), so its shapes depend only on the capacity: fixed for a windowed cache, doubling for an
+unbounded one. No method on the path of a pass (`attend`, `static_pass`, `commit`, `evict`) waits for the device;
+`prune` does (it sizes the compacted segments).
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ class Segment:
     start: int
     length: int
     sink: bool
+    ragged: bool = False  # some samples keep fewer rows than ``length`` (padding, masked by ``valid``)
+
+
+@dataclass
+class StaticPass:
+    """Per-pass inputs of the static path: the rows ``index [n]`` (on the device) the pass writes at, and the mask
+    ``[B, 1, 1, capacity]`` (True = attend): committed valid rows plus the pass's own rows."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
 
 
 class KVCache:
@@ -54,6 +69,7 @@ class KVCache:
         sink_rope: SinkRope = "absolute",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        static: bool = False,
     ) -> None:
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("heads", heads),
                             ("head_dim", head_dim), ("tokens_per_frame", tokens_per_frame)):
@@ -70,7 +86,7 @@ class KVCache:
         self.sink_frames, self.window_frames, self.sink_rope = sink_frames, window_frames, sink_rope
         self.sink_shift = 0  # frames the sink keys are currently rotated by
         self._sink_keys: list[torch.Tensor] | None = None  # pristine sink keys per layer, at frames 0..sink-1
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.static = dtype, torch.device(device), static
         self.segments: list[Segment] = []
         self.length = 0  # committed rows
         self._capacity = 0
@@ -102,6 +118,27 @@ class KVCache:
             return None
         new = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device)
         return torch.cat([self.valid, new], dim=1)[:, None, None, :]
+
+    def static_pass(self, n: int) -> StaticPass:
+        """Start a pass of ``n`` new rows on the static path: its rows go at ``length .. length+n-1`` of every
+        layer's fixed-capacity buffer (see `layer_buffers`); nothing is committed until `commit`."""
+        if not self.static:
+            raise RuntimeError("static_pass() needs a cache built with static=True")
+        self._pending = n
+        self._reserve(self.length + n)
+        index = torch.arange(self.length, self.length + n, device=self.device)
+        free = self._capacity - self.length - n
+        mask = torch.cat([self.valid, torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device),
+                          torch.zeros(self.batch_size, free, dtype=torch.bool, device=self.device)], dim=1)
+        return StaticPass(index, mask[:, None, None, :])
+
+    def layer_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value buffers ``[B, heads, capacity, head_dim]`` of ``layer`` (static path)."""
+        return self._keys[layer], self._values[layer]
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
 
     def end_pass(self) -> None:
         """Forget the scratch rows of a pass that is not committed (a denoising step)."""
@@ -219,15 +256,17 @@ class KVCache:
         the same capacities (and bit-identical kernels)."""
         if rows <= self._capacity and self._keys:
             return
-        capacity = max(rows, self._capacity + self._capacity // 2)
+        capacity = max(rows, self._capacity + (self._capacity if self.static else self._capacity // 2))
         if self.window_frames is not None:
             pass_rows = rows - self.length
             capacity = max(rows, (self.sink_frames + self.window_frames) * self.tokens_per_frame + pass_rows)
         shape = (self.batch_size, self.heads, capacity, self.head_dim)
         keys, values = [], []
+        # the static path attends over every row (masked): unused rows must hold finite values
+        alloc = torch.zeros if self.static else torch.empty
         for layer in range(self.num_layers):
-            k = torch.empty(shape, dtype=self.dtype, device=self.device)
-            v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            k = alloc(shape, dtype=self.dtype, device=self.device)
+            v = alloc(shape, dtype=self.dtype, device=self.device)
             if self._keys:
                 k[:, :, : self.length] = self._keys[layer][:, :, : self.length]
                 v[:, :, : self.length] = self._values[layer][:, :, : self.length]
@@ -247,11 +286,11 @@ class KVCache:
                         buffers[layer][:, :, dst: dst + seg.length] = rows
             self.valid[:, dst: dst + seg.length] = self.valid[:, seg.start: seg.start + seg.length].clone()
             self.positions[:, dst: dst + seg.length] = self.positions[:, seg.start: seg.start + seg.length].clone()
-            new_segments.append(Segment(seg.frame, dst, seg.length, seg.sink))
+            new_segments.append(Segment(seg.frame, dst, seg.length, seg.sink, seg.ragged))
             dst += seg.length
         self.segments, self.length = new_segments, dst
         self.valid, self.positions = self.valid[:, :dst], self.positions[:, :dst]
-        self._padded = bool((~self.valid).any())
+        self._padded = any(s.ragged for s in self.segments)  # host bookkeeping: no wait for the device
 
     def _compact(self, keep_rows: torch.Tensor) -> None:
         """Drop rows where ``keep_rows [B, L]`` is False, segment by segment, padding ragged samples. Rows before
@@ -265,11 +304,11 @@ class KVCache:
         for seg in self.segments[first:]:
             rows = keep_rows[:, seg.start: seg.start + seg.length]  # [B, len]
             counts = rows.sum(dim=1, keepdim=True)
-            length = int(counts.max())
+            most, least = torch.stack([counts.max(), counts.min()]).tolist()
             # a stable sort puts each sample's kept rows first, in their original order
-            parts.append(torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices[:, :length] + seg.start)
-            valids.append(torch.arange(length, device=self.device)[None, :] < counts)
-            tail.append(Segment(seg.frame, base + sum(s.length for s in tail), length, seg.sink))
+            parts.append(torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices[:, :most] + seg.start)
+            valids.append(torch.arange(most, device=self.device)[None, :] < counts)
+            tail.append(Segment(seg.frame, base + sum(s.length for s in tail), most, seg.sink, least < most))
         index = torch.cat(parts, dim=1)  # [B, n]: source rows of the new tail
         n = index.shape[1]
         idx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
@@ -282,4 +321,4 @@ class KVCache:
         self.valid = torch.cat([self.valid[:, :base], valid], dim=1)
         self.segments = self.segments[:first] + tail
         self.length = base + n
-        self._padded = bool((~self.valid).any())
+        self._padded = any(s.ragged for s in self.segments)

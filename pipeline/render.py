@@ -24,6 +24,7 @@ from pipeline.pixel_stats import PixelTracker
 from pipeline.rollout import ChunkRecord, Rollout
 from pipeline.store import Store, validate_key
 from pipeline.timing import PhaseTimer
+from pipeline.vae import StreamDecoder
 from pipeline.video import Mp4Encoder, even_size
 from tokentrim import TrimConfig
 
@@ -57,6 +58,7 @@ class _Sinks:
     def __init__(self, backend: WanBackend, batch: int, fps: int, timer: PhaseTimer) -> None:
         self.decoder = backend.new_decoder()
         self.decoder_dtype = next(self.decoder.vae.parameters()).dtype
+        self.stream = StreamDecoder(self.decoder)
         self.trackers = [PixelTracker() for _ in range(batch)]
         self.encoders: list[Mp4Encoder] | None = None
         self.fps, self.timer = fps, timer
@@ -64,9 +66,9 @@ class _Sinks:
 
     def feed(self, latents: torch.Tensor) -> Future[list[dict[str, float]]]:
         """Decode one chunk ``[B, C, F, h, w]`` now; its encoding and per-sample pixel proxies come as a future."""
-        with self.timer.phase("decode"):
-            frames = self.decoder.decode(latents.to(self.decoder_dtype)).cpu().numpy()  # [B, T, H, W, 3] uint8
-        return self._worker.submit(self._encode, frames)
+        with self.timer.phase("decode"):  # on CUDA: queued on the decode stream (overlaps the next chunk)
+            pending = self.stream.submit(latents.to(self.decoder_dtype))  # [B, T, H, W, 3] uint8
+        return self._worker.submit(lambda: self._encode(pending.result().numpy()))
 
     def _encode(self, frames: Any) -> list[dict[str, float]]:
         began = time.perf_counter()

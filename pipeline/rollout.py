@@ -26,6 +26,7 @@ import torch
 from pipeline.backend import LATENT_CHANNELS, WanBackend
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
+from pipeline.host import to_host
 from pipeline.sampler import chunk_noise, renoise, to_x0
 from pipeline.timing import PhaseTimer
 from tokentrim import Judgement, TrimConfig, TrimController, latent_summary
@@ -119,13 +120,15 @@ class Rollout:
             cand, prunes = self._rolling_chunk(c)
         latents = cand.latents
         assert latents is not None  # every sample took a candidate
-        if not bool(torch.isfinite(latents).all()):
-            raise NonFiniteLatentError(f"chunk {c} has NaN or Inf latents")
+        finite = torch.isfinite(latents).flatten(1).all(dim=1)  # [B], read with the stats: one host sync per chunk
         with self.timer.phase("commit"):
             self.backend.causal.commit(latents, self.text, self.cache, c * self.config.chunk_frames)
         record = ChunkRecord(c, latents, prunes, self.controller.state_dict() if self.controller else {},
                              {j: x.clone() for j, x in self.window.items()})
-        record.rows = self._rows(record, cand, self.timer.collect())
+        host = self._host_figures(record, cand, finite)
+        if not all(host.pop("finite")):
+            raise NonFiniteLatentError(f"chunk {c} has NaN or Inf latents")
+        record.rows = self._rows(record, cand, host, self.timer.collect())
         self._advance(latents)
         return record
 
@@ -161,7 +164,7 @@ class Rollout:
             take = ~done & ~reject
             self._take(cand, take, x0, summary, judgement, attempt)
             done |= take
-            if bool(done.all()):
+            if judgement is None or bool(done.all()):  # nothing judged: every sample took it (no host sync)
                 break
             assert judgement is not None  # only a judged candidate is rejected
             prunes.append(self._prune(c, judgement, reject, cand))
@@ -263,6 +266,9 @@ class Rollout:
             return (x0, *self._judge(x0, attempt))
 
         cand, prunes = self._attempts(c, propose)
+        if len(windows) == 1:  # one attempt: no choice to read back from the device
+            self.window = windows[0]
+            return cand, prunes
         # each sample keeps the window of the attempt it accepted
         chosen, samples = (cand.attempts - 1).cpu(), torch.arange(self.batch)
         self.window = {j: torch.stack([w[j] for w in windows])[chosen, samples] for j in windows[0]}
@@ -279,8 +285,11 @@ class Rollout:
         x = torch.cat([window[j] for j in chunks], dim=2)  # [B, C, F*len(chunks), h, w]
         levels = torch.tensor([self.timesteps[p - j] for j in chunks], device=self.backend.device)
         frame_levels = levels.repeat_interleave(frames)[None].expand(self.batch, -1)  # [B, F_window]
+        # one level for the whole pass (window filling) goes in as [B]: decided on the host, no device read
+        uniform = len({self.timesteps[p - j] for j in chunks}) == 1
         with self.timer.phase("denoise"):
-            flow = self.backend.causal.denoise(x, frame_levels, self.text, self.cache, chunks[0] * frames)
+            flow = self.backend.causal.denoise(x, frame_levels[:, 0] if uniform else frame_levels, self.text,
+                                               self.cache, chunks[0] * frames)
         sigma = (frame_levels[:, None, :, None, None] / 1000.0).to(x.dtype)
         x0 = to_x0(x, flow, sigma)
         finished, out = None, {}
@@ -294,16 +303,23 @@ class Rollout:
         return finished, out
 
     # ----------------------------------------------------------------------------------------------- stats rows
-    def _rows(self, record: ChunkRecord, cand: _Candidate, timings: dict[str, float]) -> list[dict[str, Any]]:
+    def _host_figures(self, record: ChunkRecord, cand: _Candidate, finite: torch.Tensor) -> dict[str, list[float]]:
+        """Every per-sample figure of the chunk's stats rows, read from the device in one transfer."""
         latents = record.latents.float().mean(dim=2)  # [B, C, h, w]: frame-averaged
         prev = self._prev if self._prev is not None else latents
         first = self._first if self._first is not None else latents
-        dist_prev = (latents - prev).pow(2).mean(dim=(1, 2, 3)).sqrt().tolist()
-        dist_first = (latents - first).pow(2).mean(dim=(1, 2, 3)).sqrt().tolist()
-        tokens = self.cache.num_tokens().tolist()
+        figures = {"finite": finite, "dist_prev": (latents - prev).pow(2).mean(dim=(1, 2, 3)).sqrt(),
+                   "dist_first": (latents - first).pow(2).mean(dim=(1, 2, 3)).sqrt(),
+                   "tokens": self.cache.num_tokens(), "pruned": cand.pruned_tokens, "attempts": cand.attempts}
+        figures.update({k: v for k, v in cand.judgement.items() if isinstance(v, torch.Tensor)})
+        return to_host(figures)
+
+    def _rows(self, record: ChunkRecord, cand: _Candidate, host: dict[str, list[float]],
+              timings: dict[str, float]) -> list[dict[str, Any]]:
+        dist_prev, dist_first, tokens = host["dist_prev"], host["dist_first"], host["tokens"]
+        judged = {k: host.get(k, v) for k, v in cand.judgement.items()}
+        pruned = host["pruned"]
         nan = [float("nan")] * self.batch
-        judged = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in cand.judgement.items()}
-        pruned = cand.pruned_tokens.tolist()
         rows = []
         for b in range(self.batch):
             kind = judged.get("kinds", [None] * self.batch)[b]
@@ -312,7 +328,7 @@ class Rollout:
                 "chunk": record.index, "frames": self.config.chunk_frames,
                 "severity": judged.get("severity", nan)[b], "mu": judged.get("mu", nan)[b],
                 "sigma": judged.get("sigma", nan)[b], "threshold": judged.get("threshold", nan)[b],
-                "verdict": verdict, "attempts": int(cand.attempts[b]), "tokens_pruned": int(pruned[b]),
+                "verdict": verdict, "attempts": int(host["attempts"][b]), "tokens_pruned": int(pruned[b]),
                 "cache_tokens": int(tokens[b]), "cache_bytes": self.cache.nbytes() // self.batch,
                 "latent_dist_prev": dist_prev[b], "latent_dist_first": dist_first[b],
                 **{f"t_{name}": timings.get(name, 0.0) for name in ("denoise", "trim", "commit")},

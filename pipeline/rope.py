@@ -12,16 +12,22 @@ from typing import Any
 import torch
 
 
-def rope_for_frames(rope: Any, frames: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor,
+def rope_for_frames(rope: Any, frames: torch.Tensor | range, grid_h: int, grid_w: int) -> tuple[torch.Tensor,
                                                                                                      torch.Tensor]:
-    """RoPE tables for tokens of absolute latent ``frames`` (``[F]`` long) on a ``grid_h x grid_w`` patch grid.
+    """RoPE tables for tokens of absolute latent ``frames`` (``[F]`` long, or a ``range``) on a ``grid_h x grid_w``
+    patch grid.
 
     ``rope`` is diffusers' `WanRotaryPosEmbed` (its ``freqs_cos``/``freqs_sin`` buffers ``[max_seq_len, head_dim]``
     hold the t/h/w parts side by side). Returns ``(cos, sin)``, each ``[1, F*grid_h*grid_w, 1, head_dim]``, token order
-    (f, h, w) as the patch embedding flattens them.
+    (f, h, w) as the patch embedding flattens them. A ``range`` is checked on the host and indexed on the tables'
+    device, so the call never waits for the device (the rollout's hot path passes ranges).
     """
     limit = rope.max_seq_len
-    if int(frames.max()) >= limit or int(frames.min()) < 0:
+    if isinstance(frames, range):
+        if len(frames) == 0 or min(frames) < 0 or max(frames) >= limit:
+            raise ValueError(f"latent frame indices must lie in [0, {limit}) (`rope_max_seq_len`), got {frames}")
+        frames = torch.arange(frames.start, frames.stop, frames.step, device=rope.freqs_cos.device)
+    elif int(frames.max()) >= limit or int(frames.min()) < 0:
         raise ValueError(f"latent frame indices must lie in [0, {limit}) (`rope_max_seq_len`), got {frames.tolist()}")
     if grid_h > limit or grid_w > limit:
         raise ValueError(f"patch grid {grid_h}x{grid_w} exceeds `rope_max_seq_len` {limit}")

@@ -39,7 +39,10 @@ def chunk_noise(seeds: list[int], chunk: int, step: int, attempt: int, shape: tu
     """
     draws = [torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(s, chunk, step, attempt)))
              for s in seeds]
-    return torch.stack(draws).to(device=device, dtype=dtype)
+    noise = torch.stack(draws)
+    if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for queued kernels
+        noise = noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device=device, dtype=dtype)
 
 
 def to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:

@@ -47,9 +47,9 @@ operations = st.lists(st.one_of(
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=operations, sink=st.integers(0, 2), window=st.one_of(st.none(), st.integers(2, 6)))
-def test_cache_holds_exactly_the_rows_a_reference_model_says(ops, sink, window):
-    cache = KVCache(LAYERS, 2, HEADS, DIM, TOKENS, sink_frames=sink, window_frames=window)
+@given(ops=operations, sink=st.integers(0, 2), window=st.one_of(st.none(), st.integers(2, 6)), static=st.booleans())
+def test_cache_holds_exactly_the_rows_a_reference_model_says(ops, sink, window, static):
+    cache = KVCache(LAYERS, 2, HEADS, DIM, TOKENS, sink_frames=sink, window_frames=window, static=static)
     model = [set(), set()]  # (frame, position) each sample should hold
     next_frame = 0
     for op in ops:
@@ -82,6 +82,26 @@ def test_cache_holds_exactly_the_rows_a_reference_model_says(ops, sink, window):
             keep = cache.frame_keep_mask(seg.frame)
             for b in range(2):
                 assert {p for p in range(TOKENS) if keep[b, p]} == {p for f, p in model[b] if f == seg.frame}
+        # padding is tracked on the host (no device read): a mask exactly when some row is padding
+        assert (cache.attention_mask(1) is None) == bool(cache.valid.all())
+        if static:
+            _check_static_pass(cache)
+
+
+def _check_static_pass(cache: KVCache, n: int = 4) -> None:
+    """A static pass attends over the whole capacity: valid committed rows + its own n rows, nothing else; it
+    writes at rows length .. length+n-1; unused rows hold finite values (zeros until written)."""
+    step = cache.static_pass(n)
+    cap, length = cache.capacity, cache.length
+    assert step.index.tolist() == list(range(length, length + n))
+    assert step.mask.shape == (2, 1, 1, cap)
+    mask = step.mask[:, 0, 0]
+    assert torch.equal(mask[:, :length], cache.valid)
+    assert mask[:, length:length + n].all() and not mask[:, length + n:].any()
+    for layer in range(LAYERS):
+        assert all(bool(torch.isfinite(t).all()) for t in cache.layer_buffers(layer))
+        assert cache.layer_buffers(layer)[0].shape == (2, HEADS, cap, DIM)
+    cache.end_pass()
 
 
 def test_padding_is_masked_and_bytes_follow_the_longest_sample():
@@ -95,6 +115,22 @@ def test_padding_is_masked_and_bytes_follow_the_longest_sample():
     assert mask[0].sum() == 2 * TOKENS - 4 + 3 and mask[1].all()
     cache.prune([0, 1], torch.tensor([[0, 1], [0, 1]]))
     assert cache.nbytes() < full and cache.attention_mask(3) is None
+
+
+def test_static_capacity_is_fixed_with_a_window_and_doubles_without():
+    windowed = KVCache(LAYERS, 1, HEADS, DIM, TOKENS, sink_frames=1, window_frames=2, static=True)
+    unbounded = KVCache(LAYERS, 1, HEADS, DIM, TOKENS, static=True)
+    caps: dict[str, list[int]] = {"windowed": [], "unbounded": []}
+    for chunk in range(6):
+        for name, cache in (("windowed", windowed), ("unbounded", unbounded)):
+            cache.static_pass(2 * TOKENS)
+            cache.end_pass()
+            caps[name].append(cache.capacity)
+            _commit(cache, [2 * chunk, 2 * chunk + 1])
+    assert caps["windowed"] == [5 * TOKENS] * 6  # sink + window + one pass: one shape for every pass
+    assert caps["unbounded"] == [2 * TOKENS, 4 * TOKENS, 8 * TOKENS, 8 * TOKENS, 16 * TOKENS, 16 * TOKENS]
+    with pytest.raises(RuntimeError, match="static=True"):
+        KVCache(LAYERS, 1, HEADS, DIM, TOKENS).static_pass(TOKENS)
 
 
 def test_misuse_is_refused():
