@@ -42,7 +42,7 @@ def load_model(spec: JobSpec) -> WanBackend:
     from pipeline.backend import load_backend
 
     return load_backend(spec.model, device=spec.resolved_device, dtype=getattr(torch, spec.dtype),
-                        weights=spec.weights)
+                        weights=spec.weights, compile=spec.compile)
 
 
 def worker_tempdir(root: str | None = None) -> str:

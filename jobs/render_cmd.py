@@ -60,7 +60,7 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         backend = load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype), weights=spec.weights,
-                               seed=0)
+                               seed=0, compile=spec.compile)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc
     state = Store(absolute_url(state_url), spec.storage_options) if state_url else None

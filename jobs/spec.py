@@ -26,6 +26,7 @@ class JobSpec:
     weights: a causal generator checkpoint (Self/Rolling Forcing or Wan keys).
     device: cpu, cuda, cuda:N; auto: cuda when the job asks for GPUs (render: when one is available).
     dtype: the model's dtype.
+    compile: compile the transformer blocks (torch.compile on the static KV path); paid once per worker.
     workers: workers, each holding one model.
     gpus_per_worker: GPUs each Ray worker claims.
     max_attempts: failed attempts per prompt before it is poison.
@@ -46,6 +47,7 @@ class JobSpec:
     trim: TrimConfig | None = field(default_factory=TrimConfig)
     device: str = "auto"
     dtype: Dtype = "float32"
+    compile: bool = False
     workers: int = 1
     gpus_per_worker: float = 0.0
     max_attempts: int = 3
@@ -90,7 +92,8 @@ class JobSpec:
     def render_settings(self) -> dict[str, Any]:
         """The settings that change what is rendered (not where or how fast): their hash names the job's outputs."""
         return {"model": self.model, "weights": self.weights, "rollout": self.rollout.to_dict(),
-                "trim": self.trim.to_dict() if self.trim else None, "dtype": self.dtype, "seed": self.seed}
+                "trim": self.trim.to_dict() if self.trim else None, "dtype": self.dtype, "seed": self.seed,
+                **({"compile": True} if self.compile else {})}  # compiled kernels round differently
 
     def config_hash(self) -> str:
         return config_hash(self.render_settings())
