@@ -144,7 +144,8 @@ def full_size_record(dtype: torch.dtype, rows: list[dict[str, Any]], rolling: bo
     controller = TrimController(trim, 1)
     tokens = (h // patch[1]) * (w // patch[2])
     for _ in range(3):  # warm-up chunks, then a judged one: every state field is populated
-        summary = torch.randn(1, tokens, LATENT_CHANNELS, generator=gen)
+        width = LATENT_CHANNELS * (math.prod(patch) if trim.summary == "patch" else 1)  # the summary's D
+        summary = torch.randn(1, tokens, width, generator=gen)
         controller.accept(summary, controller.judge(summary, 0))
     positions = torch.randperm(tokens, generator=gen)[: math.ceil(trim.p * tokens)].sort().values[None]
     prune = PruneEvent(3, [6, 7, 8], positions, torch.ones(1, dtype=torch.bool))

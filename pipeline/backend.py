@@ -151,25 +151,31 @@ def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dty
 
 def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype, weights: str | None, seed: int,
                   with_vae: bool, text_len: int | None) -> WanBackend:
-    if model == "tiny":
-        spec = PRESETS["tiny"]
-        transformer = _seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)
-        text = build_tiny_text_encoder(text_dim=TINY_TRANSFORMER["text_dim"], text_len=spec.text_len, seed=seed)
-        vae = build_tiny_vae(seed) if with_vae else None
-    elif model == "wan2.1-1.3b":
-        spec = PRESETS["wan2.1-1.3b"]
-        transformer = _seeded_transformer(WAN_1_3B_TRANSFORMER, seed, device, dtype)
-        text = _random_wide_text_encoder(WAN_1_3B_TRANSFORMER["text_dim"], spec.text_len, seed)
-        vae = _random_full_vae(seed) if with_vae else None
+    if model in ("tiny", "wan2.1-1.3b"):
+        base = TINY_TRANSFORMER if model == "tiny" else WAN_1_3B_TRANSFORMER
+        checkpoint = None
+        if weights is not None:  # no diffusers folder: the file's shapes fix the transformer's dims
+            from pipeline.weights import read_checkpoint, transformer_config_from_checkpoint
+
+            checkpoint = read_checkpoint(weights)
+            base = transformer_config_from_checkpoint(checkpoint, base)
+        spec = PRESETS[model]
+        transformer = _seeded_transformer(base, seed, device, dtype)
+        if model == "tiny":
+            text = build_tiny_text_encoder(text_dim=base["text_dim"], text_len=spec.text_len, seed=seed)
+            vae = build_tiny_vae(seed) if with_vae else None
+        else:
+            text = _random_wide_text_encoder(base["text_dim"], spec.text_len, seed)
+            vae = _random_full_vae(seed) if with_vae else None
+        if checkpoint is not None:
+            from pipeline.weights import load_transformer_weights
+
+            load_transformer_weights(transformer, checkpoint)
     elif os.path.isdir(model):
         return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae,
                             text_len=text_len or 512)
     else:
         raise InputError(f"`model` must be 'tiny', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, got {model!r}")
-    if weights is not None:
-        from pipeline.weights import load_transformer_weights
-
-        load_transformer_weights(transformer, weights)
     spec = ModelSpec(spec.name, spec.height_px, spec.width_px, spec.text_len, weights, seed)
     text.encoder.to(device)
     if vae is not None:

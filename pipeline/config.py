@@ -12,6 +12,9 @@ from pipeline.sampler import ROLLING_FORCING_STEPS, SELF_FORCING_STEPS, warp_tim
 
 Mode = Literal["self-forcing", "rolling-forcing"]
 MODES: tuple[str, ...] = ("self-forcing", "rolling-forcing")
+# Rolling Forcing attends to at most 21 latent frames: the sink (anchor) chunk, the cached clean frames and the
+# working frames of the joint window (its causal_model.py). The rolling-forcing default window keeps to that cap.
+ROLLING_ATTENTION_FRAMES = 21
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,9 @@ class RolloutConfig:
         window of ``len(steps)`` chunks at staggered levels, one chunk finished per window pass).
     num_chunks: chunks to generate; chunk_frames: latent frames per chunk.
     steps: the unwarped timestep list (None: the mode's default), warped with ``shift``.
-    window_frames: local attention window over committed non-sink frames (None: attend to all).
+    window_frames: local attention window over committed non-sink frames (None: attend to all for self-forcing; for
+        rolling-forcing the upstream cap, sink + window + working frames <= ``ROLLING_ATTENTION_FRAMES``; a larger
+        value attends to more).
     sink_frames: first frames kept forever (None: 0 for self-forcing, one chunk for rolling-forcing).
     sink_rope: ``absolute`` keeps the sink at frames 0..; ``adjacent`` re-rotates it right before the oldest cached
         frame, as Rolling Forcing does (None: adjacent for rolling-forcing, absolute for self-forcing).
@@ -69,6 +74,14 @@ class RolloutConfig:
         """The warped schedule actually sampled."""
         default = SELF_FORCING_STEPS if self.mode == "self-forcing" else ROLLING_FORCING_STEPS
         return warp_timesteps(self.steps or default, self.shift)
+
+    @property
+    def attention_window(self) -> int | None:
+        """The window the cache keeps: ``window_frames``, or rolling-forcing's upstream cap when it is None."""
+        if self.window_frames is not None or self.mode != "rolling-forcing":
+            return self.window_frames
+        working = len(self.timesteps) * self.chunk_frames  # the joint window's frames
+        return max(1, ROLLING_ATTENTION_FRAMES - self.sink - working)
 
     @property
     def sink(self) -> int:

@@ -83,7 +83,7 @@ class Rollout:
         self.latent_hw = backend.latent_size(height, width)
         self.text = backend.encode_prompts(prompts)
         self.cache = backend.causal.new_cache(self.batch, *self.latent_hw, sink_frames=config.sink,
-                                              window_frames=config.window_frames,
+                                              window_frames=config.attention_window,
                                               sink_rope=config.sink_placement)
         self.controller = TrimController(trim, self.batch, backend.device) if trim is not None else None
         self.next_chunk = 0
@@ -192,7 +192,7 @@ class Rollout:
 
     def _judge(self, x0: torch.Tensor, attempt: int) -> tuple[torch.Tensor, Judgement]:
         with self.timer.phase("trim"):
-            summary = latent_summary(x0, self._trim.patch_size)
+            summary = latent_summary(x0, self._trim.patch_size, self._trim.summary)
             return summary, self._controller.judge(summary, attempt)
 
     @property

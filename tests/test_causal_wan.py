@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.causal_wan import CausalWan
-from tests.wan_oracle import reference_forward, tiny_transformer
+from tests.wan_oracle import reference_forward, tiny_transformer, visibility
 
 CHUNK = 3
 H = W = 8  # latent size -> 4x4 patch grid, 16 tokens per frame
@@ -180,3 +180,102 @@ def test_adjacent_sink_changes_nothing_until_frames_are_evicted():
     shifted = model.denoise(noisy[:, :, 9:12], torch.full((1,), 750.0), text, windowed, 9)
     reference = _run(model, clean, noisy, 750.0, text, sink=3, window=3, prunes={})[3]
     assert windowed.sink_shift == 3 and (shifted - reference).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rolling forcing: the joint window pass (per-frame timesteps, staggered noise levels) against diffusers' forward
+
+
+def _rolling_reference(backend, config, seed: int, prompt: str):
+    """Rolling forcing written out against the oracle: every pass is diffusers' forward over [committed clean chunks
+    (t = 0, block-causal) | the window's chunks (each frame at its chunk's level, seeing all committed frames and the
+    whole window)]. Returns the finished chunks in order and, after each finished chunk, the in-flight window."""
+    from pipeline.sampler import chunk_noise
+
+    levels, frames, chunks = config.timesteps, config.chunk_frames, config.num_chunks
+    depth, text = len(levels), backend.encode_prompts([prompt])
+    grid = tuple(backend.latent_size(config.height_px, config.width_px))
+    tokens = grid[0] * grid[1] // 4
+
+    def noise(chunk: int, step: int) -> torch.Tensor:
+        return chunk_noise([seed], chunk, step, 0, (16, frames, *grid))
+
+    window: dict[int, torch.Tensor] = {}
+    committed: list[torch.Tensor] = []
+    windows: list[dict[int, torch.Tensor]] = []
+    for p in range(chunks + depth - 1):
+        if p < chunks:
+            window[p] = noise(p, 0)
+        live = sorted(j for j in window if p - depth < j <= p)
+        seq = torch.cat([*committed, *(window[j] for j in live)], dim=2)  # [1, C, F_total, h, w]
+        n_clean = len(committed) * frames
+        frame_levels = [0.0] * n_clean + [levels[p - j] for j in live for _ in range(frames)]
+        chunk_of = torch.tensor([f // frames if f < n_clean else len(committed) for f in range(len(frame_levels))])
+        frames_all = range(len(frame_levels))
+        visible = {f: {g for g in frames_all if chunk_of[g] <= chunk_of[f]} for f in frames_all}
+        mask = visibility(torch.arange(len(frame_levels)).repeat_interleave(tokens), visible)[None]
+        flow = reference_forward(backend.causal.transformer, seq, torch.tensor([frame_levels]), text, mask)
+        for i, j in enumerate(live):
+            part = slice(n_clean + i * frames, n_clean + (i + 1) * frames)
+            sigma = levels[p - j] / 1000.0
+            x0 = seq[:, :, part] - sigma * flow[:, :, part]
+            if p - j == depth - 1:
+                committed.append(x0)
+                del window[j]
+            else:
+                nxt = levels[p - j + 1] / 1000.0
+                window[j] = (1.0 - nxt) * x0 + nxt * noise(j, p - j + 1)
+        if p >= depth - 1:
+            windows.append(dict(window))
+    return committed, windows
+
+
+@pytest.mark.parametrize(("height_px", "width_px"), [(64, 96), (96, 32)])  # 4x6 and 6x2 patch grids
+def test_rolling_window_pass_equals_diffusers_forward_with_per_frame_timesteps(height_px, width_px):
+    from pipeline.backend import load_backend
+    from pipeline.config import RolloutConfig
+    from pipeline.rollout import Rollout
+
+    backend = load_backend("tiny", with_vae=False)
+    # 3 chunks: the window fills, drains and never evicts a frame, so every key sits at its absolute frame
+    config = RolloutConfig(mode="rolling-forcing", num_chunks=3, height_px=height_px, width_px=width_px)
+    records = list(Rollout(backend, config, ["a cat"], [5]))
+    finished, windows = _rolling_reference(backend, config, 5, "a cat")
+    assert len(set(config.timesteps)) == len(config.timesteps) == 5  # staggered, distinct levels
+    for c, record in enumerate(records):
+        torch.testing.assert_close(record.latents, finished[c], rtol=0, atol=2e-5, msg=f"chunk {c}")
+        assert sorted(record.window) == sorted(windows[c])
+        for j, x in record.window.items():
+            torch.testing.assert_close(x, windows[c][j], rtol=0, atol=2e-5, msg=f"chunk {c}, in flight {j}")
+
+
+def _attention_spans(backend, config) -> list[int]:
+    """Key frames (cached + the pass's own) of every denoise pass of a rollout."""
+    from pipeline.rollout import Rollout
+
+    spans: list[int] = []
+    denoise = backend.causal.denoise
+
+    def counting(latents, timestep, text, cache, first_frame):
+        spans.append(len(cache.frames) + latents.shape[2])
+        return denoise(latents, timestep, text, cache, first_frame)
+
+    rollout = Rollout(backend, config, ["a cat"], [1])
+    rollout.backend.causal.denoise = counting  # instance attribute: only this backend object
+    try:
+        list(rollout)
+    finally:
+        del rollout.backend.causal.denoise
+    return spans
+
+
+def test_rolling_forcing_attends_to_at_most_21_latent_frames_by_default():
+    from pipeline.backend import load_backend
+    from pipeline.config import ROLLING_ATTENTION_FRAMES, RolloutConfig
+
+    backend = load_backend("tiny", with_vae=False)
+    capped = _attention_spans(backend, RolloutConfig(mode="rolling-forcing", num_chunks=9))
+    assert ROLLING_ATTENTION_FRAMES == 21
+    assert max(capped) == 21  # sink chunk 3 + cached 3 + working 15: reached, never exceeded
+    wider = _attention_spans(backend, RolloutConfig(mode="rolling-forcing", num_chunks=9, window_frames=30))
+    assert max(wider) > 21  # the option for more

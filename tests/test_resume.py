@@ -21,7 +21,7 @@ from tests.flaky_store import FlakyStore
 from tokentrim import TrimConfig
 
 PROMPT, PID, CHUNKS = "a lighthouse in a storm", "lighthouse", 6
-TRIM = TrimConfig(warmup=2, lam=0.5)  # prunes now and then on the tiny model, so prune replay is exercised
+TRIM = TrimConfig(warmup=2, lam=0.5)  # seed 1 prunes in both modes on the tiny model, so prune replay is exercised
 
 
 class Interrupt(Exception):
@@ -40,7 +40,7 @@ def _render(backend, out, state=None, *, mode="self-forcing", trim=TRIM, stop_af
 
     # rolling-forcing with a window: the adjacent sink is re-rotated as frames are evicted, and must replay exactly
     config = RolloutConfig(mode=mode, num_chunks=CHUNKS, window_frames=6 if mode == "rolling-forcing" else None)
-    return render(backend, [PROMPT], [PID], out, config=config, trim=trim, seeds=[7], state_url=state,
+    return render(backend, [PROMPT], [PID], out, config=config, trim=trim, seeds=[1], state_url=state,
                   storage_options=opts, force_restart=restart, on_chunk=on_chunk)[0]
 
 

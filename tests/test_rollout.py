@@ -89,28 +89,22 @@ def test_batch_of_two_gives_each_prompt_its_own_rollout(backend, mode):
         torch.testing.assert_close(both[k].latents[1:], alone1[k].latents, rtol=0, atol=1e-4)
 
 
-def test_tokentrim_finds_injected_drift_and_limits_its_propagation(backend):
-    """Corrupt 3 tokens of chunk 4: TokenTrim names exactly those positions, regenerates the chunk, and the
-    later chunks stay closer to the clean rollout than without TokenTrim."""
-    config, positions = RolloutConfig(num_chunks=8), [3, 10, 17]
+def test_tokentrim_finds_injected_drift_and_regenerates_the_chunk(backend):
+    """The mechanism: corrupt 3 tokens of chunk 4's first candidate; TokenTrim names exactly those positions, prunes
+    them from the previous chunk's cached frames and regenerates the chunk. Whether that helps later chunks is a
+    quality question, measured against a noise floor over many seeds in bench/propagation.py, not asserted here."""
+    config, positions = RolloutConfig(num_chunks=6), [3, 10, 17]
     trim = TrimConfig(warmup=3)
-    corrupt = _corrupt_tokens(4, positions)
-    clean_t, hit_t = _run(backend, config, trim=trim), _run(backend, config, trim=trim, perturb=corrupt)
-    clean_n, hit_n = _run(backend, config), _run(backend, config, perturb=corrupt)
+    hit_t = _run(backend, config, trim=trim, perturb=_corrupt_tokens(4, positions))
+    clean_t, clean_n = _run(backend, config, trim=trim), _run(backend, config)
     assert [r.rows[0]["verdict"] for r in hit_t[:4]] == ["warmup"] * 3 + ["accepted"]
     assert hit_t[4].rows[0]["verdict"] == "pruned" and hit_t[4].rows[0]["attempts"] == 2
     found = set(hit_t[4].prunes[0].positions[0].tolist())
     assert set(positions) <= found
-    assert hit_t[4].rows[0]["tokens_pruned"] == 3 * len(found)  # the previous chunk's 3 frames
-
-    def later(a, b):
-        return torch.stack([(x.latents - y.latents).pow(2).mean().sqrt() for x, y in zip(a[5:], b[5:])])
-
-    with_trim, without = later(hit_t, clean_t), later(hit_n, clean_n)
-    print(f"distance to the clean rollout, chunks 5-7: with/without TokenTrim = {(with_trim / without).tolist()}")
-    assert (with_trim < without).all()
-    # and without the injection TokenTrim changes nothing here
-    assert all(torch.equal(x.latents, y.latents) for x, y in zip(clean_t[:4], clean_n[:4]))
+    assert hit_t[4].prunes[0].frames == [9, 10, 11]  # the previous chunk's frames
+    assert hit_t[4].rows[0]["tokens_pruned"] == 3 * len(found)
+    # without the injection TokenTrim changes nothing here
+    assert all(torch.equal(x.latents, y.latents) for x, y in zip(clean_t, clean_n))
 
 
 def test_no_trim_never_prunes_and_records_no_severity(backend):

@@ -28,6 +28,8 @@ configs = st.builds(
     stats=st.sampled_from(["welford", "ema"]),
     ema_decay=st.floats(min_value=1e-6, max_value=1 - 1e-6),
     measure_step=st.integers(0, 50),
+    sigma_floor=st.floats(min_value=0.0, max_value=10.0, allow_nan=False),
+    summary=st.sampled_from(["patch", "mean"]),
     prune_scope=st.sampled_from(["last", "window"]),
     protect_sink=st.booleans(),
     patch_size=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
@@ -76,7 +78,8 @@ def test_invalid_field_raises_naming_field_and_value(field: str, value: Any, exc
 
 def test_defaults_match_design() -> None:
     cfg = TrimConfig()
-    assert (cfg.p, cfg.lam, cfg.warmup, cfg.max_retries, cfg.stats) == (0.1, 2.0, 2, 1, "welford")
+    assert (cfg.p, cfg.lam, cfg.warmup, cfg.max_retries, cfg.stats) == (0.1, 3.0, 3, 1, "welford")
+    assert (cfg.sigma_floor, cfg.summary) == (0.05, "patch")  # bench/threshold_sweep.py, bench/RESULTS.md
     assert (cfg.measure_step, cfg.prune_scope, cfg.protect_sink, cfg.patch_size) == (0, "last", True, (1, 2, 2))
 
 
@@ -124,7 +127,7 @@ def _changed(cfg: TrimConfig, name: str) -> TrimConfig:
     other: Any
     if name in ("p", "ema_decay"):
         other = value / 2
-    elif name == "lam":
+    elif name in ("lam", "sigma_floor"):
         other = value + 0.5
     elif name in ("warmup", "max_retries", "measure_step"):
         other = value + 1
@@ -134,6 +137,8 @@ def _changed(cfg: TrimConfig, name: str) -> TrimConfig:
         other = "window" if value == "last" else "last"
     elif name == "protect_sink":
         other = not value
+    elif name == "summary":
+        other = "mean" if value == "patch" else "patch"
     else:
         other = (value[0], value[1] + 1, value[2])
     return dataclasses.replace(cfg, **{name: other})

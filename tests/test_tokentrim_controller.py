@@ -30,7 +30,7 @@ def _draw_updates(seed: int, b: int, steps: int) -> tuple[np.ndarray, np.ndarray
 
 @SETTINGS
 @given(seed=seeds, b=st.integers(1, 4), steps=st.integers(1, 25))
-def test_welford_matches_numpy_population_stats(seed: int, b: int, steps: int) -> None:
+def test_welford_matches_numpy_sample_stats(seed: int, b: int, steps: int) -> None:
     values, masks = _draw_updates(seed, b, steps)
     stats = RunningStats(b, "welford")
     for v, m in zip(values, masks, strict=True):
@@ -43,16 +43,33 @@ def test_welford_matches_numpy_population_stats(seed: int, b: int, steps: int) -
             assert math.isnan(stats.mu[i]) and math.isnan(stats.sigma[i])
         else:
             np.testing.assert_allclose(float(stats.mu[i]), seen.mean(), rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(float(stats.sigma[i]), seen.std(ddof=0), rtol=1e-9, atol=1e-9)
+        if len(seen) == 1:
+            assert math.isnan(stats.sigma[i])  # one severity says nothing about the spread
+        elif len(seen) > 1:
+            np.testing.assert_allclose(float(stats.sigma[i]), seen.std(ddof=1), rtol=1e-9, atol=1e-9)
 
 
 def ema_reference(seen: list[float], a: float) -> tuple[float, float]:
+    """EMA mean and the sample std of the exponentially weighted values (reliability-weights correction, computed
+    from the explicit weights); NaN std below two values."""
     mean, var = seen[0], 0.0
     for x in seen[1:]:
         diff = x - mean
         mean += (1.0 - a) * diff
         var = a * (var + (1.0 - a) * diff * diff)
-    return mean, math.sqrt(var)
+    n = len(seen)
+    weights = [a ** (n - 1)] + [(1.0 - a) * a ** (n - i) for i in range(2, n + 1)]
+    assert abs(sum(weights) - 1.0) < 1e-9
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(var / (1.0 - sum(w * w for w in weights)))
+
+
+def test_ema_sigma_of_two_values_is_their_sample_std() -> None:
+    stats = RunningStats(1, "ema", ema_decay=0.7)
+    for x in (3.0, 5.5):
+        stats.update(torch.tensor([x], dtype=torch.float64))
+    np.testing.assert_allclose(float(stats.sigma[0]), np.std([3.0, 5.5], ddof=1), rtol=1e-12)
 
 
 @SETTINGS
@@ -69,7 +86,7 @@ def test_ema_matches_python_reference(seed: int, b: int, steps: int, a: float) -
             continue
         mean, sigma = ema_reference(seen, a)
         np.testing.assert_allclose(float(stats.mu[i]), mean, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(float(stats.sigma[i]), sigma, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(float(stats.sigma[i]), sigma, rtol=1e-7, atol=1e-9, equal_nan=True)
 
 
 @pytest.mark.parametrize("mode", ["welford", "ema"])
@@ -181,6 +198,7 @@ configs = st.builds(
     warmup=st.integers(1, 4),
     max_retries=st.integers(0, 2),
     stats=st.sampled_from(["welford", "ema"]),
+    sigma_floor=st.sampled_from([0.0, 0.05, 0.3]),
 )
 
 
@@ -209,12 +227,13 @@ def test_corrupted_tokens_are_found_and_the_chunk_pruned(
 ) -> None:
     chunks = 10
     warmup = data.draw(st.integers(2, 4), label="warmup")
-    at = data.draw(st.integers(warmup, chunks - 1), label="corrupted chunk")
+    at = data.draw(st.integers(max(warmup, 3), chunks - 1), label="corrupted chunk")  # judged from two severities on
     k = data.draw(st.integers(1, num_unstable(n, p)), label="corrupted tokens")
     bad = sorted(data.draw(st.permutations(range(n)), label="order")[:k])
     z = translating_field(seed, n, d, chunks) if process == "translating" else settling_drift(seed, n, d, chunks, p)
     # Every clean drift is <= c = 2 * max|z| * sqrt(d); corrupted tokens move by 10 * k * (c + 1) * sqrt(d), so they
-    # lead the top-k, and the severity (>= 9c + 10) exceeds the threshold mu + 2 sigma <= c + 2 * c / 2.
+    # lead the top-k, and the severity (>= 9c + 10) exceeds the threshold mu + lam * max(sigma, floor * mu), which is
+    # <= c + 3 * max(c / sqrt(2), 0.1 c) at the defaults (the sample std of values in [0, c] is <= c / sqrt(2)).
     shift = 10 * k * (2 * float(z.abs().max()) * math.sqrt(d) + 1)
     candidates = z[:, None].repeat(1, 2, 1, 1, 1)  # [T, 2, 1, N, D]: attempt 1 is the clean regeneration
     candidates[at, 0, 0, bad] += shift
@@ -246,30 +265,34 @@ def test_last_candidate_is_accepted_whatever_its_severity() -> None:
 @SETTINGS
 @given(seed=seeds, config=configs)
 def test_prune_rule_matches_reference_statistics(seed: int, config: TrimConfig) -> None:
-    """mu / sigma / threshold / prune follow the severities of the accepted candidates, by an independent oracle."""
+    """mu / sigma / threshold / prune follow the severities of the accepted candidates (clipped at their threshold),
+    by an independent oracle."""
     candidates = random_jumps(seed, 1, 24, 3, 12, config.max_retries)
     controller = TrimController(config, 1)
     accepted: list[float] = []
     for t in range(candidates.shape[0]):
         for attempt in range(config.max_retries + 1):
             j = controller.judge(candidates[t, attempt], attempt)
-            in_warmup = t < config.warmup or not accepted
+            in_warmup = t < config.warmup or len(accepted) < 2
             assert j.kinds[0] == ("warmup" if in_warmup else "prune" if j.prune[0] else "accepted")
             assert math.isnan(j.severity[0]) == (t == 0)
-            if accepted and config.stats == "welford":
-                np.testing.assert_allclose(float(j.mu[0]), np.mean(accepted), rtol=1e-12)
-                np.testing.assert_allclose(float(j.sigma[0]), np.std(accepted), rtol=1e-9, atol=1e-12)
-            elif accepted:
-                np.testing.assert_allclose(
-                    [float(j.mu[0]), float(j.sigma[0])], ema_reference(accepted, 0.9), rtol=1e-9
+            if accepted:
+                mu, std = (
+                    (float(np.mean(accepted)), float(np.std(accepted, ddof=1)) if len(accepted) > 1 else math.nan)
+                    if config.stats == "welford"
+                    else ema_reference(accepted, 0.9)
                 )
+                sigma = max(std, config.sigma_floor * abs(mu)) if not math.isnan(std) else math.nan
+                np.testing.assert_allclose(float(j.mu[0]), mu, rtol=1e-12)
+                np.testing.assert_allclose(float(j.sigma[0]), sigma, rtol=1e-7, atol=1e-12, equal_nan=True)
             if not in_warmup:
                 threshold = float(j.mu[0]) + config.lam * float(j.sigma[0])
                 assert float(j.threshold[0]) == threshold
                 assert bool(j.prune[0]) == (float(j.severity[0]) > threshold and attempt < config.max_retries)
             if not bool(j.prune[0]):
                 controller.accept(candidates[t, attempt], j)
-                accepted += [] if t == 0 else [float(j.severity[0])]
+                severity = float(j.severity[0])  # a forced accept counts at the threshold it failed
+                accepted += [] if t == 0 else [severity if in_warmup else min(severity, float(j.threshold[0]))]
                 break
     assert controller.chunks_accepted.tolist() == [candidates.shape[0]]
 
@@ -278,8 +301,8 @@ def test_prune_rule_matches_reference_statistics(seed: int, config: TrimConfig) 
 def test_first_warmup_chunks_only_feed_statistics(warmup: int) -> None:
     z = translating_field(3, 16, 2, warmup + 3)
     rows = drive(TrimController(TrimConfig(warmup=warmup), 1), z[:, None])[0]
-    # With warmup=1 the second chunk has no accepted severity to compare against, so it is warmup as well.
-    effective = max(warmup, 2)
+    # Chunk 0 has no severity, and nothing is judged before the statistics hold two: chunks 0-2 are always warmup.
+    effective = max(warmup, 3)
     assert [r["kind"] for r in rows] == ["warmup"] * effective + ["accepted"] * (len(rows) - effective)
     assert np.isnan(rows[0]["severity"]) and np.isnan(rows[0]["drift"]).all()
     assert all(np.isnan(r["threshold"]) for r in rows[:effective])
@@ -383,3 +406,33 @@ def test_cuda_matches_cpu() -> None:
     on_gpu = drive(TrimController(config, 2, device="cuda"), candidates.cuda())
     for a, b in zip(on_cpu, on_gpu, strict=True):
         assert [r["kind"] for r in a] == [r["kind"] for r in b]
+
+
+def _stationary(gen: torch.Generator, base: torch.Tensor) -> torch.Tensor:
+    return base + 0.05 * torch.randn(base.shape, generator=gen)
+
+
+@SETTINGS
+@given(seed=seeds, jump=st.floats(5.0, 500.0))
+def test_a_forced_accept_does_not_lift_the_threshold_over_the_next_corruption(seed: int, jump: float) -> None:
+    """Retries spent, a corrupted candidate is accepted: its severity feeds the statistics only up to the
+    threshold it failed, so a second corruption of the same size right after is still judged prune."""
+    gen = torch.Generator().manual_seed(seed)
+    ctl = TrimController(TrimConfig(max_retries=0), batch_size=1)
+    base = torch.randn(1, 64, 16, generator=gen)
+    for _ in range(8):  # clean, stationary chunks: warmup, then accepted
+        z = _stationary(gen, base)
+        ctl.accept(z, ctl.judge(z, attempt=0))
+    before = ctl.judge(_stationary(gen, base), attempt=0).threshold.item()
+    bad = _stationary(gen, base)
+    bad[:, :6] += jump
+    forced = ctl.judge(bad, attempt=0)
+    assert forced.kinds == ["accepted"] and forced.severity.item() > forced.threshold.item()  # no retry left
+    ctl.accept(bad, forced)
+    after = ctl.judge(_stationary(gen, base), attempt=0)
+    assert after.threshold.item() <= before * 1.5
+    worse = _stationary(gen, base)
+    worse[:, 10:16] += jump
+    ctl_retry = TrimController(TrimConfig(max_retries=1), batch_size=1)
+    ctl_retry.load_state_dict(ctl.state_dict())
+    assert ctl_retry.judge(worse, attempt=0).kinds == ["prune"]

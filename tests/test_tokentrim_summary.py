@@ -14,12 +14,17 @@ SETTINGS = settings(max_examples=30, deadline=None)
 seeds = st.integers(0, 2**32 - 1)
 
 
-def summary_reference(latents: np.ndarray, p_h: int, p_w: int) -> np.ndarray:
-    """[B, C, F, H, W] -> [B, N, C]: mean over frames, then mean over each p_h x p_w patch, row-major tokens."""
+def summary_reference(latents: np.ndarray, p_h: int, p_w: int, mode: str = "mean") -> np.ndarray:
+    """[B, C, F, H, W] -> [B, N, D], row-major tokens, by explicit loops over the patch grid: the frame mean of each
+    p_h x p_w patch, averaged (mode "mean", D = C) or flattened channel-major (mode "patch", D = C * p_h * p_w)."""
     b, c, _, h, w = latents.shape
-    frame_mean = latents.astype(np.float64).mean(axis=2)
-    pooled = frame_mean.reshape(b, c, h // p_h, p_h, w // p_w, p_w).mean(axis=(3, 5))
-    return pooled.reshape(b, c, -1).transpose(0, 2, 1)
+    frame_mean = latents.astype(np.float64).mean(axis=2)  # [B, C, H, W]
+    tokens = []
+    for i in range(h // p_h):
+        for j in range(w // p_w):
+            patch = frame_mean[:, :, i * p_h:(i + 1) * p_h, j * p_w:(j + 1) * p_w]  # [B, C, p_h, p_w]
+            tokens.append(patch.mean(axis=(2, 3)) if mode == "mean" else patch.reshape(b, -1))
+    return np.stack(tokens, axis=1)
 
 
 @SETTINGS
@@ -32,17 +37,44 @@ def summary_reference(latents: np.ndarray, p_h: int, p_w: int) -> np.ndarray:
     w_tokens=st.integers(1, 5),
     p_h=st.integers(1, 3),
     p_w=st.integers(1, 3),
+    mode=st.sampled_from(["patch", "mean"]),
 )
 def test_latent_summary_matches_numpy(
-    seed: int, b: int, c: int, f: int, h_tokens: int, w_tokens: int, p_h: int, p_w: int
+    seed: int, b: int, c: int, f: int, h_tokens: int, w_tokens: int, p_h: int, p_w: int, mode: str
 ) -> None:
     latents = np.random.default_rng(seed).standard_normal((b, c, f, h_tokens * p_h, w_tokens * p_w))
-    z = latent_summary(torch.from_numpy(latents.astype(np.float32)), (1, p_h, p_w))
+    z = latent_summary(torch.from_numpy(latents.astype(np.float32)), (1, p_h, p_w), mode)  # type: ignore[arg-type]
     assert z.dtype == torch.float32
-    assert z.shape == (b, h_tokens * w_tokens, c)
+    assert z.shape == (b, h_tokens * w_tokens, c * (p_h * p_w if mode == "patch" else 1))
     np.testing.assert_allclose(
-        z.numpy(), summary_reference(latents.astype(np.float32), p_h, p_w), rtol=1e-5, atol=1e-6
+        z.numpy(), summary_reference(latents.astype(np.float32), p_h, p_w, mode), rtol=1e-5, atol=1e-6
     )
+
+
+def test_default_summary_is_the_flattened_patch() -> None:
+    latents = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    assert latent_summary(latents).shape == (1, 6, 64)  # C * 1 * 2 * 2 values per token, as for Wan
+    torch.testing.assert_close(latent_summary(latents), latent_summary(latents, (1, 2, 2), "patch"), rtol=0, atol=0)
+
+
+def test_a_zero_mean_checkerboard_inside_patches_is_seen_by_the_patch_summary_only() -> None:
+    """A +-4 checkerboard inside 2x2 patches averages out per patch: the mean summary cannot see it."""
+    from tokentrim import TrimConfig
+    from tokentrim.demo import run_demo
+
+    clean = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    board = torch.tensor([[4.0, -4.0], [-4.0, 4.0]]).repeat(4, 4)  # [8, 8], zero mean in every 2x2 patch
+    corrupted = clean + board
+    mean_drift = token_drift(latent_summary(corrupted, mode="mean"), latent_summary(clean, mode="mean"))
+    patch_drift = token_drift(latent_summary(corrupted), latent_summary(clean))
+    assert float(mean_drift.max()) < 1e-5
+    torch.testing.assert_close(patch_drift, torch.full((1, 16), 4.0 * 8.0), rtol=1e-5, atol=1e-5)  # sqrt(64 * 16)
+    for summary, caught in (("patch", True), ("mean", False)):
+        rows = run_demo(12, 3, [8], TrimConfig(summary=summary), corrupt_tokens=4, corrupt_scale=4.0,
+                        corrupt_kind="checkerboard")
+        assert (rows[8]["verdict"] == "pruned") == caught, summary
+        if caught:
+            assert set(rows[8]["corrupted_positions"]) <= set(rows[8]["pruned_positions"])
 
 
 def test_latent_summary_tokens_are_row_major_patches() -> None:
@@ -51,9 +83,9 @@ def test_latent_summary_tokens_are_row_major_patches() -> None:
     index = torch.arange(h_tokens * w_tokens, dtype=torch.float32).reshape(h_tokens, w_tokens)
     image = index.repeat_interleave(2, dim=0).repeat_interleave(2, dim=1)  # [6, 8]
     latents = image.expand(2, 3, 5, 6, 8)  # [B, C, F, H, W]
-    z = latent_summary(latents, (1, 2, 2))
-    expected = torch.arange(h_tokens * w_tokens, dtype=torch.float32)[None, :, None].expand(2, -1, 3)
-    torch.testing.assert_close(z, expected, rtol=0, atol=0)
+    expected = torch.arange(h_tokens * w_tokens, dtype=torch.float32)[None, :, None]
+    torch.testing.assert_close(latent_summary(latents, (1, 2, 2), "mean"), expected.expand(2, -1, 3), rtol=0, atol=0)
+    torch.testing.assert_close(latent_summary(latents, (1, 2, 2)), expected.expand(2, -1, 12), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

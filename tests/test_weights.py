@@ -13,9 +13,12 @@ from pipeline.errors import WeightsError
 from pipeline.weights import (
     detect_layout,
     load_transformer_weights,
+    read_checkpoint,
     read_state_dict,
+    strip_wrappers,
     to_diffusers_keys,
     to_original_keys,
+    transformer_config_from_checkpoint,
 )
 
 
@@ -136,9 +139,9 @@ def test_all_problems_are_reported_in_one_error(source: WanTransformer3DModel) -
     with pytest.raises(WeightsError) as info:
         load_transformer_weights(target, state)
     message = str(info.value)
-    assert "1 missing" in message and "blocks.1.attn1.to_k.weight" in message
-    assert "1 unexpected" in message and "blocks.0.attn1.extra.weight" in message
-    assert "1 shape mismatch" in message and "proj_out.bias: checkpoint (7,) vs model (64,)" in message
+    assert "1 missing: ['blocks.1.attn1.to_k.weight (file: blocks.1.self_attn.k.weight)']" in message
+    assert "1 unexpected: ['blocks.0.attn1.extra.weight (file: blocks.0.self_attn.extra.weight)']" in message
+    assert "1 shape mismatch: ['proj_out.bias (file: head.head.bias): checkpoint (7,) vs model (64,)']" in message
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing half-loaded
 
 
@@ -158,7 +161,7 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path: Path) -> Non
 
     path = tmp_path / "evil.pt"
     torch.save({"generator_ema": {"model.blocks.0.self_attn.q.weight": Payload()}}, path)
-    with pytest.raises(WeightsError, match=r"evil\.pt.*weights_only"):
+    with pytest.raises(WeightsError, match=r"evil\.pt.*weights_only.*the global `getattr`, which was refused"):
         read_state_dict(str(path))
     assert not marker.exists()
 
@@ -186,6 +189,9 @@ def test_absent_key_and_non_tensor_entries_are_refused(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"`key` 'generator_ema'.*\['generator'\]"):
         read_state_dict(str(path), key="generator_ema")
     torch.save({"a": torch.zeros(1), "step": 3}, path)
+    with pytest.raises(WeightsError, match=r"holds no generator .*top-level keys are \['a', 'step'\]"):
+        read_state_dict(str(path))
+    torch.save({"a": torch.zeros(1), "generator": {"model.a": torch.zeros(1), "step": 3}}, path)
     with pytest.raises(WeightsError, match=r"not tensors.*'step'"):
         read_state_dict(str(path))
 
@@ -195,3 +201,103 @@ def test_flat_prefixed_safetensors_select_the_key(source: WanTransformer3DModel,
     save_file({f"generator_ema.model.{k}": v for k, v in _original_state(source).items()}, str(path))
     state = read_state_dict(str(path))
     assert set(state) == set(to_original_keys(source.state_dict()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrapper prefixes (Rolling Forcing saves through FSDP) and the transformer config read from the file
+
+
+def _wrapped(key: str) -> str:
+    """An FSDP + activation-checkpointing + compile style name for an original Wan key."""
+    if key.startswith("blocks."):
+        index, rest = key.split(".", 2)[1:]
+        return f"model._fsdp_wrapped_module._orig_mod.blocks.{index}._checkpoint_wrapped_module.{rest}"
+    return f"model._fsdp_wrapped_module.{key}"
+
+
+def test_strip_wrappers_removes_every_wrapper_segment_only() -> None:
+    assert strip_wrappers("_fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ffn.0.weight") == (
+        "blocks.0.ffn.0.weight"
+    )
+    assert strip_wrappers("module._orig_mod.module.head.head.bias") == "head.head.bias"
+    assert strip_wrappers("blocks.0.submodule.weight") == "blocks.0.submodule.weight"  # not a segment
+
+
+def _tiny_weights(seed: int, **dims: object) -> dict[str, torch.Tensor]:
+    """Original-layout weights of a seeded transformer with the tiny preset's config updated by `dims`."""
+    from pipeline.backend import TINY_TRANSFORMER
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(**{**TINY_TRANSFORMER, **dims})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return {k: v.clone() for k, v in to_original_keys(model.state_dict()).items()}
+
+
+def _rollout_latents(weights: str | None) -> list[torch.Tensor]:
+    from pipeline.backend import load_backend
+    from pipeline.config import RolloutConfig
+    from pipeline.rollout import Rollout
+
+    backend = load_backend("tiny", weights=weights, with_vae=False)
+    return [r.latents for r in Rollout(backend, RolloutConfig(num_chunks=2), ["a cat"], [3])]
+
+
+def test_self_forcing_and_rolling_forcing_files_of_the_same_weights_give_the_same_latents(tmp_path: Path) -> None:
+    weights = _tiny_weights(seed=7)
+    self_forcing, rolling_forcing = tmp_path / "self_forcing.pt", tmp_path / "rolling_forcing.pt"
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in weights.items()}, "step": 10}, self_forcing)
+    torch.save({"generator": {_wrapped(k): v for k, v in weights.items()}}, rolling_forcing)
+    a, b = _rollout_latents(str(self_forcing)), _rollout_latents(str(rolling_forcing))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    preset = _rollout_latents(None)  # guards the comparison: the file's weights are really used
+    assert not torch.equal(a[-1], preset[-1])
+
+
+def test_tiny_preset_takes_its_dims_from_the_file(tmp_path: Path) -> None:
+    dims = {"num_layers": 3, "freq_dim": 256, "ffn_dim": 48, "text_dim": 16, "num_attention_heads": 4}
+    path = tmp_path / "other_dims.safetensors"
+    save_file(_tiny_weights(seed=3, **dims), str(path))
+    from pipeline.backend import TINY_TRANSFORMER, load_backend
+
+    with pytest.raises(WeightsError, match=r"shape mismatch.*transformer_config_from_checkpoint"):
+        load_transformer_weights(_tiny_model(seed=1), str(path))  # the preset's own dims do not fit
+    config = transformer_config_from_checkpoint(read_checkpoint(str(path)), TINY_TRANSFORMER)
+    assert {k: config[k] for k in dims} == {**dims, "num_attention_heads": 4}
+    assert config["attention_head_dim"] == 12 and config["out_channels"] == 16 and config["patch_size"] == (1, 2, 2)
+    backend = load_backend("tiny", weights=str(path), with_vae=False)
+    loaded = backend.causal.transformer.state_dict()
+    want = to_diffusers_keys(_tiny_weights(seed=3, **dims))
+    assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+    assert backend.encode_prompts(["a cat"]).shape[-1] == 16
+
+
+def test_a_width_no_head_split_fits_is_named_with_the_fix(tmp_path: Path) -> None:
+    from pipeline.backend import TINY_TRANSFORMER
+
+    state = _tiny_weights(seed=3, num_attention_heads=5, attention_head_dim=14)  # width 70: neither 12 nor 128
+    with pytest.raises(WeightsError, match=r"`patch_embedding.weight` has width 70.*diffusers folder"):
+        transformer_config_from_checkpoint(read_checkpoint(state), TINY_TRANSFORMER)
+
+
+def test_shape_mismatch_names_stored_and_converted_keys_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "rf.pt"
+    state = _tiny_weights(seed=3, freq_dim=64)
+    torch.save({"generator": {_wrapped(k): v for k, v in state.items()}}, path)
+    with pytest.raises(WeightsError) as info:
+        load_transformer_weights(_tiny_model(seed=1), str(path))
+    message = str(info.value)
+    assert ("condition_embedder.time_embedder.linear_1.weight (file: generator/model._fsdp_wrapped_module."
+            "time_embedding.0.weight): checkpoint (24, 64) vs model (24, 32)") in message
+    assert "transformer_config_from_checkpoint" in message
+
+
+def test_a_checkpoint_without_a_generator_lists_its_top_level_keys(tmp_path: Path) -> None:
+    path = tmp_path / "trainer.pt"
+    torch.save({"model": {"blocks.0.q": torch.zeros(1)}, "optimizer": {"lr": torch.zeros(1)}, "epoch": 3}, path)
+    expected = r"no generator \(generator_ema / generator\).*top-level keys are \['epoch', 'model', 'optimizer'\]"
+    with pytest.raises(WeightsError, match=expected):
+        read_state_dict(str(path))

@@ -4,7 +4,7 @@ Pure torch, no I/O and no model knowledge (DESIGN.md §2). Shapes: latents [B, C
 drift [B, N], per-sample statistics and verdicts [B].
 """
 
-from tokentrim.config import PruneScope, StatsMode, TrimConfig
+from tokentrim.config import PruneScope, StatsMode, SummaryMode, TrimConfig
 from tokentrim.controller import Judgement, TrimController, VerdictKind
 from tokentrim.stats import RunningStats
 from tokentrim.summary import latent_summary, num_unstable, token_drift, unstable_set
@@ -14,6 +14,7 @@ __all__ = [
     "PruneScope",
     "RunningStats",
     "StatsMode",
+    "SummaryMode",
     "TrimConfig",
     "TrimController",
     "VerdictKind",

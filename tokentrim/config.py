@@ -14,9 +14,11 @@ from typing import Any, Literal, get_args
 
 StatsMode = Literal["welford", "ema"]
 PruneScope = Literal["last", "window"]
+SummaryMode = Literal["patch", "mean"]
 
 STATS_MODES: tuple[str, ...] = get_args(StatsMode)
 PRUNE_SCOPES: tuple[str, ...] = get_args(PruneScope)
+SUMMARY_MODES: tuple[str, ...] = get_args(SummaryMode)
 
 
 def _check_real(name: str, value: Any) -> float:
@@ -66,10 +68,16 @@ class TrimConfig:
     Args:
         p: fraction of the N tokens in the unstable set, in (0, 1]; the set has ceil(p * N) tokens.
         lam: lambda >= 0; a chunk is rejected when its severity exceeds mu + lam * sigma.
-        warmup: >= 1; a sample's first `warmup` accepted chunks only feed the statistics.
+        warmup: >= 1; a sample's first `warmup` accepted chunks only feed the statistics. Whatever `warmup`
+            says, no chunk is judged before the statistics hold two severities (a sample std needs two).
         max_retries: >= 0 regenerations per chunk; the candidate of attempt `max_retries` is accepted.
-        stats: running statistics of accepted severities, "welford" (exact mean / population std) or "ema".
+        stats: running statistics of accepted severities, "welford" (exact mean / sample std, ddof=1) or "ema"
+            (exponentially weighted mean / std with the same small-sample correction).
         ema_decay: decay in (0, 1) of the EMA statistics (used only when `stats == "ema"`).
+        sigma_floor: >= 0; sigma is at least `sigma_floor * mu`, so a run of near-identical severities does not
+            make the threshold collapse onto mu.
+        summary: "patch" (default) keeps the flattened patch per token (C * p_t * p_h * p_w values), "mean" the
+            patch mean (C values), which cannot see a change that averages out inside a patch.
         measure_step: >= 0, the denoising step whose x0 prediction is summarised.
         prune_scope: "last" prunes the previous chunk's cached frames, "window" every non-sink cached frame.
         protect_sink: never prune sink frames.
@@ -77,11 +85,13 @@ class TrimConfig:
     """
 
     p: float = 0.1
-    lam: float = 2.0
-    warmup: int = 2
+    lam: float = 3.0
+    warmup: int = 3
     max_retries: int = 1
     stats: StatsMode = "welford"
     ema_decay: float = 0.9
+    sigma_floor: float = 0.05
+    summary: SummaryMode = "patch"
     measure_step: int = 0
     prune_scope: PruneScope = "last"
     protect_sink: bool = True
@@ -97,17 +107,22 @@ class TrimConfig:
         ema_decay = _check_real("ema_decay", self.ema_decay)
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in (0, 1), got {self.ema_decay!r}")
+        sigma_floor = _check_real("sigma_floor", self.sigma_floor)
+        if sigma_floor < 0.0:
+            raise ValueError(f"`sigma_floor` must be >= 0, got {self.sigma_floor!r}")
         _check_int("warmup", self.warmup, 1)
         _check_int("max_retries", self.max_retries, 0)
         _check_int("measure_step", self.measure_step, 0)
         _check_choice("stats", self.stats, STATS_MODES)
         _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
+        _check_choice("summary", self.summary, SUMMARY_MODES)
         if not isinstance(self.protect_sink, bool):
             raise TypeError(f"`protect_sink` must be a bool, got {self.protect_sink!r}")
         # Normalise ints given for float fields so that equal configs hash equally.
         object.__setattr__(self, "p", p)
         object.__setattr__(self, "lam", lam)
         object.__setattr__(self, "ema_decay", ema_decay)
+        object.__setattr__(self, "sigma_floor", sigma_floor)
         object.__setattr__(self, "patch_size", _check_patch_size(self.patch_size))
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,7 +38,8 @@ class Judgement:
     Attributes:
         severity: [B] float32 mean drift over the unstable set; NaN where the sample has no previous summary.
         mu: [B] float64 running mean of accepted severities (NaN before the first one).
-        sigma: [B] float64 running std of accepted severities (NaN before the first one).
+        sigma: [B] float64 the sigma of the threshold: the running sample std of accepted severities, floored at
+            `sigma_floor * mu` (NaN before the second one).
         threshold: [B] float64 mu + lam * sigma; NaN for samples in warmup.
         prune: [B] bool; reject this candidate, prune `positions` and regenerate.
         positions: [B, k] long unstable positions (in range for every sample; meaningful where severity is finite).
@@ -110,10 +111,10 @@ class TrimController:
     def judge(self, summary: Tensor, attempt: int) -> Judgement:
         """Judge a candidate chunk; does not change state.
 
-        A sample is in warmup while it has accepted fewer than `config.warmup` chunks, or has no accepted
-        severity yet (only possible with warmup=1: the second chunk has nothing to compare against). Otherwise
-        prune = severity > mu + lam * sigma and attempt < max_retries: the candidate of attempt `max_retries`
-        is accepted whatever its severity.
+        A sample is in warmup while it has accepted fewer than `config.warmup` chunks, or its statistics hold
+        fewer than two severities (the first chunk has none, so at least chunks 0-2 are warmup). Otherwise
+        prune = severity > mu + lam * max(sigma, sigma_floor * mu) and attempt < max_retries: the candidate of
+        attempt `max_retries` is accepted whatever its severity.
 
         Args:
             summary: [B, N, D] summary of the candidate, finite.
@@ -130,8 +131,9 @@ class TrimController:
         # Samples without a previous summary get in-range placeholder positions (their drift is all zero here).
         positions, severity = unstable_set(torch.nan_to_num(drift, nan=0.0), self.config.p)  # [B, k], [B]
         severity = torch.where(has_prev, severity, nan)
-        mu, sigma = self.stats.mu, self.stats.sigma  # [B] float64
-        warmup = (self._chunks < self.config.warmup) | (self.stats.count == 0)
+        mu = self.stats.mu  # [B] float64
+        sigma = torch.maximum(self.stats.sigma, self.config.sigma_floor * mu.abs())  # NaN stays NaN
+        warmup = (self._chunks < self.config.warmup) | (self.stats.count < 2)
         threshold = torch.where(warmup, nan, mu + self.config.lam * sigma)
         over = severity.double() > threshold  # False wherever threshold or severity is NaN
         prune = ~warmup & over & (attempt < self.config.max_retries)
@@ -154,8 +156,10 @@ class TrimController:
         """Commit the kept candidate of the samples in `mask` (default: all).
 
         Its summary becomes the sample's previous one, its severity (if finite) feeds the running statistics and
-        the sample's chunk count grows by one. Accepting a candidate that was judged prune is allowed (the engine
-        may have nothing left to prune); its severity then feeds the statistics like any other.
+        the sample's chunk count grows by one. Accepting a candidate over its threshold is allowed (its retries
+        are spent, or nothing is left to prune); its severity then feeds the statistics clipped to that threshold,
+        so one corrupted chunk cannot lift the threshold over the chunks that follow it, while a lasting change of
+        regime still raises the statistics a little with each chunk.
 
         Args:
             summary: [B, N, D] summary of the accepted candidate (the one `judgement` was made on).
@@ -174,6 +178,9 @@ class TrimController:
         if tuple(judgement.severity.shape) != (self.batch_size,):
             raise ValueError(f"`judgement` is for batch size {judgement.severity.shape}, not {self.batch_size}")
         severity = judgement.severity.to(self.device)
+        threshold = judgement.threshold.to(self.device)
+        over = severity.double() > threshold  # False where the threshold is NaN (warmup)
+        severity = torch.where(over, threshold, severity.double())  # a forced accept counts at its threshold
         self.stats.update(torch.nan_to_num(severity, nan=0.0), mask & torch.isfinite(severity))
         if self._prev is None:
             self._prev = torch.zeros_like(z)

@@ -5,8 +5,10 @@
 Each chunk is a latent [1, C, F, H, W] = [1, 16, 3, H, W] drawn from a smoothly drifting stationary process: a
 per-element AR(1) state s_t = rho * s_{t-1} + sqrt(1 - rho^2) * eps_t (unit variance for every t) plus a little
 per-frame jitter. At each chunk in `corrupt_at` the first candidate (attempt 0) has `corrupt_tokens` whole patches
-shifted by `corrupt_scale` in every channel and frame; regenerating the chunk (attempt >= 1) draws a clean
-candidate. Every draw uses its own torch.Generator seeded from (seed, purpose, chunk, attempt); no global RNG.
+shifted by `corrupt_scale` in every channel and frame (`corrupt_kind="offset"`), or given a zero-mean checkerboard
+of +-`corrupt_scale` inside each patch (`"checkerboard"`, which only the patch summary sees); regenerating the chunk
+(attempt >= 1) draws a clean candidate. Every draw uses its own torch.Generator seeded from (seed, purpose, chunk,
+attempt); no global RNG.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ def _corruption(
     return positions, grid.repeat_interleave(p_h, dim=0).repeat_interleave(p_w, dim=1)
 
 
+def _pattern(pixel_mask: Tensor, patch: tuple[int, int], kind: str) -> Tensor:
+    """[H, W] float: 1 on the masked pixels ("offset"), or +-1 alternating inside each patch ("checkerboard")."""
+    mask = pixel_mask.float()
+    if kind == "offset":
+        return mask
+    h, w = mask.shape
+    rows = torch.arange(h)[:, None] % patch[0]
+    cols = torch.arange(w)[None, :] % patch[1]
+    return mask * (1.0 - 2.0 * ((rows + cols) % 2).float())  # zero mean in every even-sized patch
+
+
 def _row(chunk: int, corrupted_positions: list[int], judgements: Sequence[Judgement]) -> dict[str, Any]:
     """One table row from the judgements of a chunk's candidates (the last one was accepted)."""
     first, last = judgements[0], judgements[-1]
@@ -79,6 +92,7 @@ def run_demo(
     width: int = 16,
     corrupt_tokens: int = 4,
     corrupt_scale: float = 3.0,
+    corrupt_kind: str = "offset",
     rho: float = 0.95,
     jitter: float = 0.05,
 ) -> list[dict[str, Any]]:
@@ -95,6 +109,8 @@ def run_demo(
     num_tokens = (height // p_h) * (width // p_w)
     if not 1 <= corrupt_tokens <= num_tokens:
         raise ValueError(f"`corrupt_tokens` must be in [1, {num_tokens}], got {corrupt_tokens}")
+    if corrupt_kind not in ("offset", "checkerboard"):
+        raise ValueError(f"`corrupt_kind` must be 'offset' or 'checkerboard', got {corrupt_kind!r}")
     controller = TrimController(config, batch_size=1)
     state = torch.randn(CHANNELS, height, width, generator=_generator(seed, "init"))  # [C, H, W]
     rows: list[dict[str, Any]] = []
@@ -111,8 +127,8 @@ def run_demo(
             )
             latents = state[None, :, None] + jitter * noise  # [1, C, F, H, W]
             if corrupted and attempt == 0:
-                latents = latents + corrupt_scale * pixel_mask.to(latents.dtype)  # broadcast over [1, C, F]
-            summary = latent_summary(latents, config.patch_size)  # [1, N, C]
+                latents = latents + corrupt_scale * _pattern(pixel_mask, (p_h, p_w), corrupt_kind)  # over [1, C, F]
+            summary = latent_summary(latents, config.patch_size, config.summary)  # [1, N, D]
             judgements.append(controller.judge(summary, attempt))
             if not bool(judgements[-1].prune[0]):
                 controller.accept(summary, judgements[-1])
@@ -143,12 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--corrupt-at", type=int, nargs="*", default=[12], help="chunks whose first candidate is corrupted"
     )
     parser.add_argument("--corrupt-tokens", type=int, default=4, help="tokens corrupted per corrupted chunk")
+    parser.add_argument("--corrupt-kind", choices=("offset", "checkerboard"), default="offset",
+                        help="shift whole patches, or a zero-mean checkerboard inside them")
+    parser.add_argument("--summary", choices=("patch", "mean"), default=defaults.summary,
+                        help="flattened patch per token, or the patch mean")
     parser.add_argument("--p", type=float, default=defaults.p, help="fraction of tokens in the unstable set")
     parser.add_argument("--lam", type=float, default=defaults.lam, help="threshold mu + lam * sigma")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="chunks that only feed the statistics")
     args = parser.parse_args(argv)
-    config = TrimConfig(p=args.p, lam=args.lam, warmup=args.warmup)
-    rows = run_demo(args.chunks, args.seed, args.corrupt_at, config, corrupt_tokens=args.corrupt_tokens)
+    config = TrimConfig(p=args.p, lam=args.lam, warmup=args.warmup, summary=args.summary)
+    rows = run_demo(args.chunks, args.seed, args.corrupt_at, config, corrupt_tokens=args.corrupt_tokens,
+                    corrupt_kind=args.corrupt_kind)
     print(f"TokenTrim demo, config {config.config_hash()}: {config.to_dict()}")
     print(format_table(rows))
     return 0

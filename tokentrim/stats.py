@@ -3,10 +3,15 @@
 Shapes: every buffer and every input is [B], one entry per sample of the batch; statistics are float64.
 
 Modes:
-    welford: exact running mean and population variance (m2 / count), Welford's update.
+    welford: exact running mean and sample variance (m2 / (count - 1), ddof=1), Welford's update.
     ema:     exponentially weighted mean and variance with decay a (the first value initialises the mean,
              with zero variance; then diff = x - mean, mean += (1 - a) * diff, var = a * (var + (1 - a) * diff^2)).
-             In this mode the `m2` buffer holds the EMA variance itself.
+             In this mode the `m2` buffer holds the weighted variance V itself. The value n has weight a^(n-1) for
+             the first value and (1 - a) * a^(n-i) for the others; `sigma` divides V by 1 - sum(w_i^2) (the
+             reliability-weights correction), which for two values is exactly the ddof=1 sample variance, and for
+             equal weights is ddof=1 in general.
+
+`sigma` is NaN until a sample holds two values: one severity says nothing about the spread.
 """
 
 from __future__ import annotations
@@ -101,10 +106,17 @@ class RunningStats:
 
     @property
     def sigma(self) -> Tensor:
-        """[B] float64 running std (population for welford); NaN where a sample has no value yet."""
-        var = self.m2 / self.count.clamp(min=1).double() if self.mode == "welford" else self.m2
+        """[B] float64 running sample std (ddof=1, or its weighted analogue for ema); NaN below two values."""
+        n = self.count.double()
+        if self.mode == "welford":
+            var = self.m2 / (n - 1.0).clamp(min=1.0)
+        else:
+            a = self.ema_decay
+            decay = torch.pow(torch.full_like(n, a * a), (n - 1.0).clamp(min=0.0))  # a^(2(n-1))
+            sum_w2 = decay + (1.0 - a) * (1.0 - decay) / (1.0 + a)  # sum of squared weights, 1 for n = 1
+            var = self.m2 / (1.0 - sum_w2).clamp(min=1e-300)
         sigma = var.clamp(min=0.0).sqrt()
-        return torch.where(self.count > 0, sigma, torch.full_like(sigma, float("nan")))
+        return torch.where(self.count > 1, sigma, torch.full_like(sigma, float("nan")))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Copies of the [B] buffers: `count` (long), `mean` and `m2` (float64)."""

@@ -2,7 +2,8 @@
 
 Shapes:
     latents   [B, C, F, H, W]   (diffusers layout)
-    summary   [B, N, D]         N = (H // p_h) * (W // p_w) tokens in row-major (h, w) order, D = C
+    summary   [B, N, D]         N = (H // p_h) * (W // p_w) tokens in row-major (h, w) order; D = C * p_t * p_h * p_w
+                                (mode "patch", the flattened patch) or D = C (mode "mean", the patch mean)
     drift     [B, N]            L2 distance per token position
     positions [B, k]            k = ceil(p * N) unstable positions per sample, sorted ascending
     severity  [B]               mean drift over the unstable set
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from tokentrim.config import SUMMARY_MODES, SummaryMode
 
 
 def _check_float_tensor(name: str, value: object, ndim: int) -> Tensor:
@@ -45,31 +48,41 @@ def num_unstable(num_tokens: int, p: float) -> int:
     return min(max(k, 1), num_tokens)
 
 
-def latent_summary(latents: Tensor, patch_size: Sequence[int] = (1, 2, 2)) -> Tensor:
-    """Z = mean over the F frames, average-pooled to the (p_h, p_w) patch grid.
+def latent_summary(latents: Tensor, patch_size: Sequence[int] = (1, 2, 2), mode: SummaryMode = "patch") -> Tensor:
+    """Z = mean over the F frames (in groups of p_t), one vector per token of the (p_h, p_w) patch grid.
 
     Args:
-        latents: [B, C, F, H, W]; H and W divisible by p_h and p_w.
-        patch_size: (p_t, p_h, p_w); p_t is unused since all frames are averaged.
+        latents: [B, C, F, H, W]; F divisible by p_t, H and W by p_h and p_w.
+        patch_size: (p_t, p_h, p_w), the transformer's patch.
+        mode: "patch" keeps every value of the frame-averaged patch (D = C * p_t * p_h * p_w, so a change that
+            averages out inside a patch is still seen); "mean" averages the patch (D = C).
 
     Returns:
-        [B, N, D] float32 with N = (H // p_h) * (W // p_w) in row-major (h, w) order and D = C.
+        [B, N, D] float32 with N = (H // p_h) * (W // p_w) in row-major (h, w) order.
     """
     latents = _check_float_tensor("latents", latents, 5)
     if len(patch_size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in patch_size):
         raise ValueError(f"`patch_size` must be 3 positive ints (t, h, w), got {patch_size!r}")
-    _, p_h, p_w = patch_size
-    b, c, _, h, w = latents.shape
-    if h % p_h or w % p_w:
+    if mode not in SUMMARY_MODES:
+        raise ValueError(f"`mode` must be one of {SUMMARY_MODES}, got {mode!r}")
+    p_t, p_h, p_w = patch_size
+    b, c, f, h, w = latents.shape
+    if f % p_t or h % p_h or w % p_w:
         raise ValueError(
-            f"`latents` H and W must be divisible by the patch size ({p_h}, {p_w}), got shape {tuple(latents.shape)}"
+            f"`latents` F, H and W must be divisible by the patch size {tuple(patch_size)}, "
+            f"got shape {tuple(latents.shape)}"
         )
-    frame_mean = latents.float().mean(dim=2)  # [B, C, H, W]
-    # [B, C, H, W] -> [B, C, H/p_h, p_h, W/p_w, p_w]: split each spatial axis into (patch index, offset in patch)
-    patches = frame_mean.reshape(b, c, h // p_h, p_h, w // p_w, p_w)
-    pooled = patches.mean(dim=(3, 5))  # [B, C, H/p_h, W/p_w]
-    # [B, C, H', W'] -> [B, C, N] with N in row-major (h, w) order -> [B, N, C]
-    return pooled.reshape(b, c, -1).transpose(1, 2).contiguous()
+    # [B, C, F, H, W] -> [B, C, F/p_t, p_t, H, W] -> mean over the F/p_t temporal patches: [B, C, p_t, H, W]
+    frame_mean = latents.float().reshape(b, c, f // p_t, p_t, h, w).mean(dim=2)
+    # split each spatial axis into (patch index, offset in patch): [B, C, p_t, H/p_h, p_h, W/p_w, p_w]
+    patches = frame_mean.reshape(b, c, p_t, h // p_h, p_h, w // p_w, p_w)
+    if mode == "mean":
+        pooled = patches.mean(dim=(2, 4, 6))  # [B, C, H/p_h, W/p_w]
+        # [B, C, H', W'] -> [B, C, N] with N in row-major (h, w) order -> [B, N, C]
+        return pooled.reshape(b, c, -1).transpose(1, 2).contiguous()
+    # [B, C, p_t, H', p_h, W', p_w] -> [B, H', W', C, p_t, p_h, p_w] -> [B, N, C*p_t*p_h*p_w]
+    tokens = patches.permute(0, 3, 5, 1, 2, 4, 6)
+    return tokens.reshape(b, (h // p_h) * (w // p_w), c * p_t * p_h * p_w).contiguous()
 
 
 def token_drift(z: Tensor, z_prev: Tensor) -> Tensor:
