@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import RolloutConfig, config_hash
+from pipeline.config import RolloutConfig
+from pipeline.hashing import job_hash
 from tokentrim import TrimConfig
 
 JOB_FORMAT = 1
@@ -62,7 +63,7 @@ class JobSpec:
                 "trim": self.trim.to_dict() if self.trim else None, "dtype": self.dtype, "seed": self.seed}
 
     def config_hash(self) -> str:
-        return config_hash(self.render_settings())
+        return job_hash(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

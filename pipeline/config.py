@@ -1,9 +1,7 @@
-"""The rollout config: one frozen object whose JSON hash is recorded with every output."""
+"""The rollout config: one frozen object whose JSON hash is recorded with every output (`pipeline.hashing`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -71,13 +69,15 @@ class RolloutConfig:
         return warp_timesteps(self.steps or default, self.shift)
 
     @property
-    def sink(self) -> int:
+    def effective_sink_frames(self) -> int:
+        """`sink_frames`, or its mode's default when None."""
         if self.sink_frames is not None:
             return self.sink_frames
         return self.chunk_frames if self.mode == "rolling-forcing" else 0
 
     @property
-    def sink_placement(self) -> SinkRope:
+    def effective_sink_rope(self) -> SinkRope:
+        """`sink_rope`, or its mode's default when None."""
         if self.sink_rope is not None:
             return self.sink_rope
         return "adjacent" if self.mode == "rolling-forcing" else "absolute"
@@ -99,8 +99,3 @@ class RolloutConfig:
             raise ValueError(f"unknown RolloutConfig fields {unknown}")
         return cls(**d)
 
-
-def config_hash(*parts: dict[str, Any]) -> str:
-    """Stable short hash of JSON-able dicts (sorted keys), e.g. rollout + trim + model configs."""
-    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
