@@ -98,7 +98,7 @@ class WanBackend:
         return StreamingDecoder(self.vae)
 
 
-def _seeded_transformer(config: dict[str, Any], seed: int, device: torch.device | str,
+def seeded_transformer(config: dict[str, Any], seed: int, device: torch.device | str,
                         dtype: torch.dtype) -> Any:
     from diffusers import WanTransformer3DModel
 
@@ -143,12 +143,12 @@ def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dty
     (``text_len``: prompt tokens for a folder's umT5, default 512 as Wan was trained)."""
     if model == "tiny":
         spec = PRESETS["tiny"]
-        transformer = _seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)
+        transformer = seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)
         text = build_tiny_text_encoder(text_dim=TINY_TRANSFORMER["text_dim"], text_len=spec.text_len, seed=seed)
         vae = build_tiny_vae(seed) if with_vae else None
     elif model == "wan2.1-1.3b":
         spec = PRESETS["wan2.1-1.3b"]
-        transformer = _seeded_transformer(WAN_1_3B_TRANSFORMER, seed, device, dtype)
+        transformer = seeded_transformer(WAN_1_3B_TRANSFORMER, seed, device, dtype)
         text = _random_wide_text_encoder(WAN_1_3B_TRANSFORMER["text_dim"], spec.text_len, seed)
         vae = _random_full_vae(seed) if with_vae else None
     elif os.path.isdir(model):
