@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 SPATIAL_SCALE = 8  # pixels per latent pixel (Wan2.1 VAE)
 LATENT_CHANNELS = 16
+WAN_HEIGHT_PX, WAN_WIDTH_PX = 480, 832  # Wan2.1-T2V-1.3B's output size
+WAN_TEXT_LEN = 512  # umT5 prompt tokens Wan2.1 was trained with
 
 TINY_TRANSFORMER: dict[str, Any] = {
     "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
@@ -61,7 +63,7 @@ class ModelSpec:
 
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", height_px=64, width_px=96, text_len=32),
-    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=480, width_px=832, text_len=512),
+    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=WAN_HEIGHT_PX, width_px=WAN_WIDTH_PX, text_len=WAN_TEXT_LEN),
 }
 
 
@@ -140,7 +142,7 @@ def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dty
                  weights: str | None = None, seed: int = 0, with_vae: bool = True,
                  text_len: int | None = None) -> WanBackend:
     """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
-    (``text_len``: prompt tokens for a folder's umT5, default 512 as Wan was trained)."""
+    (``text_len``: prompt tokens for a folder's umT5, default `WAN_TEXT_LEN` as Wan was trained)."""
     if model == "tiny":
         spec = PRESETS["tiny"]
         transformer = seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)
@@ -153,7 +155,7 @@ def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dty
         vae = _random_full_vae(seed) if with_vae else None
     elif os.path.isdir(model):
         return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae,
-                            text_len=text_len or 512)
+                            text_len=text_len or WAN_TEXT_LEN)
     else:
         raise InputError(f"`model` must be 'tiny', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, got {model!r}")
     if weights is not None:
@@ -187,5 +189,6 @@ def _load_folder(folder: str, *, device: torch.device | str, dtype: torch.dtype,
     transformer = _cast(transformer, device, dtype)
     text = load_text_encoder(folder, text_len=text_len, device=device, dtype=dtype)
     vae = load_vae(folder, device=device, dtype=dtype) if with_vae else None
-    spec = ModelSpec(os.path.abspath(folder), height_px=480, width_px=832, text_len=text.text_len, weights=weights)
+    spec = ModelSpec(os.path.abspath(folder), height_px=WAN_HEIGHT_PX, width_px=WAN_WIDTH_PX, text_len=text.text_len,
+                     weights=weights)
     return WanBackend(spec, CausalWan(transformer), text, vae)
