@@ -134,20 +134,20 @@ class Rollout:
         """Generate, judge and commit the next chunk (steps 1-5 of the module docstring)."""
         c = self.next_chunk
         if self.window is not None and c == 0:
-            self.window.fill()
+            self.window.fill()  # rolling-forcing: chunks 0..depth-2 enter the window
         chunk = _Accepted.empty(self.batch, self.backend.device)
         prunes: list[PruneEvent] = []
         for attempt in range(self._max_attempts()):
-            judged = self._candidate(c, attempt, chunk.done)  # steps 1-3: noise, denoise, judge
-            rejected = self._accept(chunk, judged, attempt)  # step 4: keep accepted candidates ...
+            judged = self._candidate(c, attempt, chunk.done)  # 1-3. noise -> denoise -> judge
+            rejected = self._accept(chunk, judged, attempt)  # 4a. samples that accept keep this candidate
             if bool(chunk.done.all()):
                 break
-            prunes.append(self._prune(c, judged, rejected, chunk))  # ... prune for the rest and regenerate
+            prunes.append(self._prune(c, judged, rejected, chunk))  # 4b. prune for the others, then regenerate
         if self.window is not None:
             self.window.settle(chunk.attempts)
         latents = chunk.latents
         assert latents is not None, "every sample accepted a candidate"
-        self._commit(c, latents)  # step 5
+        self._commit(c, latents)  # 5. commit
         record = ChunkRecord(c, latents, prunes, self.controller.state_dict() if self.controller else {},
                              self.window_state(), self._stats(c, latents, chunk))
         if self._owns_timer:
@@ -167,8 +167,8 @@ class Rollout:
         early when every undecided sample's candidate is rejected (the rest of its steps would be thrown away)."""
         x = self.noise(c, 0, attempt)  # 1. noise
         x0, verdict = x, None
-        for i, t in enumerate(self.timesteps):
-            with self.timer.phase("denoise"):  # 2. denoise
+        for i, t in enumerate(self.timesteps):  # 2. denoise
+            with self.timer.phase("denoise"):
                 flow = self.backend.causal.denoise(x, self._levels(i), self.text, self.cache,
                                                    c * self.config.chunk_frames)
                 x0 = to_x0(x, flow, t / 1000.0)
