@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -41,9 +42,11 @@ from bench.common import (
 )
 from pipeline.backend import LATENT_CHANNELS, PRESETS, SPATIAL_SCALE, WAN_1_3B_TRANSFORMER, WanBackend
 from pipeline.checkpoint import RolloutCheckpoints
+from pipeline.chunk_stats import ChunkStats
 from pipeline.config import RolloutConfig
+from pipeline.records import ChunkRecord, PruneEvent
 from pipeline.render import render, render_hash
-from pipeline.rollout import ChunkRecord, PruneEvent, Rollout
+from pipeline.rollout import Rollout
 from pipeline.store import Store
 from tokentrim import TrimConfig, TrimController
 
@@ -151,8 +154,9 @@ def full_size_record(dtype: torch.dtype, rows: list[dict[str, Any]], rolling: bo
     prune = PruneEvent(3, [6, 7, 8], positions, torch.ones(1, dtype=torch.bool))
     window = {j: torch.randn(shape, generator=gen).to(dtype) for j in range(4, 4 + len(config.timesteps) - 1)} \
         if rolling else {}
+    stats = [ChunkStats.from_json({f.name: row[f.name] for f in dataclasses.fields(ChunkStats)}) for row in rows]
     return ChunkRecord(3, torch.randn(shape, generator=gen).to(dtype), [prune], controller.state_dict(), window,
-                       rows)
+                       stats)
 
 
 def stored_bytes(record: ChunkRecord) -> tuple[int, int, int]:

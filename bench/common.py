@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.backend import TINY_TRANSFORMER, ModelSpec, WanBackend, _seeded_transformer
+from pipeline.backend import TINY_TRANSFORMER, ModelSpec, WanBackend, seeded_transformer
 from pipeline.causal_wan import CausalWan
-from pipeline.rollout import ChunkRecord, Rollout
+from pipeline.records import ChunkRecord
+from pipeline.rollout import Rollout
 from pipeline.text import build_tiny_text_encoder
 from pipeline.vae import build_tiny_vae
 
@@ -52,7 +53,7 @@ def set_threads(threads: int) -> None:
 def build_mid_backend(latent_hw: tuple[int, int] = MID_LATENT_HW, *, seed: int = 0, with_vae: bool = True,
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> WanBackend:
     """The bench backend: `MID_TRANSFORMER` (seeded random weights), the tiny text encoder, the tiny VAE."""
-    transformer = _seeded_transformer(MID_TRANSFORMER, seed, device, dtype)
+    transformer = seeded_transformer(MID_TRANSFORMER, seed, device, dtype)
     text = build_tiny_text_encoder(text_dim=MID_TRANSFORMER["text_dim"], text_len=MID_TEXT_LEN, seed=seed)
     text.encoder.to(device)
     spec = ModelSpec("bench-mid", height_px=latent_hw[0] * SPATIAL_SCALE, width_px=latent_hw[1] * SPATIAL_SCALE,

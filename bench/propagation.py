@@ -29,7 +29,8 @@ import torch
 
 from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
-from pipeline.rollout import ChunkRecord, Rollout
+from pipeline.records import ChunkRecord
+from pipeline.rollout import Rollout
 from tokentrim import TrimConfig
 
 PROMPT = "a red panda walking through a snowy bamboo forest"

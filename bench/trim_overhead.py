@@ -32,7 +32,8 @@ from bench.common import (
 )
 from pipeline.backend import WanBackend
 from pipeline.config import RolloutConfig
-from pipeline.rollout import ChunkRecord, Rollout
+from pipeline.records import ChunkRecord
+from pipeline.rollout import Rollout
 from tokentrim import TrimConfig
 
 VARIANTS: dict[str, TrimConfig | None] = {

@@ -31,7 +31,8 @@ from bench.common import (
 from pipeline.backend import LATENT_CHANNELS
 from pipeline.config import RolloutConfig
 from pipeline.kv_cache import KVCache
-from pipeline.rollout import ChunkRecord, Rollout
+from pipeline.records import ChunkRecord
+from pipeline.rollout import Rollout
 from pipeline.sampler import chunk_noise
 from tokentrim import TrimConfig
 

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
-from pipeline.config import config_hash
 from pipeline.errors import CorruptStateError, TokentrimError, TransientError
+from pipeline.hashing import digest as config_hash
 from pipeline.store import KeyNotFound, Store
 
 if TYPE_CHECKING:

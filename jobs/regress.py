@@ -18,8 +18,8 @@ from typing import Any
 
 from jobs.run import plan, submit
 from jobs.spec import JobSpec
-from pipeline.config import config_hash
 from pipeline.errors import InputError
+from pipeline.hashing import digest as config_hash
 from pipeline.store import KeyNotFound, Store, split_url
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from pipeline.config import RolloutConfig, config_hash
-from tokentrim.config import TrimConfig
+from pipeline.config import RolloutConfig
+from pipeline.hashing import job_hash
+from tokentrim import TrimConfig
 
 JOB_FORMAT = 2
 DEFAULT_MODEL = "tiny"  # the one place the default model is named (CLI, jobs, regress)
@@ -96,7 +97,7 @@ class JobSpec:
                 **({"compile": True} if self.compile else {})}  # compiled kernels round differently
 
     def config_hash(self) -> str:
-        return config_hash(self.render_settings())
+        return job_hash(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed, compile=self.compile)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

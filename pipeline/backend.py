@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 SPATIAL_SCALE = 8  # pixels per latent pixel (Wan2.1 VAE)
 LATENT_CHANNELS = 16
+WAN_HEIGHT_PX, WAN_WIDTH_PX = 480, 832  # Wan2.1-T2V-1.3B's output size
+WAN_TEXT_LEN = 512  # umT5 prompt tokens Wan2.1 was trained with
 
 TINY_TRANSFORMER: dict[str, Any] = {
     "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
@@ -61,7 +63,7 @@ class ModelSpec:
 
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", height_px=64, width_px=96, text_len=32),
-    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=480, width_px=832, text_len=512),
+    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=WAN_HEIGHT_PX, width_px=WAN_WIDTH_PX, text_len=WAN_TEXT_LEN),
 }
 
 
@@ -98,7 +100,7 @@ class WanBackend:
         return StreamingDecoder(self.vae)
 
 
-def _seeded_transformer(config: dict[str, Any], seed: int, device: torch.device | str,
+def seeded_transformer(config: dict[str, Any], seed: int, device: torch.device | str,
                         dtype: torch.dtype) -> Any:
     from diffusers import WanTransformer3DModel
 
@@ -140,8 +142,8 @@ def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dty
                  weights: str | None = None, seed: int = 0, with_vae: bool = True,
                  text_len: int | None = None, compile: bool = False) -> WanBackend:
     """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
-    (``text_len``: prompt tokens for a folder's umT5, default 512 as Wan was trained; ``compile``: compile the
-    transformer blocks on the static path, `CausalWan.compile`)."""
+    (``text_len``: prompt tokens for a folder's umT5, default `WAN_TEXT_LEN` as Wan was trained; ``compile``:
+    compile the transformer blocks on the static path, `CausalWan.compile`)."""
     backend = _load_backend(model, device=device, dtype=dtype, weights=weights, seed=seed, with_vae=with_vae,
                             text_len=text_len)
     if compile:
@@ -160,7 +162,7 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
             checkpoint = read_checkpoint(weights)
             base = transformer_config_from_checkpoint(checkpoint, base)
         spec = PRESETS[model]
-        transformer = _seeded_transformer(base, seed, device, dtype)
+        transformer = seeded_transformer(base, seed, device, dtype)
         if model == "tiny":
             text = build_tiny_text_encoder(text_dim=base["text_dim"], text_len=spec.text_len, seed=seed)
             vae = build_tiny_vae(seed) if with_vae else None
@@ -173,7 +175,7 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
             load_transformer_weights(transformer, checkpoint)
     elif os.path.isdir(model):
         return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae,
-                            text_len=text_len or 512)
+                            text_len=text_len or WAN_TEXT_LEN)
     else:
         raise InputError(f"`model` must be 'tiny', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, got {model!r}")
     spec = ModelSpec(spec.name, spec.height_px, spec.width_px, spec.text_len, weights, seed)
@@ -203,5 +205,6 @@ def _load_folder(folder: str, *, device: torch.device | str, dtype: torch.dtype,
     transformer = _cast(transformer, device, dtype)
     text = load_text_encoder(folder, text_len=text_len, device=device, dtype=dtype)
     vae = load_vae(folder, device=device, dtype=dtype) if with_vae else None
-    spec = ModelSpec(os.path.abspath(folder), height_px=480, width_px=832, text_len=text.text_len, weights=weights)
+    spec = ModelSpec(os.path.abspath(folder), height_px=WAN_HEIGHT_PX, width_px=WAN_WIDTH_PX, text_len=text.text_len,
+                     weights=weights)
     return WanBackend(spec, CausalWan(transformer), text, vae)

@@ -3,8 +3,8 @@
 Per chunk ``i``, each object written whole:
   ``chunk-<i>.safetensors``  the clean latents, prune events and TokenTrim state;
   ``window-<i>.safetensors`` rolling-forcing only: the in-flight window after chunk i (kept for the last two chunks);
-  ``chunk-<i>.json``         the commit marker, written last: config hash, prompt ids, each object's size and
-                              sha256, prune frames and the chunk's stats rows.
+  ``chunk-<i>.json``         the commit marker, written last as strict JSON (NaN as null): config hash, prompt ids,
+                              each object's size and sha256, prune frames and the chunk's `ChunkStats` per sample.
 A reader trusts only chunks 0..k-1 whose markers exist and whose data matches size and hash; at the first gap or
 mismatch it falls back to the last good chunk and deletes everything after it (a later rerun rewrites it). Nothing
 is pickled: tensors go through safetensors, the rest through JSON.
@@ -13,18 +13,18 @@ is pickled: tensors go through safetensors, the rest through JSON.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from typing import Any
 
+from pipeline.chunk_stats import ChunkStats
 from pipeline.errors import ConfigMismatchError, CorruptStateError
-from pipeline.rollout import ChunkRecord, PruneEvent
+from pipeline.records import ChunkRecord, PruneEvent
 from pipeline.store import KeyNotFound, Store
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: strict-JSON markers holding `ChunkStats` rows
 _MARKER = re.compile(r"^chunk-(\d{6})\.json$")
 
 
@@ -71,7 +71,8 @@ def decode_record(meta: dict[str, Any], data: bytes) -> ChunkRecord:
     prunes = [PruneEvent(meta["index"], list(p["frames"]), tensors[f"prune.{i}.positions"],
                          tensors[f"prune.{i}.samples"]) for i, p in enumerate(meta["prunes"])]
     trim = {k[len("trim."):]: v for k, v in tensors.items() if k.startswith("trim.")}
-    return ChunkRecord(meta["index"], tensors["latents"], prunes, trim, {}, list(meta["rows"]))
+    stats = [ChunkStats.from_json(row) for row in meta["rows"]]
+    return ChunkRecord(meta["index"], tensors["latents"], prunes, trim, {}, stats)
 
 
 class RolloutCheckpoints:
@@ -90,14 +91,15 @@ class RolloutCheckpoints:
         meta = {
             "format": FORMAT, "index": i, "config_hash": self.config_hash, "prompt_ids": self.prompt_ids,
             "data": _data_key(i), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "prunes": [{"frames": e.frames} for e in record.prunes], "rows": record.rows, "window": None,
+            "prunes": [{"frames": e.frames} for e in record.prunes], "rows": [s.to_json() for s in record.stats],
+            "window": None,
         }
         self.store.put_bytes(_data_key(i), data)
         if record.window:
             window = encode_window(record)
             meta["window"] = _describe(_window_key(i), window)
             self.store.put_bytes(_window_key(i), window)
-        self.store.put_bytes(_marker_key(i), json.dumps(meta, sort_keys=True).encode())
+        self.store.put_json(_marker_key(i), meta)
         if record.window and i >= 2:
             self.store.delete(_window_key(i - 2))
 
@@ -158,10 +160,7 @@ class RolloutCheckpoints:
             raise CorruptStateError(f"cannot decode {desc['key']}: {exc}") from exc
 
     def _read(self, index: int) -> ChunkRecord:
-        try:
-            meta = json.loads(self.store.get_bytes(_marker_key(index)))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptStateError(f"marker {_marker_key(index)} under {self.store.url} is not JSON: {exc}") from exc
+        meta = self.store.get_json(_marker_key(index))
         if meta.get("config_hash") != self.config_hash:
             raise ConfigMismatchError(
                 f"state under {self.store.url} was written with config hash {meta.get('config_hash')!r}, this run "

@@ -1,9 +1,7 @@
-"""The rollout config: one frozen object whose JSON hash is recorded with every output."""
+"""The rollout config: one frozen object whose JSON hash is recorded with every output (`pipeline.hashing`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -81,16 +79,18 @@ class RolloutConfig:
         if self.window_frames is not None or self.mode != "rolling-forcing":
             return self.window_frames
         working = len(self.timesteps) * self.chunk_frames  # the joint window's frames
-        return max(1, ROLLING_ATTENTION_FRAMES - self.sink - working)
+        return max(1, ROLLING_ATTENTION_FRAMES - self.effective_sink_frames - working)
 
     @property
-    def sink(self) -> int:
+    def effective_sink_frames(self) -> int:
+        """`sink_frames`, or its mode's default when None."""
         if self.sink_frames is not None:
             return self.sink_frames
         return self.chunk_frames if self.mode == "rolling-forcing" else 0
 
     @property
-    def sink_placement(self) -> SinkRope:
+    def effective_sink_rope(self) -> SinkRope:
+        """`sink_rope`, or its mode's default when None."""
         if self.sink_rope is not None:
             return self.sink_rope
         return "adjacent" if self.mode == "rolling-forcing" else "absolute"
@@ -112,8 +112,3 @@ class RolloutConfig:
             raise ValueError(f"unknown RolloutConfig fields {unknown}")
         return cls(**d)
 
-
-def config_hash(*parts: dict[str, Any]) -> str:
-    """Stable short hash of JSON-able dicts (sorted keys), e.g. rollout + trim + model configs."""
-    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -13,7 +13,7 @@ Per chunk:
   averaged over the three channels.
 
 `PixelTracker` keeps what crosses chunk boundaries (the last frame, the first chunk's
-histogram); `state_dict`/`load_state_dict` let a resumed rollout give identical values.
+histogram); a resumed render rebuilds it by decoding the committed chunks again.
 """
 
 from __future__ import annotations
@@ -112,33 +112,3 @@ class PixelTracker:
         )
         self.last_frame = frames[-1].copy()
         return stats
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays that restore this tracker (none before the first update)."""
-        state: dict[str, np.ndarray] = {}
-        if self.last_frame is not None:
-            state["last_frame"] = self.last_frame.copy()
-        if self.first_hist is not None:
-            state["first_hist"] = self.first_hist.copy()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from `state_dict()` output (numpy arrays or torch tensors)."""
-        unknown = set(state) - {"last_frame", "first_hist"}
-        if unknown:
-            raise ValueError(f"`state` has unknown keys {sorted(unknown)}; expected last_frame, first_hist")
-        last = state.get("last_frame")
-        hist = state.get("first_hist")
-        if last is not None:
-            last = as_uint8_frames(_to_numpy(last)[None])[0].copy()
-        if hist is not None:
-            hist = np.asarray(_to_numpy(hist), dtype=np.float64).copy()
-            if hist.shape != (3, HIST_BINS):
-                raise ValueError(f"`state['first_hist']` must have shape [3, {HIST_BINS}], got {list(hist.shape)}")
-        self.last_frame, self.first_hist = last, hist
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if type(value).__module__.split(".")[0] == "torch":
-        return value.detach().cpu().numpy()
-    return np.asarray(value)

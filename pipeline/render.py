@@ -18,10 +18,13 @@ from typing import Any
 import torch
 
 from pipeline.backend import WanBackend
-from pipeline.config import RolloutConfig, config_hash
+from pipeline.chunk_stats import stats_row
+from pipeline.config import RolloutConfig
 from pipeline.errors import InputError
+from pipeline.hashing import output_hash
 from pipeline.pixel_stats import PixelTracker
-from pipeline.rollout import ChunkRecord, Rollout
+from pipeline.records import ChunkRecord
+from pipeline.rollout import Rollout
 from pipeline.store import Store, validate_key
 from pipeline.timing import PhaseTimer
 from pipeline.vae import StreamDecoder
@@ -44,8 +47,8 @@ class RenderResult:
 
 
 def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | None) -> str:
-    """The config hash recorded with every output: model, rollout and TokenTrim settings."""
-    return config_hash(backend.spec.to_dict(), config.to_dict(), trim.to_dict() if trim else {"trim": None})
+    """The `output_hash` of what this backend renders with ``config`` and ``trim``."""
+    return output_hash(backend.spec, config, trim, backend.dtype)
 
 
 class _Sinks:
@@ -107,18 +110,18 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             raise InputError(f"`prompt_id` must not contain '/', got {pid!r}")
     out = Store(out_url, storage_options)
     digest = render_hash(backend, config, trim)
-    timer = PhaseTimer(backend.device)
+    timer = PhaseTimer(backend.device)  # collected here, once per chunk; the rollout only records into it
     rollout = Rollout(backend, config, prompts, seeds, trim, timer)
     sinks = _Sinks(backend, len(prompts), config.fps, timer)
     checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
     rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
 
     def complete(record: ChunkRecord, pixels: Future[list[dict[str, float]]]) -> None:
-        for b, (row, pix) in enumerate(zip(record.rows, pixels.result())):
-            row.update(pix)
+        chunk_rows = [stats_row(s, record.timings, pix) for s, pix in zip(record.stats, pixels.result())]
+        for b, row in enumerate(chunk_rows):
             rows[b].append(row)
         if on_chunk is not None:
-            on_chunk(record.index, record.rows)
+            on_chunk(record.index, chunk_rows)
 
     try:
         resumed = _resume(rollout, sinks, checkpoints, complete)
@@ -128,9 +131,7 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             if checkpoints is not None:
                 with timer.phase("checkpoint"):
                     checkpoints.save(record)
-            timings = timer.collect()
-            for row in record.rows:
-                row.update({f"t_{k}": timings.get(k, 0.0) for k in ("decode", "checkpoint")})
+            record.timings = timer.collect()
             if pending is not None:  # the previous chunk's encoding overlapped with this chunk's denoising
                 complete(*pending)
             pending = (record, pixels)

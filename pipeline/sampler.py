@@ -53,3 +53,15 @@ def to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: torch.Tensor | float) ->
 def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``(1 - sigma) * x0 + sigma * noise``."""
     return (1.0 - sigma) * x0 + sigma * noise
+
+
+class ChunkNoise:
+    """The noise of one rollout: ``noise(chunk, step, attempt)`` is `chunk_noise` for its seeds and latent shape."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        self.seeds, self.shape, self.device, self.dtype = list(seeds), shape, device, dtype
+
+    def __call__(self, chunk: int, step: int, attempt: int) -> torch.Tensor:
+        """``[B, *shape]`` noise of ``(chunk, step, attempt)``."""
+        return chunk_noise(self.seeds, chunk, step, attempt, self.shape, self.device, self.dtype)

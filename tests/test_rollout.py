@@ -1,14 +1,26 @@
-"""The AR rollout: determinism, batch independence, TokenTrim in the loop, both modes, bad latents."""
+"""The AR rollout: determinism, batch independence, TokenTrim in the loop, both modes, bad latents; its stats
+rows, strict-JSON checkpoint markers and the output hash."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from pipeline.backend import load_backend
+from pipeline.checkpoint import RolloutCheckpoints
+from pipeline.chunk_stats import TIMED_PHASES, ChunkStats, stats_row
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
+from pipeline.hashing import job_hash, output_hash
 from pipeline.rollout import Rollout
+from pipeline.store import Store
 from tokentrim import TrimConfig
 
 TIMING = ("t_denoise", "t_trim", "t_commit")
@@ -159,3 +171,56 @@ def test_rolling_forcing_finds_injected_drift_in_the_finished_chunk(backend):
     assert records[4].rows[0]["verdict"] == "pruned" and records[4].rows[0]["attempts"] == 2
     assert set(positions) <= set(records[4].prunes[0].positions[0].tolist())
     assert all(r.rows[0]["verdict"] != "pruned" for r in records[:4])
+
+
+def _strict_json(data: bytes):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_checkpoint_markers_are_strict_json_and_give_back_the_stats(backend, tmp_path):
+    """The first chunk has no severity (NaN): the marker holds null, the loaded record NaN again."""
+    records = _run(backend, RolloutConfig(num_chunks=3), trim=TrimConfig())
+    store = Store(f"file://{tmp_path}")
+    checkpoints = RolloutCheckpoints(store, "0" * 16, ["p"])
+    for record in records:
+        checkpoints.save(record)
+    markers = [_strict_json((tmp_path / f"chunk-{i:06d}.json").read_bytes()) for i in range(3)]
+    assert markers[0]["rows"][0]["severity"] is None
+    loaded = RolloutCheckpoints(store, "0" * 16, ["p"]).load()
+    assert math.isnan(loaded[0].stats[0].severity)
+    assert [r.stats for r in loaded] != [] and all(
+        a.to_json() == b.to_json() for x, y in zip(records, loaded) for a, b in zip(x.stats, y.stats))
+    assert all(v is None for k, v in loaded[0].rows[0].items() if k.startswith("t_"))  # not measured here
+    assert all(isinstance(v, float) for k, v in records[0].rows[0].items() if k.startswith("t_"))
+
+
+def test_a_stats_row_is_the_chunk_stats_then_timings_then_pixels(backend):
+    record = _run(backend, RolloutConfig(num_chunks=1))[0]
+    row = stats_row(record.stats[0], {"denoise": 1.5}, {"luma": 0.25, "t_encode": 0.5})
+    names = [f.name for f in dataclasses.fields(ChunkStats)]
+    assert list(row) == names + [f"t_{p}" for p in TIMED_PHASES] + ["luma", "t_encode"]
+    assert row["t_denoise"] == 1.5 and row["t_trim"] == 0.0 and row["luma"] == 0.25
+    assert [row[n] for n in names] == list(dataclasses.astuple(record.stats[0]))
+
+
+def test_output_hash_covers_model_rollout_trim_and_dtype(backend):
+    spec, config, trim = backend.spec, RolloutConfig(), TrimConfig()
+    base = output_hash(spec, config, trim, torch.float32)
+    assert output_hash(spec, config, trim, "float32") == base
+    others = {output_hash(spec, config, trim, torch.bfloat16), output_hash(spec, config, None, torch.float32),
+              output_hash(spec, RolloutConfig(num_chunks=8), trim, torch.float32),
+              output_hash(dataclasses.replace(spec, seed=1), config, trim, torch.float32)}
+    assert base not in others and len(others) == 4
+    assert job_hash("tiny", None, config, trim, "float32", 0) != base
+
+
+def test_hashes_are_the_same_in_a_fresh_process(backend):
+    code = ("from pipeline.hashing import job_hash; from pipeline.config import RolloutConfig; "
+            "from tokentrim import TrimConfig; "
+            "print(job_hash('tiny', None, RolloutConfig(), TrimConfig(), 'float32', 3))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert out.stdout.strip() == job_hash("tiny", None, RolloutConfig(), TrimConfig(), "float32", 3)

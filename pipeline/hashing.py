@@ -1,0 +1,48 @@
+"""The two hashes recorded with outputs: what a job renders, and what one output was rendered with.
+
+- `job_hash`: the settings a job renders with (model name, weights, rollout, TokenTrim, dtype, seed); it names a
+  job's outputs and guards ``job.json`` against reuse with other settings.
+- `output_hash`: the settings one rendered video and its stats were made with (the backend's `ModelSpec`, rollout,
+  TokenTrim, dtype); it is the ``config_hash`` column of every stats row and guards checkpoints against resuming
+  with other settings.
+
+Both are the first 16 hex digits of the SHA-256 of canonical JSON (sorted keys, no spaces). No torch import here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.backend import ModelSpec
+    from pipeline.config import RolloutConfig
+    from tokentrim import TrimConfig
+
+
+def digest(*parts: dict[str, Any]) -> str:
+    """Stable short hash of JSON-able dicts (sorted keys)."""
+    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` or ``"bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def job_hash(model: str, weights: str | None, rollout: RolloutConfig, trim: TrimConfig | None,
+             dtype: torch.dtype | str, seed: int, *, compile: bool = False) -> str:
+    """The hash of a job's render settings (``compile`` only when on: compiled kernels round differently)."""
+    return digest({"model": model, "weights": weights, "rollout": rollout.to_dict(),
+                   "trim": trim.to_dict() if trim else None, "dtype": dtype_name(dtype), "seed": seed,
+                   **({"compile": True} if compile else {})})
+
+
+def output_hash(spec: ModelSpec, rollout: RolloutConfig, trim: TrimConfig | None, dtype: torch.dtype | str) -> str:
+    """The hash of what one output was rendered with: model, rollout and TokenTrim settings and the dtype."""
+    return digest(spec.to_dict(), rollout.to_dict(), trim.to_dict() if trim else {"trim": None},
+                  {"dtype": dtype_name(dtype)})
