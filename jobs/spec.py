@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RolloutConfig, config_hash
+from pipeline.video import VideoSettings
 from tokentrim import TrimConfig
 
 JOB_FORMAT = 1
@@ -59,7 +60,8 @@ class JobSpec:
     def render_settings(self) -> dict[str, Any]:
         """The settings that change what is rendered (not where or how fast): their hash names the job's outputs."""
         return {"model": self.model, "weights": self.weights, "rollout": self.rollout.to_dict(),
-                "trim": self.trim.to_dict() if self.trim else None, "dtype": self.dtype, "seed": self.seed}
+                "trim": self.trim.to_dict() if self.trim else None, "dtype": self.dtype, "seed": self.seed,
+                "video": VideoSettings().to_dict()}
 
     def config_hash(self) -> str:
         return config_hash(self.render_settings())
