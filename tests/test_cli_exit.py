@@ -67,9 +67,13 @@ def test_render_with_and_without_trim_and_resume_from_state(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_submit_status_resume_exit_0_with_every_video(tmp_path: Path) -> None:
-    """`make demo` in small: submit on a local Ray, then status, then resume (which finds everything done)."""
-    out, chunks, limit = tmp_path / "job", 2, 2
-    tokentrim("submit", TABLE, "--out", str(out), "--model", "tiny", "--chunks", str(chunks), "--limit", str(limit),
+    """`make demo` in small: submit on a local Ray, then status, then resume (which finds everything done). The
+    table has just 2 rows: `resume` reruns the recorded spec, which does not hold `--limit`."""
+    import pyarrow as pa
+
+    out, chunks, limit = tmp_path / "job", 2, 2  # limit: rows in the table
+    Store(str(tmp_path)).put_table("p.parquet", pa.table({"prompt_id": ["cat", "owl"], "prompt": ["a cat", "an owl"]}))
+    tokentrim("submit", str(tmp_path / "p.parquet"), "--out", str(out), "--model", "tiny", "--chunks", str(chunks),
               "--workers", "1")
     store = Store(str(out))
     results = store.get_table("results.parquet").to_pylist()
