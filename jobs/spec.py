@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 
 from pipeline.config import RolloutConfig
 from pipeline.hashing import job_hash
+from pipeline.video import VideoSettings
 from tokentrim import TrimConfig
 
 JOB_FORMAT = 2
@@ -94,10 +95,12 @@ class JobSpec:
         """The settings that change what is rendered (not where or how fast): their hash names the job's outputs."""
         return {"model": self.model, "weights": self.weights, "rollout": self.rollout.to_dict(),
                 "trim": self.trim.to_dict() if self.trim else None, "dtype": self.dtype, "seed": self.seed,
+                "video": VideoSettings().to_dict(),
                 **({"compile": True} if self.compile else {})}  # compiled kernels round differently
 
     def config_hash(self) -> str:
-        return job_hash(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed, compile=self.compile)
+        return job_hash(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed,
+                        video=VideoSettings(), compile=self.compile)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

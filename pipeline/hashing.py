@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from pipeline.backend import ModelSpec
     from pipeline.config import RolloutConfig
+    from pipeline.video import VideoSettings
     from tokentrim import TrimConfig
 
 
@@ -35,14 +36,18 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def job_hash(model: str, weights: str | None, rollout: RolloutConfig, trim: TrimConfig | None,
-             dtype: torch.dtype | str, seed: int, *, compile: bool = False) -> str:
+             dtype: torch.dtype | str, seed: int, *, video: VideoSettings | None = None, compile: bool = False) -> str:
     """The hash of a job's render settings (``compile`` only when on: compiled kernels round differently)."""
     return digest({"model": model, "weights": weights, "rollout": rollout.to_dict(),
                    "trim": trim.to_dict() if trim else None, "dtype": dtype_name(dtype), "seed": seed,
+                   **({"video": video.to_dict()} if video is not None else {}),
                    **({"compile": True} if compile else {})})
 
 
-def output_hash(spec: ModelSpec, rollout: RolloutConfig, trim: TrimConfig | None, dtype: torch.dtype | str) -> str:
-    """The hash of what one output was rendered with: model, rollout and TokenTrim settings and the dtype."""
+def output_hash(spec: ModelSpec, rollout: RolloutConfig, trim: TrimConfig | None, dtype: torch.dtype | str, *,
+                video: VideoSettings | None = None, compiled: bool = False) -> str:
+    """The hash of what one output was rendered with: model, rollout, TokenTrim and video encoder settings, the
+    dtype, and whether the transformer was compiled."""
     return digest(spec.to_dict(), rollout.to_dict(), trim.to_dict() if trim else {"trim": None},
-                  {"dtype": dtype_name(dtype)})
+                  {"dtype": dtype_name(dtype)}, *([{"video": video.to_dict()}] if video is not None else []),
+                  *([{"compiled": True}] if compiled else []))

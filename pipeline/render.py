@@ -28,7 +28,7 @@ from pipeline.rollout import Rollout
 from pipeline.store import Store, validate_key
 from pipeline.timing import PhaseTimer
 from pipeline.vae import StreamDecoder
-from pipeline.video import Mp4Encoder, even_size
+from pipeline.video import Mp4Encoder, VideoSettings, even_size
 from tokentrim import TrimConfig
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,11 @@ class RenderResult:
     resumed_from: int = 0
 
 
-def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | None) -> str:
-    """The `output_hash` of what this backend renders with ``config`` and ``trim``."""
-    return output_hash(backend.spec, config, trim, backend.dtype)
+def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | None,
+                video: VideoSettings | None = None) -> str:
+    """The `output_hash` of what this backend renders with ``config``, ``trim`` and the video encoder settings."""
+    return output_hash(backend.spec, config, trim, backend.dtype, video=VideoSettings() if video is None else video,
+                       compiled=backend.causal.compiled)
 
 
 class _Sinks:
@@ -58,13 +60,13 @@ class _Sinks:
     thread (chunks stay in order), so they overlap with the next chunk's denoising.
     """
 
-    def __init__(self, backend: WanBackend, batch: int, fps: int, timer: PhaseTimer) -> None:
+    def __init__(self, backend: WanBackend, batch: int, fps: int, timer: PhaseTimer, video: VideoSettings) -> None:
         self.decoder = backend.new_decoder()
         self.decoder_dtype = next(self.decoder.vae.parameters()).dtype
         self.stream = StreamDecoder(self.decoder)
         self.trackers = [PixelTracker() for _ in range(batch)]
         self.encoders: list[Mp4Encoder] | None = None
-        self.fps, self.timer = fps, timer
+        self.fps, self.timer, self.video = fps, timer, video
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokentrim-encode")
 
     def feed(self, latents: torch.Tensor) -> Future[list[dict[str, float]]]:
@@ -78,7 +80,7 @@ class _Sinks:
         height, width = even_size(frames.shape[2], frames.shape[3])
         frames = frames[:, :, :height, :width]
         if self.encoders is None:
-            self.encoders = [Mp4Encoder(width, height, fps=self.fps) for _ in self.trackers]
+            self.encoders = [Mp4Encoder(width, height, fps=self.fps, settings=self.video) for _ in self.trackers]
         stats = []
         for b, (encoder, tracker) in enumerate(zip(self.encoders, self.trackers)):
             encoder.write(frames[b])
@@ -96,11 +98,13 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
            config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | Store | None = None,
            storage_options: dict | None = None, force_restart: bool = False,
            on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
-           names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet")) -> list[RenderResult]:
+           names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet"),
+           video: VideoSettings | None = None) -> list[RenderResult]:
     """Render a batch of prompts (one sample each) with one rollout; see the module docstring.
 
     ``names`` are the keys of the video and the stats table under ``out_url``, ``{id}`` being the prompt id.
-    ``on_chunk(index, rows)`` is called once per chunk, in order, when its rows are complete.
+    ``on_chunk(index, rows)`` is called once per chunk, in order, when its rows are complete. ``video``: the
+    H.264 encoder settings (default `VideoSettings()`), part of the config hash.
     """
     if len(prompt_ids) != len(prompts):
         raise InputError(f"need one prompt id per prompt, got {len(prompt_ids)} ids for {len(prompts)} prompts")
@@ -109,10 +113,11 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
         if "/" in pid:
             raise InputError(f"`prompt_id` must not contain '/', got {pid!r}")
     out = Store(out_url, storage_options)
-    digest = render_hash(backend, config, trim)
+    video = VideoSettings() if video is None else video
+    digest = render_hash(backend, config, trim, video)
     timer = PhaseTimer(backend.device)  # collected here, once per chunk; the rollout only records into it
     rollout = Rollout(backend, config, prompts, seeds, trim, timer)
-    sinks = _Sinks(backend, len(prompts), config.fps, timer)
+    sinks = _Sinks(backend, len(prompts), config.fps, timer, video)
     checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
     rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
 

@@ -246,17 +246,22 @@ class Store:
             raise CorruptStateError(f"object at key {key!r} under {self.url!r} is not UTF-8 JSON: {e}") from e
 
     def get_table(self, key: str) -> pa.Table:
-        """The Parquet table at `key`, read from pyarrow's own buffer; `CorruptStateError` if it does not parse.
+        """The Parquet table at `key`, read from a copy in memory that pyarrow owns; `CorruptStateError` if it does
+        not parse.
 
-        Never through a Python file object: after PyAV is loaded, pyarrow's threaded read from an `io.BytesIO`
-        can abort the process at interpreter exit ("terminate called without an active exception").
+        Never from a Python object (an `io.BytesIO`, or even `bytes` behind `pa.BufferReader`): `read_table` scans
+        asynchronously, and its thread pool can drop the last reference to the source after the call returned. When
+        that source is a Python object, the dropping thread takes the GIL; if the interpreter is exiting by then,
+        the thread is ended inside a C++ destructor and the process aborts ("terminate called without an active
+        exception", exit 134; seen in about half of `tokentrim status` runs with torch imported first).
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        data = self.get_bytes(key)
+        sink = pa.BufferOutputStream()
+        sink.write(self.get_bytes(key))
         try:
-            return pq.read_table(pa.BufferReader(data))
+            return pq.read_table(pa.BufferReader(sink.getvalue()))
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise CorruptStateError(f"object at key {key!r} under {self.url!r} is not Parquet: {e}") from e
 

@@ -3,7 +3,14 @@
 Frames are uint8 RGB `[T, H, W, 3]` (numpy or torch). The encoder writes yuv420p H.264 with
 `+faststart` (the moov atom before mdat, so a player can start before the whole file arrives)
 into a temp file, since plain mp4 cannot stream to a non-seekable sink; `finish()` returns the
-bytes for one whole-object upload. Output is deterministic: the same frames give the same bytes.
+bytes for one whole-object upload.
+
+Deterministic bytes: the same frames and `VideoSettings` give the same file, on every run. libx264 as bundled with
+PyAV is not reproducible with its own CPU detection on AVX-512 CPUs (its AVX-512 code paths gave several different
+files for one input, run to run, in one process). `VideoSettings.simd="avx2"` (the default) caps its SIMD at AVX2
+there, which is as fast here and reproducible; its SSE4, AVX and AVX2 paths give the same bytes as each other, so
+the bytes also agree between x86-64 machines with and without AVX-512. One encoder thread (x264 `threads=1`).
+`tests/test_video.py` checks it: one input encoded many times in several threads under CPU load gives one hash.
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from __future__ import annotations
 import io
 import logging
 import os
+import platform
 import tempfile
+from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -26,6 +35,74 @@ def _import_av() -> Any:
     except ImportError as e:
         raise ImportError("pipeline.video needs PyAV: pip install 'av>=14' (a core dependency of tokentrim)") from e
     return av
+
+
+Simd = Literal["avx2", "none", "auto"]
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """H.264 (libx264, yuv420p, one encoder thread) settings; recorded in every output's config hash.
+
+    ``crf``: constant rate factor (0 lossless .. 51); ``preset``: x264 speed preset. ``simd``: ``avx2`` caps x264's
+    x86 SIMD at AVX2 (reproducible bytes, see the module docstring); ``none`` turns its assembly off (reproducible,
+    about 3x slower, other bytes); ``auto`` lets x264 pick (AVX-512 where present: not reproducible there).
+    """
+
+    crf: int = 18
+    preset: str = "medium"
+    simd: Simd = "avx2"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crf, bool) or not isinstance(self.crf, int) or not 0 <= self.crf <= 51:
+            raise ValueError(f"`crf` must be an int in [0, 51], got {self.crf!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {PRESETS}, got {self.preset!r}")
+        if self.simd not in get_args(Simd):
+            raise ValueError(f"`simd` must be one of {get_args(Simd)}, got {self.simd!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"codec": "libx264", "pix_fmt": "yuv420p", "threads": 1, **asdict(self)}
+
+    def codec_options(self) -> dict[str, str]:
+        """The libx264 options of these settings on this machine."""
+        options = {"crf": str(self.crf), "preset": self.preset}
+        asm = x264_asm(self.simd)
+        if asm is not None:
+            options["x264-params"] = f"asm={asm}"
+        return options
+
+
+def x264_asm(simd: Simd, machine: str | None = None, cpu_flags: frozenset[str] | None = None) -> str | None:
+    """x264's ``asm`` value for ``simd`` on this CPU (or the given ``machine`` and ``cpu_flags``); None: x264's own.
+
+    ``avx2`` never names an instruction set the CPU lacks: AVX2 where present, else SSE4 (same bytes), else the C
+    code. Outside x86-64 there is no AVX-512 and x264 detects the CPU itself.
+    """
+    if simd == "none":
+        return "0"
+    machine = (machine or platform.machine()).lower()
+    if simd == "auto" or machine not in ("x86_64", "amd64"):
+        return None
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if {"avx", "avx2", "sse4_2"} <= flags:
+        return "AVX2"
+    if {"sse4_1", "sse4_2"} <= flags:
+        return "SSE4"
+    return "0"
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU flags Linux reports (empty where /proc/cpuinfo cannot be read: then the C code is used)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError as e:
+        logger.debug("cannot read /proc/cpuinfo (%r): x264 runs without assembly", e)
+    return frozenset()
 
 
 def even_size(height: int, width: int) -> tuple[int, int]:
@@ -56,18 +133,16 @@ class Mp4Encoder:
     Use as a context manager, or call `close()` to abandon an unfinished file (its temp file is removed).
     """
 
-    def __init__(
-        self, width: int, height: int, fps: int = 16, *, crf: int = 18, preset: str = "medium", threads: int = 1
-    ) -> None:
+    def __init__(self, width: int, height: int, fps: int = 16, *, settings: VideoSettings | None = None) -> None:
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, (int, np.integer)) or value < 2 or value % 2:
                 raise ValueError(f"`{name}` must be an even int >= 2 for yuv420p (see even_size), got {value!r}")
-        if not isinstance(fps, int) or fps < 1:
+        if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
             raise ValueError(f"`fps` must be an int >= 1, got {fps!r}")
-        if not isinstance(crf, int) or not 0 <= crf <= 51:
-            raise ValueError(f"`crf` must be an int in [0, 51], got {crf!r}")
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"`threads` must be an int >= 1 (1 keeps the output deterministic), got {threads!r}")
+        settings = VideoSettings() if settings is None else settings
+        if not isinstance(settings, VideoSettings):
+            raise TypeError(f"`settings` must be a VideoSettings, got {type(settings).__name__}")
+        self.settings = settings
         av = _import_av()
         self.width, self.height, self.fps = int(width), int(height), fps
         self.frames_written = 0
@@ -82,8 +157,8 @@ class Mp4Encoder:
             stream = self._container.add_stream("libx264", rate=Fraction(fps, 1))
             stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
             stream.codec_context.time_base = Fraction(1, fps)
-            stream.codec_context.thread_count = threads
-            stream.codec_context.options = {"crf": str(crf), "preset": preset}
+            stream.codec_context.thread_count = 1  # one x264 thread: no frame-thread scheduling in the bytes
+            stream.codec_context.options = settings.codec_options()
             self._stream = stream
         except Exception:
             self.close()

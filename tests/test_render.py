@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import av
-import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from jobs.cli import main, slug
 from pipeline.backend import PRESETS
+from pipeline.store import Store
 
 STAT_COLUMNS = {"prompt_id", "config_hash", "chunk", "frames", "severity", "mu", "sigma", "threshold", "verdict",
                 "attempts", "tokens_pruned", "cache_tokens", "cache_bytes", "latent_dist_prev", "latent_dist_first",
@@ -29,7 +29,7 @@ def test_render_writes_a_playable_video_and_one_stats_row_per_chunk(tmp_path):
     spec = PRESETS["tiny"]
     assert len(frames) == 1 + 4 * (3 * chunks - 1)  # Wan VAE: 1 + 4 (F_lat - 1)
     assert (frames[0].height, frames[0].width) == (spec.height_px, spec.width_px)
-    table = pq.read_table(tmp_path / "fox.stats.parquet")
+    table = Store(str(tmp_path)).get_table("fox.stats.parquet")
     assert table.num_rows == chunks
     assert STAT_COLUMNS <= set(table.column_names)
     assert table.column("chunk").to_pylist() == list(range(chunks))
@@ -38,7 +38,7 @@ def test_render_writes_a_playable_video_and_one_stats_row_per_chunk(tmp_path):
 
 def test_render_rejects_bad_options_by_name(tmp_path):
     result = CliRunner().invoke(main, ["render", "x", "--p", "1.5", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "p" in result.output
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == "Error: `p` must be in (0, 1], got 1.5"
     result = CliRunner().invoke(main, ["render", "x", "--width", "100", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "width_px" in result.output
     result = CliRunner().invoke(main, ["render", "x", "--id", "../escape", "--out", str(tmp_path)])

@@ -1,0 +1,39 @@
+"""`jobs.regress.compare`: which drifts count as regressions (replaces test_jobs.py's `compare(b, b, 0, 0) == []`,
+which holds for any implementation that returns an empty list)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.regress import compare
+
+BASE = {"tokentrim": {"flicker": 0.2, "luma": 0.05}, "baseline": {"flicker": 0.4}}
+
+
+def test_equal_or_smaller_drift_passes_and_extra_metrics_are_ignored() -> None:
+    assert compare(BASE, BASE, tolerance=0.0, slack=0.0) == []
+    better = {"tokentrim": {"flicker": 0.1, "luma": 0.0, "new_metric": 9.0}, "baseline": {"flicker": 0.39}}
+    assert compare(better, BASE, tolerance=0.0, slack=0.0) == []
+
+
+@pytest.mark.parametrize(("tolerance", "slack", "flicker", "fails"), [
+    (0.10, 0.0, 0.2 * 1.10, False),        # exactly at the tolerance: allowed
+    (0.10, 0.0, 0.2 * 1.10 + 1e-9, True),  # just above it
+    (0.0, 0.01, 0.2 + 0.01, False),        # the absolute slack is added
+    (0.0, 0.01, 0.2 + 0.0101, True),
+])
+def test_growth_beyond_tolerance_plus_slack_is_a_regression(tolerance, slack, flicker, fails) -> None:
+    current = {"tokentrim": {"flicker": flicker, "luma": 0.05}, "baseline": {"flicker": 0.4}}
+    failures = compare(current, BASE, tolerance=tolerance, slack=slack)
+    assert len(failures) == int(fails)
+    if fails:
+        assert failures[0].startswith("tokentrim/flicker: drift ") and "baseline 0.20000" in failures[0]
+
+
+def test_every_regressed_or_missing_metric_is_named_once() -> None:
+    current = {"tokentrim": {"flicker": 0.5}, "baseline": {"flicker": 0.9}}
+    failures = compare(current, BASE, tolerance=0.1, slack=0.0)
+    assert sorted(f.split(":")[0] for f in failures) == ["baseline/flicker", "tokentrim/flicker", "tokentrim/luma"]
+    assert "tokentrim/luma: missing from this run" in failures
+    assert compare({}, BASE, tolerance=0.1, slack=0.0) == [f"{v}/{m}: missing from this run"
+                                                           for v, ms in BASE.items() for m in ms]
