@@ -3,6 +3,8 @@
 Presets:
 - ``tiny``: the same code with small dims and seeded random weights, a locally built tokenizer and text encoder,
   a small VAE. No network, no files; a rollout runs on a CPU in seconds.
+- ``canary``: a small trained model shipped as package data (`pipeline.canary`): 64x64 px, 16 fps, coloured
+  shapes moving as their caption says; the same transformer/VAE classes and causal path as Wan.
 - ``wan2.1-1.3b``: the full Wan2.1-T2V-1.3B shapes with seeded random weights (for benchmarks); the text encoder is
   a one-layer stand-in with umT5-XXL's width, since it runs once per prompt.
 - a path: a diffusers-format Wan2.1 folder (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``vae/``),
@@ -61,6 +63,7 @@ class ModelSpec:
 
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", height_px=64, width_px=96, text_len=32),
+    "canary": ModelSpec("canary", height_px=64, width_px=64, text_len=64),
     "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=480, width_px=832, text_len=512),
 }
 
@@ -139,13 +142,19 @@ def _random_wide_text_encoder(text_dim: int, text_len: int, seed: int) -> TextEn
 def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  weights: str | None = None, seed: int = 0, with_vae: bool = True,
                  text_len: int | None = None) -> WanBackend:
-    """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
+    """Build a backend from a preset name (``tiny``, ``canary``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
     (``text_len``: prompt tokens for a folder's umT5, default 512 as Wan was trained)."""
     if model == "tiny":
         spec = PRESETS["tiny"]
         transformer = _seeded_transformer(TINY_TRANSFORMER, seed, device, dtype)
         text = build_tiny_text_encoder(text_dim=TINY_TRANSFORMER["text_dim"], text_len=spec.text_len, seed=seed)
         vae = build_tiny_vae(seed) if with_vae else None
+    elif model == "canary":
+        from pipeline.canary.models import load_canary
+
+        spec = PRESETS["canary"]
+        transformer, text, vae, _ = load_canary(with_vae=with_vae)
+        transformer = _cast(transformer, device, dtype)
     elif model == "wan2.1-1.3b":
         spec = PRESETS["wan2.1-1.3b"]
         transformer = _seeded_transformer(WAN_1_3B_TRANSFORMER, seed, device, dtype)
@@ -155,7 +164,8 @@ def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dty
         return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae,
                             text_len=text_len or 512)
     else:
-        raise InputError(f"`model` must be 'tiny', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, got {model!r}")
+        raise InputError(f"`model` must be 'tiny', 'canary', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, "
+                         f"got {model!r}")
     if weights is not None:
         from pipeline.weights import load_transformer_weights
 
