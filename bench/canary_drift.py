@@ -43,7 +43,7 @@ PROMPTS = [caption("red", "circle", "right"), caption("blue", "square", "down", 
 SEEDS_A, SEEDS_B = [0, 1, 2, 3], [100, 101, 102, 103]
 METRICS = ("motion_ok", "mass_ratio", "background_err", "objects", "traj_err", "latent_dist_first",
            "hist_dist_first", "saturation", "flicker")
-SWEEP_P, SWEEP_LAM, SWEEP_SCOPE = (0.05, 0.1, 0.3), (1.0, 2.0, 3.0), ("last", "window")
+SWEEP_P, SWEEP_LAM, SWEEP_SCOPE = (0.05, 0.2), (1.0, 2.0, 3.0), ("last", "window")
 
 
 def _chunk_frames(videos: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -96,10 +96,11 @@ def run_one(backend: Any, mode: str, chunks: int, seeds: list[int], trim: TrimCo
     return per_chunk_metrics(videos, rows, PROMPTS)
 
 
-def drift_runs(backend: Any, modes: list[str], horizon: int, multiples: list[int]) -> list[dict[str, Any]]:
-    results = []
-    for mode in modes:
-        for mult in multiples:
+def drift_runs(backend: Any, modes: list[str], horizon: int, multiples: list[int],
+               save: Any = None) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for mult in multiples:  # every mode at the shorter length first
+        for mode in modes:
             for label, seeds, trim in (("off", SEEDS_A, None), ("off, seeds B", SEEDS_B, None),
                                        ("TokenTrim defaults", SEEDS_A, TrimConfig())):
                 start = time.monotonic()
@@ -107,20 +108,26 @@ def drift_runs(backend: Any, modes: list[str], horizon: int, multiples: list[int
                 results.append({"mode": mode, "multiple": mult, "run": label, "curves": curves,
                                 "summary": summarise(curves, horizon), "seconds": time.monotonic() - start})
                 print(f"{mode} {mult}x {label}: {time.monotonic() - start:.0f}s", flush=True)
+                if save is not None:
+                    save(results, [])
     return results
 
 
-def sweep_runs(backend: Any, horizon: int, mode: str = "self-forcing", mult: int = 3) -> list[dict[str, Any]]:
-    results = []
-    for scope in SWEEP_SCOPE:
-        for p in SWEEP_P:
-            for lam in SWEEP_LAM:
+def sweep_runs(backend: Any, horizon: int, mode: str = "self-forcing", mult: int = 3, save: Any = None,
+               grid: tuple[tuple[float, ...], tuple[float, ...], tuple[str, ...]] = (SWEEP_P, SWEEP_LAM, SWEEP_SCOPE),
+               ) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for scope in grid[2]:
+        for p in grid[0]:
+            for lam in grid[1]:
                 trim = TrimConfig(p=p, lam=lam, prune_scope=scope)  # type: ignore[arg-type]
                 curves = run_one(backend, mode, horizon * mult, SEEDS_A, trim)
                 results.append({"mode": mode, "multiple": mult, "p": p, "lam": lam, "scope": scope,
                                 "summary": summarise(curves, horizon),
                                 "prune_rate": statistics.fmean(v for s in curves["pruned"] for v in s)})
                 print(f"sweep {scope} p={p} lam={lam} done", flush=True)
+                if save is not None:
+                    save([], results)
     return results
 
 
@@ -171,22 +178,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sweep-p", nargs="+", type=float, default=list(SWEEP_P))
+    ap.add_argument("--sweep-lam", nargs="+", type=float, default=list(SWEEP_LAM))
+    ap.add_argument("--sweep-scope", nargs="+", default=list(SWEEP_SCOPE))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     backend = load_backend("canary")
     horizon = int(read_card()["trained_horizon"]["chunks"])
     start = time.monotonic()
-    drift = [] if args.sweep_only else drift_runs(backend, args.modes, horizon, args.multiples)
-    sweep = [] if args.skip_sweep else sweep_runs(backend, horizon)
-    if drift:
-        plots(drift, args.out)
-    table = tables(drift, sweep)
-    with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as fh:
-        fh.write(table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump({"drift": drift, "sweep": sweep, "horizon_chunks": horizon, "prompts": PROMPTS}, fh)
-    print(table)
+
+    def save(drift: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> str:
+        """Write what is done so far (a long run can be stopped and still reported)."""
+        table = tables(drift, sweep)
+        with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as fh:
+            fh.write(table + "\n")
+        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as fh:
+            json.dump({"drift": drift, "sweep": sweep, "horizon_chunks": horizon, "prompts": PROMPTS}, fh)
+        if drift:
+            plots(drift, args.out)
+        return table
+
+    drift = [] if args.sweep_only else drift_runs(backend, args.modes, horizon, args.multiples, save)
+    grid = (tuple(args.sweep_p), tuple(args.sweep_lam), tuple(args.sweep_scope))
+    sweep = [] if args.skip_sweep else sweep_runs(backend, horizon, save=lambda d, s: save(drift, s), grid=grid)
+    print(save(drift, sweep))
     print("BENCH_JSON " + json.dumps({"canary_drift_seconds": round(time.monotonic() - start, 1)}))
     return 0
 

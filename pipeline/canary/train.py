@@ -26,7 +26,7 @@ from pipeline.canary import models
 from pipeline.canary.grammar import caption
 from pipeline.canary.sample import frame_grid, render, write_png, write_svg_curves
 from pipeline.canary.train_gen import build_pool, train_generator
-from pipeline.canary.train_vae import VAE_CROP, VAE_FRAMES, held_out_psnr, latent_stats, train_vae
+from pipeline.canary.train_vae import VAE_CROP, VAE_FRAMES, finetune_decoder, held_out_psnr, latent_stats, train_vae
 from pipeline.vae import pixel_frames_for
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=6, help="trained horizon in 3-latent-frame chunks")
     p.add_argument("--sample-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--stage", choices=("all", "vae", "gen"), default="all",
-                   help="vae: stop after the VAE (writes vae.safetensors + vae_card.json); gen: train the generator "
-                        "on the VAE already in --out")
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="stage 1b: fine-tune the decoder on whole frames, encoder frozen (see --stage decoder)")
+    p.add_argument("--stage", choices=("all", "vae", "decoder", "gen"), default="all",
+                   help="vae: stop after the VAE (writes vae.safetensors + vae_card.json); decoder: only fine-tune "
+                        "the decoder of the VAE in --out; gen: train the generator on the VAE already in --out")
     return p.parse_args(argv)
 
 
@@ -112,6 +114,29 @@ def _train_vae_stage(args: argparse.Namespace, progress: Progress, command: str)
     return vae, card
 
 
+def _decoder_stage(args: argparse.Namespace, progress: Progress, command: str, vae: Any,
+                   card: dict[str, Any]) -> None:
+    started = time.monotonic()
+    path = os.path.join(args.out, "vae.safetensors")
+
+    def checkpoint(step: int) -> None:
+        models.save_weights(vae, os.path.join(args.out, "vae_decoder_ft.safetensors"), half=False)
+        progress.log("decoder_ckpt", step, {})
+
+    curve = finetune_decoder(vae, seed=args.seed, steps=args.decoder_steps, batch=args.vae_batch,
+                             device=args.device, on_log=lambda s, v: progress.log("decoder", s, v),
+                             on_checkpoint=checkpoint)
+    psnr = held_out_psnr(vae, device=args.device)
+    progress.log("decoder_eval", args.decoder_steps, {"psnr_db": psnr})
+    models.save_weights(vae, path, half=False)
+    seconds = card["vae_seconds"] + round(time.monotonic() - started, 1)
+    card.update({"commands": card["commands"] + [command], "decoder_steps": args.decoder_steps,
+                 "final_decoder_loss": _mean_tail(curve), "vae_seconds": seconds,
+                 "vae_psnr_db_before_decoder_ft": card["vae_psnr_db_held_out"], "vae_psnr_db_held_out": psnr})
+    with open(os.path.join(args.out, "vae_card.json"), "w", encoding="utf-8") as fh:
+        json.dump(card, fh, indent=1, sort_keys=True)
+
+
 def _mean_tail(curve: list[float], n: int = 20) -> float:
     tail = curve[-n:]
     return sum(tail) / len(tail) if tail else float("nan")
@@ -126,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     torch.manual_seed(args.seed)  # diffusers' module init draws from the global generator; we seed it once here
     command = "python -m pipeline.canary.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.stage == "gen":
+    if args.stage in ("gen", "decoder"):
         with open(os.path.join(args.out, "vae_card.json"), encoding="utf-8") as fh:
             vae_card = json.load(fh)
         vae = models.build_vae(args.seed, vae_card["latents_mean"], vae_card["latents_std"])
         models._load_state(vae, os.path.join(args.out, "vae.safetensors"))
         vae = vae.eval()
+        if args.stage == "decoder":
+            _decoder_stage(args, progress, command, vae, vae_card)
+            return 0
     else:
         vae, vae_card = _train_vae_stage(args, progress, command)
         if args.stage == "vae":

@@ -107,3 +107,40 @@ def latent_stats(vae: Any, *, seed: int, clips: int = 8, frames: int = 17,
     mean = z.mean(dim=(0, 2, 3, 4))
     std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
     return mean.tolist(), std.tolist()
+
+
+def finetune_decoder(vae: Any, *, seed: int, steps: int, batch: int, device: str, lr: float = 1e-3,
+                     on_log: Callable[[int, dict[str, float]], None] | None = None, log_every: int = 5,
+                     on_checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 50) -> list[float]:
+    """Stage 1b: train the decoder (and ``post_quant_conv``) on whole 64x64 frames with the encoder frozen, so the
+    latents a generator was trained on keep their meaning. Fixes what 32x32 crops leave (the middle block's
+    attention sees the whole frame only here)."""
+    vae.to(device).train()
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 5)
+    curve = []
+    start = time.monotonic()
+    for step in range(steps):
+        specs = [sample_spec(clip_seed(seed + 5, step * batch + b)) for b in range(batch)]
+        starts = [int(torch.randint(0, 256, (), generator=generator)) for _ in specs]
+        x = pixel_batch(specs, VAE_FRAMES, starts).to(device)
+        z = encode_mean(vae, x)
+        z = z + DECODER_NOISE * torch.randn(z.shape, generator=generator).to(device)
+        vae.clear_cache()
+        err = vae.decode(z).sample - x
+        loss = (_object_weight(x) * (err.abs() + err.pow(2))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        curve.append(float(loss))
+        if on_log is not None and (step % log_every == 0 or step == steps - 1):
+            on_log(step, {"loss": float(loss), "mse": float(err.detach().pow(2).mean()),
+                          "elapsed_s": time.monotonic() - start})
+        if on_checkpoint is not None and (step + 1) % checkpoint_every == 0:
+            on_checkpoint(step + 1)
+    vae.eval().requires_grad_(False)
+    return curve
