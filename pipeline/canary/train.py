@@ -41,15 +41,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--vae-steps", type=int, default=300)
+    p.add_argument("--vae-steps", type=int, default=700)
     p.add_argument("--vae-batch", type=int, default=4)
-    p.add_argument("--gen-steps", type=int, default=1500)
-    p.add_argument("--gen-batch", type=int, default=16)
-    p.add_argument("--pool-clips", type=int, default=768)
-    p.add_argument("--chunks", type=int, default=6, help="trained horizon in 3-latent-frame chunks")
+    p.add_argument("--gen-steps", type=int, default=500)
+    p.add_argument("--gen-batch", type=int, default=8)
+    p.add_argument("--pool-clips", type=int, default=96)
+    p.add_argument("--chunks", type=int, default=5, help="trained horizon in 3-latent-frame chunks")
     p.add_argument("--sample-every", type=int, default=250)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--decoder-steps", type=int, default=0,
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--decoder-batch", type=int, default=2)
+    p.add_argument("--decoder-steps", type=int, default=300,
                    help="stage 1b: fine-tune the decoder on whole frames, encoder frozen (see --stage decoder)")
     p.add_argument("--stage", choices=("all", "vae", "decoder", "gen"), default="all",
                    help="vae: stop after the VAE (writes vae.safetensors + vae_card.json); decoder: only fine-tune "
@@ -123,15 +124,15 @@ def _decoder_stage(args: argparse.Namespace, progress: Progress, command: str, v
         models.save_weights(vae, os.path.join(args.out, "vae_decoder_ft.safetensors"), half=False)
         progress.log("decoder_ckpt", step, {})
 
-    curve = finetune_decoder(vae, seed=args.seed, steps=args.decoder_steps, batch=args.vae_batch,
+    curve = finetune_decoder(vae, seed=args.seed, steps=args.decoder_steps, batch=args.decoder_batch,
                              device=args.device, on_log=lambda s, v: progress.log("decoder", s, v),
                              on_checkpoint=checkpoint)
     psnr = held_out_psnr(vae, device=args.device)
     progress.log("decoder_eval", args.decoder_steps, {"psnr_db": psnr})
     models.save_weights(vae, path, half=False)
     seconds = card["vae_seconds"] + round(time.monotonic() - started, 1)
-    card.update({"commands": card["commands"] + [command], "decoder_steps": args.decoder_steps,
-                 "final_decoder_loss": _mean_tail(curve), "vae_seconds": seconds,
+    card.update({"commands": card["commands"] + ([command] if args.stage == "decoder" else []),
+                 "decoder_steps": args.decoder_steps, "final_decoder_loss": _mean_tail(curve), "vae_seconds": seconds,
                  "vae_psnr_db_before_decoder_ft": card["vae_psnr_db_held_out"], "vae_psnr_db_held_out": psnr})
     with open(os.path.join(args.out, "vae_card.json"), "w", encoding="utf-8") as fh:
         json.dump(card, fh, indent=1, sort_keys=True)
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     else:
         vae, vae_card = _train_vae_stage(args, progress, command)
+        if args.decoder_steps:
+            _decoder_stage(args, progress, command, vae, vae_card)
         if args.stage == "vae":
             return 0
     text = models.build_text()
