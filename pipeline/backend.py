@@ -3,6 +3,8 @@
 Presets:
 - ``tiny``: the same code with small dims and seeded random weights, a locally built tokenizer and text encoder,
   a small VAE. No network, no files; a rollout runs on a CPU in seconds.
+- ``canary``: a small trained model shipped as package data (`pipeline.canary`): 64x64 px, 16 fps, coloured
+  shapes moving as their caption says; the same transformer/VAE classes and causal path as Wan.
 - ``wan2.1-1.3b``: the full Wan2.1-T2V-1.3B shapes with seeded random weights (for benchmarks); the text encoder is
   a one-layer stand-in with umT5-XXL's width, since it runs once per prompt.
 - a path: a diffusers-format Wan2.1 folder (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``vae/``),
@@ -63,6 +65,7 @@ class ModelSpec:
 
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", height_px=64, width_px=96, text_len=32),
+    "canary": ModelSpec("canary", height_px=64, width_px=64, text_len=64),
     "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=WAN_HEIGHT_PX, width_px=WAN_WIDTH_PX, text_len=WAN_TEXT_LEN),
 }
 
@@ -141,7 +144,7 @@ def _random_wide_text_encoder(text_dim: int, text_len: int, seed: int) -> TextEn
 def load_backend(model: str = "tiny", *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  weights: str | None = None, seed: int = 0, with_vae: bool = True,
                  text_len: int | None = None, compile: bool = False) -> WanBackend:
-    """Build a backend from a preset name (``tiny``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
+    """Build a backend from a preset name (``tiny``, ``canary``, ``wan2.1-1.3b``) or a diffusers-format Wan2.1 folder
     (``text_len``: prompt tokens for a folder's umT5, default `WAN_TEXT_LEN` as Wan was trained; ``compile``:
     compile the transformer blocks on the static path, `CausalWan.compile`)."""
     backend = _load_backend(model, device=device, dtype=dtype, weights=weights, seed=seed, with_vae=with_vae,
@@ -173,11 +176,22 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
             from pipeline.weights import load_transformer_weights
 
             load_transformer_weights(transformer, checkpoint)
+    elif model == "canary":
+        from pipeline.canary.models import load_canary
+
+        spec = PRESETS["canary"]
+        transformer, text, vae, _ = load_canary(with_vae=with_vae)
+        transformer = _cast(transformer, device, dtype)
+        if weights is not None:
+            from pipeline.weights import load_transformer_weights
+
+            load_transformer_weights(transformer, weights)
     elif os.path.isdir(model):
         return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae,
                             text_len=text_len or WAN_TEXT_LEN)
     else:
-        raise InputError(f"`model` must be 'tiny', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, got {model!r}")
+        raise InputError(f"`model` must be 'tiny', 'canary', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, "
+                         f"got {model!r}")
     spec = ModelSpec(spec.name, spec.height_px, spec.width_px, spec.text_len, weights, seed)
     text.encoder.to(device)
     if vae is not None:

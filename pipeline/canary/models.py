@@ -1,0 +1,103 @@
+"""The canary's shapes, and loading the shipped weights (package data next to this module).
+
+The generator is a small diffusers `WanTransformer3DModel` (1x2x2 patches: a 64x64 frame is an 8x8 latent, 16
+tokens), the VAE a small `AutoencoderKLWan` (8x spatial, 4x temporal, 16 latent channels) and the text encoder
+the seeded tiny umT5 of `pipeline.text`, frozen. The card (``card.json``) records how the weights were trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from pipeline.errors import WeightsError
+from pipeline.text import TextEncoder, build_tiny_text_encoder
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+TEXT_LEN = 64  # tokens: the longest caption is 55 bytes + eos
+TEXT_DIM = 32
+TEXT_SEED = 0
+CHUNK_FRAMES = 3  # latent frames per AR chunk
+
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 32, "in_channels": 16,
+    "out_channels": 16, "text_dim": TEXT_DIM, "freq_dim": 32, "ffn_dim": 128, "num_layers": 3,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+}
+VAE_CONFIG: dict[str, Any] = {
+    "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
+    "temperal_downsample": [False, True, True],
+}
+
+
+def build_transformer(seed: int) -> Any:
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**TRANSFORMER_CONFIG)
+
+
+def build_vae(seed: int, latents_mean: list[float] | None = None, latents_std: list[float] | None = None) -> Any:
+    from diffusers import AutoencoderKLWan
+
+    extra: dict[str, Any] = {}
+    if latents_mean is not None and latents_std is not None:
+        extra = {"latents_mean": list(latents_mean), "latents_std": list(latents_std)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(**VAE_CONFIG, **extra)
+
+
+def build_text() -> TextEncoder:
+    return build_tiny_text_encoder(text_dim=TEXT_DIM, text_len=TEXT_LEN, seed=TEXT_SEED)
+
+
+def read_card(folder: str = WEIGHTS_DIR) -> dict[str, Any]:
+    path = os.path.join(folder, "card.json")
+    if not os.path.isfile(path):
+        raise WeightsError(f"no canary card at {path!r}: train one with `python -m pipeline.canary.train --out DIR`")
+    with open(path, encoding="utf-8") as fh:
+        card: dict[str, Any] = json.load(fh)
+    return card
+
+
+def _load_state(model: Any, path: str) -> None:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise WeightsError(f"canary weights missing: {path!r}")
+    state = {k: v.float() for k, v in load_file(path).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"{path!r} does not fit the canary model: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}")
+
+
+def load_canary(folder: str = WEIGHTS_DIR, with_vae: bool = True) -> tuple[Any, TextEncoder, Any, dict[str, Any]]:
+    """``(transformer, text encoder, vae or None, card)`` from a folder holding ``card.json``,
+    ``transformer.safetensors`` and ``vae.safetensors`` (default: the shipped weights)."""
+    card = read_card(folder)
+    transformer = build_transformer(0)
+    _load_state(transformer, os.path.join(folder, "transformer.safetensors"))
+    vae = None
+    if with_vae:
+        vae = build_vae(0, card["latents_mean"], card["latents_std"])
+        _load_state(vae, os.path.join(folder, "vae.safetensors"))
+        vae = vae.eval()
+    return transformer.eval(), build_text(), vae, card
+
+
+def save_weights(model: Any, path: str, half: bool = True) -> None:
+    """Save a state dict as safetensors (float16 to keep the package small)."""
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path)

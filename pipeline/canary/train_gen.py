@@ -1,0 +1,95 @@
+"""Stage 2: train the generator on VAE latents with the block-causal masked full-sequence forward.
+
+Scheme (see `pipeline.canary.sequence`): teacher forcing for self-forcing (a noisy chunk at one of the sampler's
+warped levels over clean context) mixed with rolling-forcing window passes (staggered levels, joint window),
+flow-matching loss on the noisy chunks. No training on the model's own rollouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.canary.data import clip_seed, pixel_batch
+from pipeline.canary.grammar import sample_spec
+from pipeline.canary.masked import install, masked_forward
+from pipeline.canary.models import CHUNK_FRAMES
+from pipeline.canary.sequence import build_sequence
+from pipeline.canary.train_vae import encode_mean
+from pipeline.text import TextEncoder
+from pipeline.vae import pixel_frames_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LatentPool:
+    """Pre-encoded training clips: normalised latents ``[N, 16, F, 8, 8]`` and caption embeddings."""
+
+    latents: torch.Tensor
+    text: torch.Tensor  # [N, text_len, text_dim]
+
+
+@torch.no_grad()
+def build_pool(vae: Any, text: TextEncoder, *, seed: int, clips: int, chunks: int, device: str,
+               on_log: Callable[[int, dict[str, float]], None] | None = None) -> LatentPool:
+    """Encode ``clips`` training clips of ``chunks`` chunks with the trained VAE (each from a random start frame)."""
+    frames = pixel_frames_for(chunks * CHUNK_FRAMES)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(device)
+    generator = torch.Generator().manual_seed(seed + 2)
+    latents, captions = [], []
+    for i in range(0, clips, 8):
+        specs = [sample_spec(clip_seed(seed + 2, k)) for k in range(i, min(i + 8, clips))]
+        starts = [int(torch.randint(0, 256, (), generator=generator)) for _ in specs]
+        z = encode_mean(vae, pixel_batch(specs, frames, starts).to(device))
+        latents.append(((z - mean) / std).cpu())
+        captions += [s.caption for s in specs]
+        if on_log is not None:
+            on_log(i, {"encoded": float(i + len(specs))})
+    embeddings = {c: text.encode([c])[0] for c in sorted(set(captions))}
+    return LatentPool(torch.cat(latents), torch.stack([embeddings[c] for c in captions]))
+
+
+def train_generator(transformer: Any, pool: LatentPool, *, seed: int, steps: int, batch: int, device: str,
+                    lr: float = 2e-3, rolling_fraction: float = 0.5, context_noise: float = 0.05,
+                    on_log: Callable[[int, dict[str, float]], None] | None = None, log_every: int = 10,
+                    on_sample: Callable[[int], None] | None = None, sample_every: int = 0) -> list[float]:
+    """Train in place with AdamW (cosine schedule, warm-up); returns the loss curve."""
+    transformer.train().requires_grad_(True).to(device)
+    state = install(transformer)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps))))
+    generator = torch.Generator().manual_seed(seed + 3)
+    curve: list[float] = []
+    start = time.monotonic()
+    for step in range(steps):
+        idx = torch.randint(pool.latents.shape[0], (batch,), generator=generator)
+        seq = build_sequence(pool.latents[idx], CHUNK_FRAMES, generator, rolling_fraction, context_noise)
+        seq.latents, seq.target = seq.latents.to(device), seq.target.to(device)
+        flow = masked_forward(transformer, state, seq, pool.text[idx].to(device))
+        frames = seq.target.shape[2]
+        loss = (flow[:, :, frames:] - seq.target).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        curve.append(float(loss))
+        if on_log is not None and (step % log_every == 0 or step == steps - 1):
+            recent = curve[-log_every:]
+            on_log(step, {"loss": sum(recent) / len(recent), "elapsed_s": time.monotonic() - start})
+        if on_sample is not None and sample_every and (step + 1) % sample_every == 0 and step + 1 < steps:
+            transformer.eval()
+            on_sample(step + 1)
+            transformer.train()
+    transformer.eval()
+    return curve
