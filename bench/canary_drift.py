@@ -9,7 +9,7 @@ Renders the `PROMPTS` (one per grammar motion family) for 3x and 10x the trained
   ``background_err`` (mean |pixel - true background| away from objects), ``objects`` (saturated blobs),
   ``traj_err`` (|displacement - the named motion's velocity| px/frame), and ``motion_ok`` (the detector reads the
   named colour and motion in the chunk's frames);
-- model-free: ``latent_dist_first`` (stats rows) and the pixel proxies of `pipeline.pixel_stats`
+- model-free: ``latent_dist_first`` (stats rows) and the pixel proxies of `pipeline.outputs.pixel_stats`
   (``hist_dist_first``, ``saturation``, ``flicker``).
 
 Each figure is reported as Δ = mean over the last trained-horizon of chunks - mean over the first, median over the
@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from pipeline.backend import load_backend
 from pipeline.canary.detect import canary_metrics, detect
 from pipeline.canary.grammar import caption, parse_caption
 from pipeline.canary.models import read_card
 from pipeline.canary.sample import render, write_svg_curves
 from pipeline.config import RolloutConfig
-from pipeline.pixel_stats import PixelTracker
+from pipeline.model.backend import load_backend
+from pipeline.outputs.pixel_stats import PixelTracker
 from tokentrim import TrimConfig
 
 PROMPTS = [caption("red", "circle", "right"), caption("blue", "square", "down", "striped"),

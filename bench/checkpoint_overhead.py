@@ -40,13 +40,13 @@ from bench.common import (
     spread,
     step_seconds,
 )
-from pipeline.backend import LATENT_CHANNELS, PRESETS, SPATIAL_SCALE, WAN_1_3B_TRANSFORMER, WanBackend
-from pipeline.checkpoint import RolloutCheckpoints
-from pipeline.chunk_stats import ChunkStats
 from pipeline.config import RolloutConfig
-from pipeline.records import ChunkRecord, PruneEvent
-from pipeline.render import render, render_hash
-from pipeline.rollout import Rollout
+from pipeline.model.backend import LATENT_CHANNELS, PRESETS, SPATIAL_SCALE, WAN_1_3B_TRANSFORMER, WanBackend
+from pipeline.outputs.checkpoint import RolloutCheckpoints
+from pipeline.outputs.render import render, render_hash
+from pipeline.rollout.chunk_stats import ChunkStats
+from pipeline.rollout.loop import Rollout
+from pipeline.rollout.records import ChunkRecord, PruneEvent
 from pipeline.store import Store
 from tokentrim import TrimConfig, TrimController
 

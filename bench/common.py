@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.backend import TINY_TRANSFORMER, ModelSpec, WanBackend, seeded_transformer
-from pipeline.causal_wan import CausalWan
-from pipeline.records import ChunkRecord
-from pipeline.rollout import Rollout
-from pipeline.text import build_tiny_text_encoder
-from pipeline.vae import build_tiny_vae
+from pipeline.model.backend import TINY_TRANSFORMER, ModelSpec, WanBackend, seeded_transformer
+from pipeline.model.causal_wan import CausalWan
+from pipeline.model.text import build_tiny_text_encoder
+from pipeline.model.vae import build_tiny_vae
+from pipeline.rollout.loop import Rollout
+from pipeline.rollout.records import ChunkRecord
 
 JSON_PREFIX = "BENCH_JSON "
 PROMPT = "a red panda walking through a snowy bamboo forest, cinematic"

@@ -3,7 +3,8 @@ and TokenTrim's overhead (DESIGN.md §6: Wan2.1-1.3B shapes, bf16, 480x832, self
 TokenTrim overhead <= 3%).
 
 Per mode, in this order (each variant starts with a warm-up, excluded):
-  render   `pipeline.render.render` of ``--chunks`` chunks to ``memory://`` without TokenTrim (``none``) and with
+  render   `pipeline.outputs.render.render` of ``--chunks`` chunks to ``memory://`` without TokenTrim (``none``) and
+           with
            never-pruning TokenTrim (``never``: lam=1e9, warmup=3): steady frames/s = new pixel frames per chunk /
            median wall seconds between chunks (decode + encode included), whole-render frames/s (setup, chunk 0 and
            the final mp4/parquet writes included), rollout-only frames/s (t_denoise + t_trim + t_commit), per-phase
@@ -52,11 +53,11 @@ from bench.common import (
     sync,
 )
 from bench.trim_overhead import VARIANTS, chunk_ratios, measure, pruned_mask
-from pipeline.backend import WanBackend, load_backend
 from pipeline.config import MODES, RolloutConfig
-from pipeline.render import render
+from pipeline.model.backend import WanBackend, load_backend
+from pipeline.model.vae import pixel_frames_for
+from pipeline.outputs.render import render
 from pipeline.store import Store
-from pipeline.vae import pixel_frames_for
 from tokentrim import TrimConfig
 
 T = TypeVar("T")

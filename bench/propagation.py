@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
-from pipeline.records import ChunkRecord
-from pipeline.rollout import Rollout
+from pipeline.model.backend import load_backend
+from pipeline.rollout.loop import Rollout
+from pipeline.rollout.records import ChunkRecord
 from tokentrim import TrimConfig
 
 PROMPT = "a red panda walking through a snowy bamboo forest"

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from bench.common import PROMPT, Reporter, base_parser, build_mid_backend, command_line, median, set_threads, spread
-from pipeline.backend import WanBackend, load_backend
 from pipeline.config import Mode, RolloutConfig
-from pipeline.host import HostReadCounter
-from pipeline.rollout import Rollout
-from pipeline.vae import pixel_frames_for
+from pipeline.model.backend import WanBackend, load_backend
+from pipeline.model.host import HostReadCounter
+from pipeline.model.vae import pixel_frames_for
+from pipeline.rollout.loop import Rollout
 from tokentrim import TrimConfig
 
 NEVER = TrimConfig(lam=1e9, warmup=3)
@@ -189,8 +189,8 @@ def vae_decode(rep: Reporter, backend: WanBackend, repeats: int, chunks: int = 4
     """Item 4: ms per decoded chunk (3 latent frames) of the backend's VAE vs a channels-last 3D copy of it."""
     import copy
 
-    from pipeline.backend import LATENT_CHANNELS
-    from pipeline.vae import StreamingDecoder, speed_up_vae
+    from pipeline.model.backend import LATENT_CHANNELS
+    from pipeline.model.vae import StreamingDecoder, speed_up_vae
 
     if backend.vae is None:
         raise ValueError("vae_decode needs a backend built with its VAE")

@@ -197,9 +197,9 @@ def _model_perturb(kind: str, seeds: Sequence[int], chunk: int, scale: float,
 
 def model_rates(config: TrimConfig, seeds: Sequence[int], chunks: int = 10, at: int = 6) -> dict[str, float]:
     """Clean prune rate and per-kind catch rate on real rollouts of the tiny preset (batch = seeds)."""
-    from pipeline.backend import load_backend
     from pipeline.config import RolloutConfig
-    from pipeline.rollout import Rollout
+    from pipeline.model.backend import load_backend
+    from pipeline.rollout.loop import Rollout
 
     backend = load_backend("tiny", with_vae=False)
     rollout_config = RolloutConfig(num_chunks=chunks)

@@ -30,10 +30,10 @@ from bench.common import (
     step_seconds,
     verdict_counts,
 )
-from pipeline.backend import WanBackend
 from pipeline.config import RolloutConfig
-from pipeline.records import ChunkRecord
-from pipeline.rollout import Rollout
+from pipeline.model.backend import WanBackend
+from pipeline.rollout.loop import Rollout
+from pipeline.rollout.records import ChunkRecord
 from tokentrim import TrimConfig
 
 VARIANTS: dict[str, TrimConfig | None] = {

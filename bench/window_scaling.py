@@ -28,12 +28,12 @@ from bench.common import (
     spread,
     step_seconds,
 )
-from pipeline.backend import LATENT_CHANNELS
 from pipeline.config import RolloutConfig
-from pipeline.kv_cache import KVCache
-from pipeline.records import ChunkRecord
-from pipeline.rollout import Rollout
-from pipeline.sampler import chunk_noise
+from pipeline.model.backend import LATENT_CHANNELS
+from pipeline.model.kv_cache import KVCache
+from pipeline.rollout.loop import Rollout
+from pipeline.rollout.records import ChunkRecord
+from pipeline.rollout.sampler import chunk_noise
 from tokentrim import TrimConfig
 
 

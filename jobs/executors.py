@@ -23,7 +23,7 @@ from jobs.table import PromptRow
 from pipeline.store import Store
 
 if TYPE_CHECKING:
-    from pipeline.backend import WanBackend
+    from pipeline.model.backend import WanBackend
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Executor(Protocol):
 def load_model(spec: JobSpec) -> WanBackend:
     import torch
 
-    from pipeline.backend import load_backend
+    from pipeline.model.backend import load_backend
 
     return load_backend(spec.model, device=spec.resolved_device, dtype=getattr(torch, spec.dtype),
                         weights=spec.weights, compile=spec.compile)

@@ -38,8 +38,8 @@ from pipeline.store import KeyNotFound, Store
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from pipeline.backend import WanBackend
-    from pipeline.render import RenderResult
+    from pipeline.model.backend import WanBackend
+    from pipeline.outputs.render import RenderResult
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
 
 def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims, claim: Claim,
                     force: bool) -> dict[str, Any]:
-    from pipeline.render import render
+    from pipeline.outputs.render import render
 
     began = time.perf_counter()
     out = claims.store

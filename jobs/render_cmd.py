@@ -50,8 +50,8 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
                restart: bool) -> None:
     import torch
 
-    from pipeline.backend import load_backend
-    from pipeline.render import render as render_prompts
+    from pipeline.model.backend import load_backend
+    from pipeline.outputs.render import render as render_prompts
     from pipeline.store import Store
 
     config = spec.rollout

@@ -56,7 +56,7 @@ def check_model(spec: JobSpec) -> None:
 
     A path that this machine does not have is accepted only for a Ray job on a remote cluster (RAY_ADDRESS set),
     whose workers may mount it."""
-    from pipeline.backend import PRESETS
+    from pipeline.model.backend import PRESETS
 
     remote = spec.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
     if spec.model not in PRESETS:

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 
 from pipeline.config import RolloutConfig
 from pipeline.hashing import job_hash
-from pipeline.video import VideoSettings
+from pipeline.outputs.video import VideoSettings
 from tokentrim import TrimConfig
 
 JOB_FORMAT = 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from pipeline.kv_cache import SinkRope
-from pipeline.sampler import ROLLING_FORCING_STEPS, SELF_FORCING_STEPS, warp_timesteps
+from pipeline.model.kv_cache import SinkRope
+from pipeline.rollout.sampler import ROLLING_FORCING_STEPS, SELF_FORCING_STEPS, warp_timesteps
 
 Mode = Literal["self-forcing", "rolling-forcing"]
 MODES: tuple[str, ...] = ("self-forcing", "rolling-forcing")

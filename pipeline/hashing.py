@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.backend import ModelSpec
     from pipeline.config import RolloutConfig
-    from pipeline.video import VideoSettings
+    from pipeline.model.backend import ModelSpec
+    from pipeline.outputs.video import VideoSettings
     from tokentrim import TrimConfig
 
 

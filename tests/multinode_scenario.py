@@ -149,7 +149,7 @@ def render_oracles(spec: Any, prompt_ids: list[str], folder: Path) -> None:
 
     from jobs.policy import Claims, process_row
     from jobs.table import read_table, validate_rows
-    from pipeline.backend import load_backend
+    from pipeline.model.backend import load_backend
     from pipeline.store import Store
 
     backend = load_backend(spec.model)

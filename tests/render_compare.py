@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import RolloutCheckpoints
+from pipeline.outputs.checkpoint import RolloutCheckpoints
+from pipeline.outputs.video import decode_mp4
 from pipeline.store import Store
-from pipeline.video import decode_mp4
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError
-from pipeline.rollout import Rollout
-from pipeline.weights import to_original_keys
+from pipeline.model.backend import load_backend
+from pipeline.model.weights import to_original_keys
+from pipeline.rollout.loop import Rollout
 from tokentrim import TrimConfig
 
 

@@ -19,7 +19,7 @@ from pipeline.canary.masked import install, masked_forward
 from pipeline.canary.models import CHUNK_FRAMES, WEIGHTS_DIR, build_transformer
 from pipeline.canary.render import render_clip
 from pipeline.canary.sequence import Sequence, build_sequence
-from pipeline.causal_wan import CausalWan
+from pipeline.model.causal_wan import CausalWan
 
 HAVE_WEIGHTS = os.path.isfile(os.path.join(WEIGHTS_DIR, "card.json"))
 PASS_RATE = 0.9  # issue 11: the named colour and motion in >= 90% of seeds
@@ -201,7 +201,7 @@ def _covering_prompts(seeds_per_combo: int) -> tuple[list[str], list[int], list[
 
 @pytest.fixture(scope="module")
 def canary_backend():
-    from pipeline.backend import load_backend
+    from pipeline.model.backend import load_backend
 
     return load_backend("canary")
 
@@ -218,7 +218,7 @@ def test_canary_renders_the_named_colour_and_motion(canary_backend, mode):
     every shape). Expected to fail with the shipped, undertrained weights (bench/RESULTS.md, "Canary")."""
     from pipeline.canary.models import read_card
     from pipeline.canary.sample import render
-    from pipeline.vae import pixel_frames_for
+    from pipeline.model.vae import pixel_frames_for
 
     horizon = read_card()["trained_horizon"]["chunks"]
     prompts, seeds, named = _covering_prompts(1)
@@ -247,8 +247,8 @@ def test_vae_reconstructs_held_out_clips(canary_backend):
 
 @needs_weights
 def test_canary_preset_goes_through_the_causal_backend(canary_backend):
-    from pipeline.attention import CachedSelfAttention
-    from pipeline.backend import PRESETS
+    from pipeline.model.attention import CachedSelfAttention
+    from pipeline.model.backend import PRESETS
 
     assert canary_backend.spec == PRESETS["canary"]
     assert all(isinstance(b.attn1.processor, CachedSelfAttention) for b in canary_backend.causal.transformer.blocks)

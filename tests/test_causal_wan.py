@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.causal_wan import CausalWan
+from pipeline.model.causal_wan import CausalWan
 from tests.wan_oracle import reference_forward, tiny_transformer, visibility
 
 CHUNK = 3
@@ -190,7 +190,7 @@ def _rolling_reference(backend, config, seed: int, prompt: str):
     """Rolling forcing written out against the oracle: every pass is diffusers' forward over [committed clean chunks
     (t = 0, block-causal) | the window's chunks (each frame at its chunk's level, seeing all committed frames and the
     whole window)]. Returns the finished chunks in order and, after each finished chunk, the in-flight window."""
-    from pipeline.sampler import chunk_noise
+    from pipeline.rollout.sampler import chunk_noise
 
     levels, frames, chunks = config.timesteps, config.chunk_frames, config.num_chunks
     depth, text = len(levels), backend.encode_prompts([prompt])
@@ -232,9 +232,9 @@ def _rolling_reference(backend, config, seed: int, prompt: str):
 
 @pytest.mark.parametrize(("height_px", "width_px"), [(64, 96), (96, 32)])  # 4x6 and 6x2 patch grids
 def test_rolling_window_pass_equals_diffusers_forward_with_per_frame_timesteps(height_px, width_px):
-    from pipeline.backend import load_backend
     from pipeline.config import RolloutConfig
-    from pipeline.rollout import Rollout
+    from pipeline.model.backend import load_backend
+    from pipeline.rollout.loop import Rollout
 
     backend = load_backend("tiny", with_vae=False)
     # 3 chunks: the window fills, drains and never evicts a frame, so every key sits at its absolute frame
@@ -251,7 +251,7 @@ def test_rolling_window_pass_equals_diffusers_forward_with_per_frame_timesteps(h
 
 def _attention_spans(backend, config) -> list[int]:
     """Key frames (cached + the pass's own) of every denoise pass of a rollout."""
-    from pipeline.rollout import Rollout
+    from pipeline.rollout.loop import Rollout
 
     spans: list[int] = []
     denoise = backend.causal.denoise
@@ -270,8 +270,8 @@ def _attention_spans(backend, config) -> list[int]:
 
 
 def test_rolling_forcing_attends_to_at_most_21_latent_frames_by_default():
-    from pipeline.backend import load_backend
     from pipeline.config import ROLLING_ATTENTION_FRAMES, RolloutConfig
+    from pipeline.model.backend import load_backend
 
     backend = load_backend("tiny", with_vae=False)
     capped = _attention_spans(backend, RolloutConfig(mode="rolling-forcing", num_chunks=9))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backend import PRESETS
+from pipeline.model.backend import PRESETS
+from pipeline.outputs.video import decode_mp4
 from pipeline.store import Store
-from pipeline.video import decode_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = "jobs/data/vbench_prompts.parquet"

@@ -22,11 +22,11 @@ from jobs.policy import RESULT_FIELDS, Busy, Claims, Heartbeat, process_row, res
 from jobs.run import load_spec, status, submit
 from jobs.spec import JobSpec
 from jobs.table import PromptRow, read_table, validate_rows
-from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
 from pipeline.errors import ConfigMismatchError, InputError
+from pipeline.model.backend import load_backend
+from pipeline.outputs.video import decode_mp4
 from pipeline.store import Store
-from pipeline.video import decode_mp4
 from tokentrim import TrimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def _spec(tmp_path, **kw) -> JobSpec:
 
 
 def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend, tmp_path):
-    from pipeline.render import render
+    from pipeline.outputs.render import render
 
     row = PromptRow(0, "p0", "a harbour at dawn", 11, 4)
     spec = _spec(tmp_path, trim=TrimConfig(lam=0.5))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.kv_cache import KVCache
+from pipeline.model.kv_cache import KVCache
 
 TOKENS, LAYERS, HEADS, DIM = 6, 2, 1, 2
 

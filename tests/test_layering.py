@@ -13,22 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # DESIGN §1's "may import" column, as written there.
 DESIGN = {
     "tokentrim": {"torch"},
-    "pipeline": {"tokentrim", "torch", "diffusers", "transformers", "av", "safetensors", "fsspec"},
-    "jobs": {"pipeline", "tokentrim", "ray", "pyarrow", "fsspec", "s3fs", "click"},
+    "pipeline": {"tokentrim", "torch", "diffusers", "transformers", "av", "safetensors", "fsspec", "pyarrow"},
+    "jobs": {"pipeline", "tokentrim", "torch", "ray", "pyarrow", "fsspec", "s3fs", "click"},
 }
 # Packages that come with one DESIGN names and are its API: torch's and PyAV's arrays are numpy; transformers'
 # tokenizers are `tokenizers`; fsspec's S3 backend is s3fs (on botocore).
 PART_OF = {"torch": {"numpy"}, "av": {"numpy"}, "transformers": {"tokenizers"}, "fsspec": {"s3fs", "botocore"}}
-# Imports the code needs that DESIGN §1 does not list yet (each with its reason). The coordinator adds them to
-# DESIGN §1 or removes the import; `test_every_listed_exception_is_still_needed` keeps this list honest.
-NOT_YET_IN_DESIGN = {
-    "pipeline": {"pyarrow"},  # the per-chunk stats table: Store.get_table/put_table, render's stats.parquet
-    "jobs": {"torch"},  # device and dtype for load_backend (jobs/render_cmd.py, jobs/worker.py)
-}
 
 
 def _allowed(layer: str) -> set[str]:
-    names = DESIGN[layer] | NOT_YET_IN_DESIGN.get(layer, set()) | {layer}
+    names = DESIGN[layer] | {layer}
     return names | {part for name in names for part in PART_OF.get(name, set())}
 
 
@@ -54,12 +48,6 @@ def test_each_layer_imports_only_what_design_allows():
             assert not extra, f"{path.relative_to(ROOT)} imports {sorted(extra)}, which DESIGN §1 does not allow"
 
 
-def test_every_listed_exception_is_still_needed():
-    for layer, names in NOT_YET_IN_DESIGN.items():
-        used = set().union(*_layer_imports(layer).values())
-        assert names <= used, f"{layer}: {sorted(names - used)} is no longer imported; drop it from the list"
-
-
 def _loaded(modules: str, candidates: tuple[str, ...]) -> list[str]:
     code = f"import json, sys, {modules}; print(json.dumps(sorted(m for m in {candidates!r} if m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -67,12 +55,14 @@ def _loaded(modules: str, candidates: tuple[str, ...]) -> list[str]:
 
 
 def test_the_pipeline_loads_no_cluster_code():
-    modules = "pipeline.render, pipeline.rollout, pipeline.checkpoint, pipeline.records, pipeline.hashing"
+    modules = ("pipeline.outputs.render, pipeline.rollout.loop, pipeline.outputs.checkpoint, "
+               "pipeline.rollout.records, pipeline.hashing")
     assert _loaded(modules, ("ray", "jobs", "click", "s3fs", "av")) == []
 
 
 def test_checkpointing_does_not_load_the_engine():
-    assert _loaded("pipeline.checkpoint", ("pipeline.rollout", "pipeline.backend", "diffusers")) == []
+    engine = ("pipeline.rollout.loop", "pipeline.model.backend", "diffusers")
+    assert _loaded("pipeline.outputs.checkpoint", engine) == []
 
 
 def test_hashing_loads_no_torch():

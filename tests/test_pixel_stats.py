@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.pixel_stats import PixelStats, PixelTracker
+from pipeline.outputs.pixel_stats import PixelStats, PixelTracker
 
 
 def reference_stats(chunks: list[np.ndarray]) -> list[PixelStats]:

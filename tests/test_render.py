@@ -6,7 +6,7 @@ import av
 from click.testing import CliRunner
 
 from jobs.cli import main, slug
-from pipeline.backend import PRESETS
+from pipeline.model.backend import PRESETS
 from pipeline.store import Store
 
 STAT_COLUMNS = {"prompt_id", "config_hash", "chunk", "frames", "severity", "mu", "sigma", "threshold", "verdict",

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backend import load_backend
-from pipeline.checkpoint import RolloutCheckpoints
 from pipeline.config import RolloutConfig
 from pipeline.errors import ConfigMismatchError, TransientStoreError
-from pipeline.render import render, render_hash
+from pipeline.model.backend import load_backend
+from pipeline.outputs.checkpoint import RolloutCheckpoints
+from pipeline.outputs.render import render, render_hash
 from pipeline.store import Store
 from tests.flaky_store import FlakyStore
 from tests.render_compare import Rendered, assert_same_render, read_render

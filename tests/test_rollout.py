@@ -13,13 +13,13 @@ import sys
 import pytest
 import torch
 
-from pipeline.backend import load_backend
-from pipeline.checkpoint import RolloutCheckpoints
-from pipeline.chunk_stats import TIMED_PHASES, ChunkStats, stats_row
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
 from pipeline.hashing import job_hash, output_hash
-from pipeline.rollout import Rollout
+from pipeline.model.backend import load_backend
+from pipeline.outputs.checkpoint import RolloutCheckpoints
+from pipeline.rollout.chunk_stats import TIMED_PHASES, ChunkStats, stats_row
+from pipeline.rollout.loop import Rollout
 from pipeline.store import Store
 from tokentrim import TrimConfig
 

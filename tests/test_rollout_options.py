@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
-from pipeline.rollout import ChunkRecord, Rollout
+from pipeline.model.backend import load_backend
+from pipeline.rollout.loop import Rollout
+from pipeline.rollout.records import ChunkRecord
 from tokentrim import TrimConfig
 from tokentrim.stats import RunningStats
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
-from pipeline.host import HostReadCounter, to_host
-from pipeline.rollout import Rollout
+from pipeline.model.backend import load_backend
+from pipeline.model.host import HostReadCounter, to_host
+from pipeline.rollout.loop import Rollout
 from tokentrim import TrimConfig
 
 PROMPTS, SEEDS = ["a cat", "a red car on a long road"], [1, 2]  # a ragged batch once pruned

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError, WeightsError
-from pipeline.text import TextEncoder, build_tiny_text_encoder, clean_prompt, load_text_encoder
+from pipeline.model.text import TextEncoder, build_tiny_text_encoder, clean_prompt, load_text_encoder
 
 PROMPTS = ["a red panda walking through a snowy bamboo forest", "a cat", ""]
 UNICODE = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from bench.propagation import _run, corrupt_tokens
-from pipeline.backend import load_backend
 from pipeline.config import RolloutConfig
+from pipeline.model.backend import load_backend
 from tokentrim import TrimConfig
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import WeightsError
-from pipeline.vae import (
+from pipeline.model.vae import (
     StreamingDecoder,
     build_tiny_vae,
     denormalize_latents,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.vae import StreamDecoder, StreamingDecoder, build_tiny_vae, speed_up_vae, to_uint8_frames
+from pipeline.model.vae import StreamDecoder, StreamingDecoder, build_tiny_vae, speed_up_vae, to_uint8_frames
 
 
 def _latents(frames: int, seed: int) -> torch.Tensor:

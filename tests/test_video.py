@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.video import Mp4Encoder, VideoSettings, decode_mp4, encode_mp4, even_size, x264_asm
+from pipeline.outputs.video import Mp4Encoder, VideoSettings, decode_mp4, encode_mp4, even_size, x264_asm
 
 T, H, W = 10, 32, 48
 
@@ -137,7 +137,7 @@ def test_one_input_encoded_many_times_in_threads_under_load_gives_one_file() -> 
 
 
 def _has_avx512() -> bool:
-    from pipeline.video import _cpu_flags
+    from pipeline.outputs.video import _cpu_flags
 
     return "avx512f" in _cpu_flags()
 
@@ -152,7 +152,7 @@ def test_x264_own_cpu_detection_is_not_reproducible_here() -> None:
 
 def test_simd_levels_that_may_be_picked_give_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """`avx2` resolves to SSE4 on a CPU without AVX2: the same file, so machines of either kind agree."""
-    import pipeline.video as video
+    import pipeline.outputs.video as video
 
     frames = textured_frames(t=12)
     avx2 = encode_mp4(frames)

@@ -10,7 +10,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from pipeline.errors import WeightsError
-from pipeline.weights import (
+from pipeline.model.weights import (
     detect_layout,
     load_transformer_weights,
     read_checkpoint,
@@ -225,7 +225,7 @@ def test_strip_wrappers_removes_every_wrapper_segment_only() -> None:
 
 def _tiny_weights(seed: int, **dims: object) -> dict[str, torch.Tensor]:
     """Original-layout weights of a seeded transformer with the tiny preset's config updated by `dims`."""
-    from pipeline.backend import TINY_TRANSFORMER
+    from pipeline.model.backend import TINY_TRANSFORMER
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -238,9 +238,9 @@ def _tiny_weights(seed: int, **dims: object) -> dict[str, torch.Tensor]:
 
 
 def _rollout_latents(weights: str | None) -> list[torch.Tensor]:
-    from pipeline.backend import load_backend
     from pipeline.config import RolloutConfig
-    from pipeline.rollout import Rollout
+    from pipeline.model.backend import load_backend
+    from pipeline.rollout.loop import Rollout
 
     backend = load_backend("tiny", weights=weights, with_vae=False)
     return [r.latents for r in Rollout(backend, RolloutConfig(num_chunks=2), ["a cat"], [3])]
@@ -261,7 +261,7 @@ def test_tiny_preset_takes_its_dims_from_the_file(tmp_path: Path) -> None:
     dims = {"num_layers": 3, "freq_dim": 256, "ffn_dim": 48, "text_dim": 16, "num_attention_heads": 4}
     path = tmp_path / "other_dims.safetensors"
     save_file(_tiny_weights(seed=3, **dims), str(path))
-    from pipeline.backend import TINY_TRANSFORMER, load_backend
+    from pipeline.model.backend import TINY_TRANSFORMER, load_backend
 
     with pytest.raises(WeightsError, match=r"shape mismatch.*transformer_config_from_checkpoint"):
         load_transformer_weights(_tiny_model(seed=1), str(path))  # the preset's own dims do not fit
@@ -276,7 +276,7 @@ def test_tiny_preset_takes_its_dims_from_the_file(tmp_path: Path) -> None:
 
 
 def test_a_width_no_head_split_fits_is_named_with_the_fix(tmp_path: Path) -> None:
-    from pipeline.backend import TINY_TRANSFORMER
+    from pipeline.model.backend import TINY_TRANSFORMER
 
     state = _tiny_weights(seed=3, num_attention_heads=5, attention_head_dim=14)  # width 70: neither 12 nor 128
     with pytest.raises(WeightsError, match=r"`patch_embedding.weight` has width 70.*diffusers folder"):

@@ -1,7 +1,7 @@
 """The generator's training forward: diffusers' Wan transformer over a whole `Sequence` with a frame mask.
 
 Each block's self-attention projects and normalises as diffusers' processor does (and as
-`pipeline.attention.CachedSelfAttention` does at inference), rotates queries and keys at the sequence's own RoPE
+`pipeline.model.attention.CachedSelfAttention` does at inference), rotates queries and keys at the sequence's own RoPE
 frame positions (the clean and the noisy half share positions) and attends under the block-causal mask.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.canary.sequence import Sequence
-from pipeline.rope import apply_rope, rope_for_frames
+from pipeline.model.rope import apply_rope, rope_for_frames
 
 
 @dataclass

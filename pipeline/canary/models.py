@@ -2,7 +2,7 @@
 
 The generator is a small diffusers `WanTransformer3DModel` (1x2x2 patches: a 64x64 frame is an 8x8 latent, 16
 tokens), the VAE a small `AutoencoderKLWan` (8x spatial, 4x temporal, 16 latent channels) and the text encoder
-the seeded tiny umT5 of `pipeline.text`, frozen. The card (``card.json``) records how the weights were trained.
+the seeded tiny umT5 of `pipeline.model.text`, frozen. The card (``card.json``) records how the weights were trained.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import WeightsError
-from pipeline.text import TextEncoder, build_tiny_text_encoder
+from pipeline.model.text import TextEncoder, build_tiny_text_encoder
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from pipeline.backend import WanBackend
 from pipeline.config import RolloutConfig
+from pipeline.model.backend import WanBackend
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def render(backend: WanBackend, prompts: list[str], seeds: list[int], *, mode: s
            num_chunks: int = 6, trim: Any = None, config: RolloutConfig | None = None,
            ) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
     """uint8 frames ``[B, T, 64, 64, 3]`` and the per-chunk stats rows (one list per chunk, B rows each)."""
-    from pipeline.rollout import Rollout
+    from pipeline.rollout.loop import Rollout
 
     config = config or RolloutConfig(mode=mode, num_chunks=num_chunks)  # type: ignore[arg-type]
     rollout = Rollout(backend, config, prompts, seeds, trim=trim)

@@ -10,7 +10,7 @@ RoPE frame positions ``0 .. F-1``. Who sees whom reproduces what the cached roll
   ``steps[p - j]``, see the clean chunks before the window and every chunk of the window (one joint pass); noisy
   chunks outside the window are trained the self-forcing way.
 
-The loss is the flow ``noise - x0`` on the noisy half (flow matching, as `pipeline.sampler` samples).
+The loss is the flow ``noise - x0`` on the noisy half (flow matching, as `pipeline.rollout.sampler` samples).
 """
 
 from __future__ import annotations

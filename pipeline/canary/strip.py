@@ -9,9 +9,9 @@ import argparse
 
 import torch
 
-from pipeline.backend import load_backend
 from pipeline.canary.sample import frame_grid, render, write_png
 from pipeline.canary.train import SAMPLE_PROMPTS
+from pipeline.model.backend import load_backend
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from pipeline.canary.grammar import caption
 from pipeline.canary.sample import frame_grid, render, write_png, write_svg_curves
 from pipeline.canary.train_gen import build_pool, train_generator
 from pipeline.canary.train_vae import VAE_CROP, VAE_FRAMES, finetune_decoder, held_out_psnr, latent_stats, train_vae
-from pipeline.vae import pixel_frames_for
+from pipeline.model.vae import pixel_frames_for
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def _git_commit() -> str | None:
 
 
 def _sample_grid(transformer: Any, text: Any, vae: Any, path: str, chunks: int) -> None:
-    from pipeline.backend import PRESETS, WanBackend
-    from pipeline.causal_wan import CausalWan
+    from pipeline.model.backend import PRESETS, WanBackend
+    from pipeline.model.causal_wan import CausalWan
 
     backend = WanBackend(PRESETS["canary"], CausalWan(copy.deepcopy(transformer)), text, vae)
     videos, _ = render(backend, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))), num_chunks=chunks)

@@ -22,8 +22,8 @@ from pipeline.canary.masked import install, masked_forward
 from pipeline.canary.models import CHUNK_FRAMES
 from pipeline.canary.sequence import build_sequence
 from pipeline.canary.train_vae import encode_mean
-from pipeline.text import TextEncoder
-from pipeline.vae import pixel_frames_for
+from pipeline.model.text import TextEncoder
+from pipeline.model.vae import pixel_frames_for
 
 logger = logging.getLogger(__name__)
 

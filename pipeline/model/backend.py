@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.causal_wan import CausalWan
 from pipeline.errors import InputError
-from pipeline.text import TextEncoder, build_tiny_text_encoder, load_text_encoder
-from pipeline.vae import StreamingDecoder, build_tiny_vae, load_vae
+from pipeline.model.causal_wan import CausalWan
+from pipeline.model.text import TextEncoder, build_tiny_text_encoder, load_text_encoder
+from pipeline.model.vae import StreamingDecoder, build_tiny_vae, load_vae
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
@@ -160,7 +160,7 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
         base = TINY_TRANSFORMER if model == "tiny" else WAN_1_3B_TRANSFORMER
         checkpoint = None
         if weights is not None:  # no diffusers folder: the file's shapes fix the transformer's dims
-            from pipeline.weights import read_checkpoint, transformer_config_from_checkpoint
+            from pipeline.model.weights import read_checkpoint, transformer_config_from_checkpoint
 
             checkpoint = read_checkpoint(weights)
             base = transformer_config_from_checkpoint(checkpoint, base)
@@ -173,7 +173,7 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
             text = _random_wide_text_encoder(base["text_dim"], spec.text_len, seed)
             vae = _random_full_vae(seed) if with_vae else None
         if checkpoint is not None:
-            from pipeline.weights import load_transformer_weights
+            from pipeline.model.weights import load_transformer_weights
 
             load_transformer_weights(transformer, checkpoint)
     elif model == "canary":
@@ -183,7 +183,7 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
         transformer, text, vae, _ = load_canary(with_vae=with_vae)
         transformer = _cast(transformer, device, dtype)
         if weights is not None:
-            from pipeline.weights import load_transformer_weights
+            from pipeline.model.weights import load_transformer_weights
 
             load_transformer_weights(transformer, weights)
     elif os.path.isdir(model):
@@ -213,7 +213,7 @@ def _load_folder(folder: str, *, device: torch.device | str, dtype: torch.dtype,
 
     transformer = WanTransformer3DModel.from_pretrained(os.path.join(folder, "transformer"), local_files_only=True)
     if weights is not None:
-        from pipeline.weights import load_transformer_weights
+        from pipeline.model.weights import load_transformer_weights
 
         load_transformer_weights(transformer, weights)
     transformer = _cast(transformer, device, dtype)

@@ -1,6 +1,6 @@
 """What a rollout hands out per accepted chunk, and what a checkpoint stores: plain data, no engine.
 
-`pipeline.checkpoint` reads and writes these types; it needs neither the rollout nor the model.
+`pipeline.outputs.checkpoint` reads and writes these types; it needs neither the rollout nor the model.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipeline.chunk_stats import ChunkStats, stats_row
+from pipeline.rollout.chunk_stats import ChunkStats, stats_row
 
 
 @dataclass
@@ -41,5 +41,5 @@ class ChunkRecord:
 
     @property
     def rows(self) -> list[dict[str, Any]]:
-        """Per-sample stats rows without pixel proxies (see `pipeline.chunk_stats.stats_row`)."""
+        """Per-sample stats rows without pixel proxies (see `pipeline.rollout.chunk_stats.stats_row`)."""
         return [stats_row(s, self.timings) for s in self.stats]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.causal_wan import CausalWan
-from pipeline.kv_cache import KVCache
-from pipeline.sampler import ChunkNoise, renoise, to_x0
+from pipeline.model.causal_wan import CausalWan
+from pipeline.model.kv_cache import KVCache
+from pipeline.rollout.sampler import ChunkNoise, renoise, to_x0
 from pipeline.timing import PhaseTimer
 
 

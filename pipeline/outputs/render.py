@@ -17,18 +17,18 @@ from typing import Any
 
 import torch
 
-from pipeline.backend import WanBackend
-from pipeline.chunk_stats import stats_row
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError
 from pipeline.hashing import output_hash
-from pipeline.pixel_stats import PixelTracker
-from pipeline.records import ChunkRecord
-from pipeline.rollout import Rollout
+from pipeline.model.backend import WanBackend
+from pipeline.model.vae import StreamDecoder
+from pipeline.outputs.pixel_stats import PixelTracker
+from pipeline.outputs.video import Mp4Encoder, VideoSettings, even_size
+from pipeline.rollout.chunk_stats import stats_row
+from pipeline.rollout.loop import Rollout
+from pipeline.rollout.records import ChunkRecord
 from pipeline.store import Store, validate_key
 from pipeline.timing import PhaseTimer
-from pipeline.vae import StreamDecoder
-from pipeline.video import Mp4Encoder, VideoSettings, even_size
 from tokentrim import TrimConfig
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _open_checkpoints(state: str | Store | None, storage_options: dict | None, d
                       force_restart: bool):
     if state is None:
         return None
-    from pipeline.checkpoint import RolloutCheckpoints
+    from pipeline.outputs.checkpoint import RolloutCheckpoints
 
     store = state if isinstance(state, Store) else Store(state, storage_options)
     return RolloutCheckpoints(store, digest, prompt_ids, force_restart=force_restart)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.video import as_uint8_frames
+from pipeline.outputs.video import as_uint8_frames
 
 logger = logging.getLogger(__name__)
 

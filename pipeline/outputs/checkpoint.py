@@ -17,9 +17,9 @@ import logging
 import re
 from typing import Any
 
-from pipeline.chunk_stats import ChunkStats
 from pipeline.errors import ConfigMismatchError, CorruptStateError
-from pipeline.records import ChunkRecord, PruneEvent
+from pipeline.rollout.chunk_stats import ChunkStats
+from pipeline.rollout.records import ChunkRecord, PruneEvent
 from pipeline.store import KeyNotFound, Store
 
 logger = logging.getLogger(__name__)

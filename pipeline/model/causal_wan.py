@@ -9,7 +9,7 @@ cached context. Two kinds of pass:
 
 Speed (issue 13): the prompt's cross-attention K/V are projected once per prompt batch and reused by every pass
 (``cache_text``); `compile` compiles each transformer block once for all blocks, on the static path (a fixed-capacity
-K/V buffer with a length mask; see `pipeline.attention`). No pass waits for the device (no host sync).
+K/V buffer with a length mask; see `pipeline.model.attention`). No pass waits for the device (no host sync).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.attention import CachedCrossAttention, CachedSelfAttention, PassState, TextKV, text_kv_for
-from pipeline.kv_cache import KVCache, SinkRope
-from pipeline.rope import rope_for_frames
+from pipeline.model.attention import CachedCrossAttention, CachedSelfAttention, PassState, TextKV, text_kv_for
+from pipeline.model.kv_cache import KVCache, SinkRope
+from pipeline.model.rope import rope_for_frames
 
 if TYPE_CHECKING:
     from diffusers import WanTransformer3DModel

@@ -3,7 +3,7 @@
 `Rollout.step` generates one chunk in numbered steps:
   1. noise: draw the candidate's noise (a pure function of seed, chunk, step, attempt);
   2. denoise: over the cached context, step by step (self-forcing), or one pass of the rolling window
-     (rolling-forcing, `pipeline.rolling_window`);
+     (rolling-forcing, `pipeline.rollout.rolling_window`);
   3. judge: summarise the x0 prediction and let the TrimController judge it (at ``measure_step`` in self-forcing,
      on the finished chunk in rolling-forcing);
   4. prune / regenerate: samples whose candidate is accepted keep it; for the rejected ones the unstable positions
@@ -22,14 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.backend import LATENT_CHANNELS, WanBackend
-from pipeline.chunk_stats import ChunkStats
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
-from pipeline.host import to_host
-from pipeline.records import ChunkRecord, PruneEvent
-from pipeline.rolling_window import RollingWindow
-from pipeline.sampler import ChunkNoise, renoise, to_x0
+from pipeline.model.backend import LATENT_CHANNELS, WanBackend
+from pipeline.model.host import to_host
+from pipeline.rollout.chunk_stats import ChunkStats
+from pipeline.rollout.records import ChunkRecord, PruneEvent
+from pipeline.rollout.rolling_window import RollingWindow
+from pipeline.rollout.sampler import ChunkNoise, renoise, to_x0
 from pipeline.timing import PhaseTimer
 from tokentrim import Judgement, TrimConfig, TrimController, latent_summary
 

@@ -294,7 +294,8 @@ def load_transformer_weights(
         hint = ""
         if any("shape mismatch" in line for line in problems):
             hint = ("; the file's dims differ from the model's: build the model from the file with "
-                    "`pipeline.weights.transformer_config_from_checkpoint` (what `--model tiny --weights FILE` does) "
+                    "`pipeline.model.weights.transformer_config_from_checkpoint` "
+                    "(what `--model tiny --weights FILE` does) "
                     "or give the diffusers folder the file was trained from")
         raise WeightsError(f"{ckpt.source} does not fit the {type(model).__name__}: " + "; ".join(problems) + hint)
     model.load_state_dict(ckpt.state, strict=True)

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.rope import apply_rope
+from pipeline.model.rope import apply_rope
 
 logger = logging.getLogger(__name__)
 

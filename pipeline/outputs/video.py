@@ -33,7 +33,8 @@ def _import_av() -> Any:
     try:
         import av
     except ImportError as e:
-        raise ImportError("pipeline.video needs PyAV: pip install 'av>=14' (a core dependency of tokentrim)") from e
+        raise ImportError("pipeline.outputs.video needs PyAV: pip install 'av>=14' (a core dependency of tokentrim)"
+                          ) from e
     return av
 
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.kv_cache import KVCache, StaticPass
-from pipeline.rope import apply_rope
+from pipeline.model.kv_cache import KVCache, StaticPass
+from pipeline.model.rope import apply_rope
 
 
 @dataclass
