@@ -31,18 +31,20 @@ from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout
 from pipeline.rollout.records import ChunkRecord
+from pipeline.rollout.sampler import ChunkNoise
 from tokentrim import TrimConfig
 
 PROMPT = "a red panda walking through a snowy bamboo forest"
 
 
-class _Redraw(Rollout):
-    """A rollout whose chunk `redraw_chunk` takes the noise of the next attempt: only that random draw changes."""
+class _Redraw:
+    """A rollout's noise in which chunk `chunk` takes the draw of the next attempt: only that random draw changes."""
 
-    redraw_chunk = -1
+    def __init__(self, noise: ChunkNoise, chunk: int) -> None:
+        self.noise, self.chunk = noise, chunk
 
-    def _noise(self, chunk: int, step: int, attempt: int) -> torch.Tensor:
-        return super()._noise(chunk, step, attempt + (1 if chunk == self.redraw_chunk else 0))
+    def __call__(self, chunk: int, step: int, attempt: int) -> torch.Tensor:
+        return self.noise(chunk, step, attempt + (1 if chunk == self.chunk else 0))
 
 
 def corrupt_tokens(chunk: int, positions: Sequence[int], amount: float):
@@ -63,10 +65,11 @@ def corrupt_tokens(chunk: int, positions: Sequence[int], amount: float):
 
 def _run(backend, config: RolloutConfig, seeds: list[int], trim: TrimConfig | None, perturb=None,
          redraw: int | None = None) -> list[ChunkRecord]:
-    cls = _Redraw if redraw is not None else Rollout
-    rollout = cls(backend, config, [PROMPT] * len(seeds), seeds, trim)
-    if isinstance(rollout, _Redraw) and redraw is not None:
-        rollout.redraw_chunk = redraw
+    rollout = Rollout(backend, config, [PROMPT] * len(seeds), seeds, trim)
+    if redraw is not None:
+        rollout.noise = _Redraw(rollout.noise, redraw)  # type: ignore[assignment]
+        if rollout.window is not None:
+            rollout.window.noise = rollout.noise  # type: ignore[assignment]
     rollout.perturb = perturb
     return list(rollout)
 

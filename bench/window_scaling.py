@@ -51,8 +51,7 @@ def chunk_passes(rollout: Rollout) -> None:
 
 def allocated_bytes(cache: KVCache) -> int:
     """Bytes of the K/V buffers actually allocated (committed rows + scratch room; capacity only grows)."""
-    capacity = cache._capacity  # read-only look at the buffer size, for the report
-    return 2 * cache.num_layers * cache.batch_size * cache.heads * cache.head_dim * capacity * cache._element_size()
+    return cache.allocated_bytes()
 
 
 def advance(rollout: Rollout, chunks: int) -> list[ChunkRecord]:

@@ -238,7 +238,7 @@ def test_corrupted_tokens_are_found_and_the_chunk_pruned(
     candidates = z[:, None].repeat(1, 2, 1, 1, 1)  # [T, 2, 1, N, D]: attempt 1 is the clean regeneration
     candidates[at, 0, 0, bad] += shift
     rows = drive(TrimController(TrimConfig(p=p, warmup=warmup, max_retries=1), 1), candidates)[0]
-    flagged = [r for r in rows if r["kind"] == "prune"]
+    flagged = [r for r in rows if r["kind"] == "pruned"]
     assert [(r["chunk"], r["attempt"]) for r in flagged] == [(at, 0)]
     assert set(bad) <= set(flagged[0]["positions"].tolist())
     assert flagged[0]["severity"] > flagged[0]["threshold"]
@@ -257,7 +257,7 @@ def test_last_candidate_is_accepted_whatever_its_severity() -> None:
             j = controller.judge(corrupted, attempt)
             assert bool(j.severity[0] > j.threshold[0])
             assert bool(j.prune[0]) == (attempt < retries)
-            assert j.kinds == ["prune" if attempt < retries else "accepted"]
+            assert j.kinds == ["pruned" if attempt < retries else "accepted"]
         with pytest.raises(ValueError, match="`attempt`"):
             controller.judge(corrupted, retries + 1)
 
@@ -274,7 +274,7 @@ def test_prune_rule_matches_reference_statistics(seed: int, config: TrimConfig) 
         for attempt in range(config.max_retries + 1):
             j = controller.judge(candidates[t, attempt], attempt)
             in_warmup = t < config.warmup or len(accepted) < 2
-            assert j.kinds[0] == ("warmup" if in_warmup else "prune" if j.prune[0] else "accepted")
+            assert j.kinds[0] == ("warmup" if in_warmup else "pruned" if j.prune[0] else "accepted")
             assert math.isnan(j.severity[0]) == (t == 0)
             if accepted:
                 mu, std = (
@@ -435,4 +435,4 @@ def test_a_forced_accept_does_not_lift_the_threshold_over_the_next_corruption(se
     worse[:, 10:16] += jump
     ctl_retry = TrimController(TrimConfig(max_retries=1), batch_size=1)
     ctl_retry.load_state_dict(ctl.state_dict())
-    assert ctl_retry.judge(worse, attempt=0).kinds == ["prune"]
+    assert ctl_retry.judge(worse, attempt=0).kinds == ["pruned"]

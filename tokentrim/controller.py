@@ -26,7 +26,7 @@ from tokentrim.summary import token_drift, unstable_set
 
 logger = logging.getLogger(__name__)
 
-VerdictKind = Literal["warmup", "accepted", "prune"]
+VerdictKind = Literal["warmup", "accepted", "pruned"]
 
 _STATS_PREFIX = "stats."
 
@@ -43,7 +43,7 @@ class Judgement:
         threshold: [B] float64 mu + lam * sigma; NaN for samples in warmup.
         prune: [B] bool; reject this candidate, prune `positions` and regenerate.
         positions: [B, k] long unstable positions (in range for every sample; meaningful where severity is finite).
-        kinds: per sample "warmup" | "accepted" | "prune".
+        kinds: per sample "warmup" | "accepted" | "pruned" (the verdicts of the stats rows).
         drift: [B, N] float32 per-token drift (NaN where the sample has no previous summary).
     """
 
@@ -138,7 +138,7 @@ class TrimController:
         over = severity.double() > threshold  # False wherever threshold or severity is NaN
         prune = ~warmup & over & (attempt < self.config.max_retries)
         kinds = [
-            "warmup" if w else ("prune" if p else "accepted")
+            "warmup" if w else ("pruned" if p else "accepted")
             for w, p in zip(warmup.tolist(), prune.tolist(), strict=True)
         ]
         return Judgement(

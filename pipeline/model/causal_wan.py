@@ -41,8 +41,6 @@ class CausalWan:
         self.num_layers: int = cfg.num_layers
         self.heads: int = cfg.num_attention_heads
         self.head_dim: int = cfg.attention_head_dim
-        self.in_channels: int = cfg.in_channels
-        self.text_dim: int = cfg.text_dim
         self.state = PassState()
         self.cache_text = cache_text  # False: project the prompt K/V in every pass (the reference path)
         self.static = False  # attend over fixed-capacity buffers with a length mask (set by `compile`)

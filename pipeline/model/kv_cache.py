@@ -246,6 +246,11 @@ class KVCache:
         per_row = 2 * self.num_layers * self.batch_size * self.heads * self.head_dim * self._element_size()
         return per_row * self.length
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the K/V buffers as allocated over all layers (`capacity` rows: a window's buffer is sized once)."""
+        per_row = 2 * self.num_layers * self.batch_size * self.heads * self.head_dim * self._element_size()
+        return per_row * self.capacity
+
     def _element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
