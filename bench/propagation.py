@@ -12,7 +12,9 @@ Per seed, five rollouts of the same prompt (one batch, one sample per seed):
   run with only the random draw changed. Its distance to `clean` is the noise floor: how far later chunks move when
   chunk `--at` merely changes.
 
-Distances are RMS latent differences over chunks `at+1 .. end`: `with` = d(hit+trim, clean+trim), `without` =
+Distances are RMS latent differences over chunks `at+1 .. end` (and, on a second line, over `at+2 .. end`: chunk
+`at+1` is the one TokenTrim regenerates from other noise, a new draw that is far from the clean run by itself):
+`with` = d(hit+trim, clean+trim), `without` =
 d(hit, clean), `floor` = d(redraw, clean). The script prints the median, quartiles and range over seeds of
 with / without, without / floor and with / floor, how often TokenTrim pruned chunk `at+1` at the corrupted positions
 (the mechanism), and the command that reproduces it. It makes no claim: it reports what it measures.
@@ -107,6 +109,10 @@ def measure(seeds: list[int], mode: str = "self-forcing", chunks: int = 8, at: i
         "with": _distance(hit_t, clean_t, at).tolist(),
         "without": _distance(hit_n, clean_n, at).tolist(),
         "floor": _distance(redraw_n, clean_n, at).tolist(),
+        # past chunk at+1, which TokenTrim regenerates from other noise (a new draw, far from the clean run by itself)
+        "with_later": _distance(hit_t, clean_t, at + 1).tolist(),
+        "without_later": _distance(hit_n, clean_n, at + 1).tolist(),
+        "floor_later": _distance(redraw_n, clean_n, at + 1).tolist(),
         "found": found,
     }
 
@@ -131,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwith / without TokenTrim   : {_spread(ratio)}")
     print(f"without / noise floor      : {_spread([n / f for n, f in zip(r['without'], r['floor'], strict=True)])}")
     print(f"with / noise floor         : {_spread([w / f for w, f in zip(r['with'], r['floor'], strict=True)])}")
+    later = [w / n for w, n in zip(r["with_later"], r["without_later"], strict=True)]
+    print(f"chunks {args.at + 2}..: with / without: {_spread(later)}; without / floor: "
+          f"{_spread([n / f for n, f in zip(r['without_later'], r['floor_later'], strict=True)])}")
     print(f"chunk {args.at + 1} pruned the corrupted positions: {int(sum(r['found']))} of {len(seeds)} seeds")
     print(f"\nreproduce: python -m bench.propagation {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     return 0

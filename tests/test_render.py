@@ -38,7 +38,8 @@ def test_render_writes_a_playable_video_and_one_stats_row_per_chunk(tmp_path):
 
 def test_render_rejects_bad_options_by_name(tmp_path):
     result = CliRunner().invoke(main, ["render", "x", "--p", "1.5", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and result.output.splitlines()[-1] == "Error: `p` must be in (0, 1], got 1.5"
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == "Error: Invalid value for --p: `p` must be in (0, 1], got 1.5"
     result = CliRunner().invoke(main, ["render", "x", "--width", "100", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "width_px" in result.output
     result = CliRunner().invoke(main, ["render", "x", "--id", "../escape", "--out", str(tmp_path)])
