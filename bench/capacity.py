@@ -260,29 +260,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.pop("RAY_ADDRESS", None)
-    import logging
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
-    from ray.cluster_utils import Cluster
 
     from jobs.spec import JobSpec
     from pipeline.config import RolloutConfig
-    from tests.multinode_scenario import SYSTEM_CONFIG
+    from tests.multinode_scenario import SYSTEM_CONFIG, start_cluster
 
     folder = Path(tempfile.mkdtemp(prefix="ttcap-out"))
     ids = [f"p{i}" for i in range(args.local_prompts)]
     pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a harbour at dawn, take {i}" for i in ids]}),
                    folder / "prompts.parquet")
     measured: dict[str, Any] = {"store_chunk": measure_store(args.store_repeats)}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,
-        "_system_config": dict(SYSTEM_CONFIG)})  # a copy: Ray adds its own keys to the dict it is given
+    cluster = start_cluster(args.nodes)
     try:
-        for _ in range(args.nodes):
-            cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
-        ray.init(address=cluster.address, logging_level=logging.WARNING, configure_logging=False)
 
         def spec(name: str, chunks: int, lease_s: float) -> JobSpec:
             return JobSpec(input_url=str(folder / "prompts.parquet"), output_url=str(folder / name),

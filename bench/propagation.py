@@ -49,18 +49,22 @@ class _Redraw:
         return self.noise(chunk, step, attempt + (1 if chunk == self.chunk else 0))
 
 
+def add_to_tokens(x0: torch.Tensor, positions: Sequence[int], amount: float) -> torch.Tensor:
+    """A copy of ``x0`` ``[B, C, F, h, w]`` with ``amount`` added to the 2x2 patches (tokens of the 1x2x2 patch
+    grid) at ``positions``."""
+    x0 = x0.clone()
+    grid_w = x0.shape[4] // 2
+    for p in positions:
+        i, j = divmod(p, grid_w)
+        x0[:, :, :, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2] += amount
+    return x0
+
+
 def corrupt_tokens(chunk: int, positions: Sequence[int], amount: float):
     """A perturb hook adding `amount` to the 2x2 patches of `positions` of `chunk`, at every step and attempt."""
 
     def perturb(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
-        if c != chunk:
-            return x0
-        x0 = x0.clone()
-        grid_w = x0.shape[4] // 2
-        for p in positions:
-            i, j = divmod(p, grid_w)
-            x0[:, :, :, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2] += amount
-        return x0
+        return add_to_tokens(x0, positions, amount) if c == chunk else x0
 
     return perturb
 

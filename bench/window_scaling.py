@@ -30,7 +30,6 @@ from bench.common import (
 )
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import LATENT_CHANNELS
-from pipeline.model.kv_cache import KVCache
 from pipeline.rollout.loop import Rollout
 from pipeline.rollout.records import ChunkRecord
 from pipeline.rollout.sampler import chunk_noise
@@ -47,11 +46,6 @@ def chunk_passes(rollout: Rollout) -> None:
     for t in levels:
         level = torch.full((rollout.batch,), t, device=rollout.backend.device)
         causal.denoise(x, level, rollout.text, rollout.cache, c * config.chunk_frames)
-
-
-def allocated_bytes(cache: KVCache) -> int:
-    """Bytes of the K/V buffers actually allocated (committed rows + scratch room; capacity only grows)."""
-    return cache.allocated_bytes()
 
 
 def advance(rollout: Rollout, chunks: int) -> list[ChunkRecord]:
@@ -87,15 +81,15 @@ def main() -> None:
     early_row, late_row = early.step().rows[0], late.step().rows[0]
     print(f"    passes of one chunk: chunk {args.early} {median(times['early']) * 1e3:.1f} ms, chunk {args.late} "
           f"{median(times['late']) * 1e3:.1f} ms; cache tokens {early_row['cache_tokens']} vs "
-          f"{late_row['cache_tokens']}; allocated K/V {allocated_bytes(early.cache) / 2**20:.2f} MiB vs "
-          f"{allocated_bytes(late.cache) / 2**20:.2f} MiB", flush=True)
+          f"{late_row['cache_tokens']}; allocated K/V {early.cache.allocated_bytes() / 2**20:.2f} MiB vs "
+          f"{late.cache.allocated_bytes() / 2**20:.2f} MiB", flush=True)
     rep.report(f"time per chunk, chunk {args.late} / chunk {args.early}", paired_ratio(times["late"], times["early"]),
                1.1, note=f"interleaved, median of per-round ratios, {spread(ratios)}")
     rep.report(f"KV-cache bytes, chunk {args.late} / chunk {args.early}",
                late_row["cache_bytes"] / early_row["cache_bytes"], 1.1,
                note=f"{early_row['cache_bytes'] / 2**20:.2f} MiB -> {late_row['cache_bytes'] / 2**20:.2f} MiB")
     rep.report(f"allocated K/V buffer bytes, chunk {args.late} / chunk {args.early}",
-               allocated_bytes(late.cache) / allocated_bytes(early.cache), None,
+               late.cache.allocated_bytes() / early.cache.allocated_bytes(), None,
                note="a windowed cache is sized once: full window + sink + the largest pass")
     rows = [r.rows[0] for r in history] + [late_row]
     around = {c: median(step_seconds(r) for r in rows if abs(r["chunk"] - c) <= 2) for c in (args.early, args.late)}

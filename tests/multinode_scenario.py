@@ -34,6 +34,25 @@ WATCHED = re.compile(r"^(done/[^/]+\.json|rollouts/[^/]+/chunk-\d{6}\.json)$")
 CHUNK_MARKER = re.compile(r"^chunk-(\d{6})\.json$")
 
 
+def start_cluster(nodes: int) -> Any:
+    """A `ray.cluster_utils.Cluster` on 127.0.0.1: a head with no CPUs (control plane and driver only) and ``nodes``
+    one-CPU worker nodes, with this process connected as the driver. The caller shuts both down."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,
+        "_system_config": dict(SYSTEM_CONFIG)})  # a copy: Ray adds its own keys to the dict it is given
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+        ray.init(address=cluster.address, logging_level=logging.WARNING, configure_logging=False)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
 class WriteWatcher(threading.Thread):
     """Polls a local job output and records each distinct file (inode, mtime) seen under a watched key."""
 
@@ -163,7 +182,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
-    from ray.cluster_utils import Cluster
 
     from jobs.run import submit
     from jobs.spec import JobSpec
@@ -179,13 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    keep_state=True)  # the write watcher counts every chunk marker, so none is deleted under it
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,
-        "_system_config": dict(SYSTEM_CONFIG)})  # a copy: Ray adds its own keys to the dict it is given
+    cluster = start_cluster(args.nodes)
     try:
-        for _ in range(args.nodes):
-            cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
-        ray.init(address=cluster.address, logging_level=logging.WARNING, configure_logging=False)
         timings["cluster_start_s"] = time.monotonic() - t0
         watcher = WriteWatcher(root)
         watcher.start()

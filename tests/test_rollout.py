@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from bench.propagation import add_to_tokens
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
 from pipeline.hashing import job_hash, output_hash
@@ -45,14 +46,7 @@ def _corrupt_tokens(chunk: int, positions: list[int], amount: float = 8.0):
     """Add ``amount`` to every latent pixel of the given patch-grid tokens of ``chunk`` (attempt 0 only)."""
 
     def perturb(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
-        if c != chunk or attempt != 0:
-            return x0
-        x0 = x0.clone()
-        grid_w = x0.shape[4] // 2
-        for p in positions:
-            i, j = divmod(p, grid_w)
-            x0[:, :, :, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2] += amount
-        return x0
+        return add_to_tokens(x0, positions, amount) if c == chunk and attempt == 0 else x0
 
     return perturb
 

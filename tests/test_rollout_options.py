@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from bench.propagation import add_to_tokens
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout
@@ -39,12 +40,7 @@ def _corrupt(chunk: int, positions: list[int], *, step: int | None = None, amoun
         calls[(c, attempt)] = i + 1
         if c != chunk or attempt != 0 or (step is not None and i != step):
             return x0
-        x0 = x0.clone()
-        grid_w = x0.shape[4] // 2
-        for p in positions:
-            r, q = divmod(p, grid_w)
-            x0[:, :, :, 2 * r: 2 * r + 2, 2 * q: 2 * q + 2] += amount
-        return x0
+        return add_to_tokens(x0, positions, amount)
 
     return perturb
 

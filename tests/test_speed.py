@@ -3,12 +3,10 @@ the static (fixed-capacity, masked) path and the compiled path vs the dynamic ea
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 
+from bench.speed import switched
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.model.host import HostReadCounter, to_host
@@ -47,22 +45,12 @@ CONFIGS = [
 ]
 
 
-@contextlib.contextmanager
-def _switch(backend, **attrs) -> Iterator[None]:
-    old = {k: getattr(backend.causal, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(backend.causal, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(backend.causal, k, v)
 
 
 # --------------------------------------------------------------------------------------- prompt K/V per rollout
 @pytest.mark.parametrize(("config", "trim"), CONFIGS)
 def test_cached_prompt_kv_gives_exactly_the_uncached_rollout(backend, config, trim):
-    with _switch(backend, cache_text=False):
+    with switched(backend, cache_text=False):
         reference = _latents(backend, config, trim, _jump)
     for _ in range(2):  # identical over repeated runs
         assert torch.equal(_latents(backend, config, trim, _jump), reference)
@@ -77,7 +65,7 @@ def test_prompt_kv_is_projected_once_per_prompt_batch(backend):
         assert len(calls) == 1
         _latents(backend, config)  # a new rollout encodes its prompts anew: projected once more
         assert len(calls) == 2
-        with _switch(backend, cache_text=False):
+        with switched(backend, cache_text=False):
             _latents(backend, config)
         assert len(calls) == 2 + 15
     finally:
@@ -91,7 +79,7 @@ def test_prompt_kv_follows_an_in_place_edit_of_the_prompt_embeddings(backend):
     t = torch.full((2,), 500.0)
     first = causal.forward(x, t, text, None, 0)
     text.mul_(-1.5)
-    with _switch(backend, cache_text=False):
+    with switched(backend, cache_text=False):
         reference = causal.forward(x, t, text, None, 0)
     again = causal.forward(x, t, text, None, 0)
     assert torch.equal(again, reference)
@@ -102,7 +90,7 @@ def test_prompt_kv_follows_an_in_place_edit_of_the_prompt_embeddings(backend):
 @pytest.mark.parametrize(("config", "trim"), CONFIGS)
 def test_static_path_matches_the_dynamic_path(backend, config, trim):
     reference = _latents(backend, config, trim, _jump)
-    with _switch(backend, static=True):
+    with switched(backend, static=True):
         rollout = Rollout(backend, config, PROMPTS, SEEDS, trim)
         assert rollout.cache.static
         rollout.perturb = _jump
