@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from pipeline.config import RolloutConfig
-from pipeline.hashing import job_hash
+from pipeline.hashing import digest, job_settings
 from pipeline.outputs.video import VideoSettings
 from tokentrim import TrimConfig
 
@@ -93,14 +93,11 @@ class JobSpec:
 
     def render_settings(self) -> dict[str, Any]:
         """The settings that change what is rendered (not where or how fast): their hash names the job's outputs."""
-        return {"model": self.model, "weights": self.weights, "rollout": self.rollout.to_dict(),
-                "trim": self.trim.to_dict() if self.trim else None, "dtype": self.dtype, "seed": self.seed,
-                "video": VideoSettings().to_dict(),
-                **({"compile": True} if self.compile else {})}  # compiled kernels round differently
+        return job_settings(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed,
+                            video=VideoSettings(), compile=self.compile)
 
     def config_hash(self) -> str:
-        return job_hash(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed,
-                        video=VideoSettings(), compile=self.compile)
+        return digest(self.render_settings())
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

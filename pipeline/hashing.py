@@ -35,13 +35,20 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def job_settings(model: str, weights: str | None, rollout: RolloutConfig, trim: TrimConfig | None,
+                 dtype: torch.dtype | str, seed: int, *, video: VideoSettings | None = None,
+                 compile: bool = False) -> dict[str, Any]:
+    """A job's render settings as JSON (``compile`` only when on: compiled kernels round differently)."""
+    return {"model": model, "weights": weights, "rollout": rollout.to_dict(),
+            "trim": trim.to_dict() if trim else None, "dtype": dtype_name(dtype), "seed": seed,
+            **({"video": video.to_dict()} if video is not None else {}),
+            **({"compile": True} if compile else {})}
+
+
 def job_hash(model: str, weights: str | None, rollout: RolloutConfig, trim: TrimConfig | None,
              dtype: torch.dtype | str, seed: int, *, video: VideoSettings | None = None, compile: bool = False) -> str:
-    """The hash of a job's render settings (``compile`` only when on: compiled kernels round differently)."""
-    return digest({"model": model, "weights": weights, "rollout": rollout.to_dict(),
-                   "trim": trim.to_dict() if trim else None, "dtype": dtype_name(dtype), "seed": seed,
-                   **({"video": video.to_dict()} if video is not None else {}),
-                   **({"compile": True} if compile else {})})
+    """The hash of `job_settings`."""
+    return digest(job_settings(model, weights, rollout, trim, dtype, seed, video=video, compile=compile))
 
 
 def output_hash(spec: ModelSpec, rollout: RolloutConfig, trim: TrimConfig | None, dtype: torch.dtype | str, *,
