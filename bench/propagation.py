@@ -32,6 +32,7 @@ import torch
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout
+from pipeline.rollout.probe import add_to_tokens
 from pipeline.rollout.records import ChunkRecord
 from pipeline.rollout.sampler import ChunkNoise
 from tokentrim import TrimConfig
@@ -47,17 +48,6 @@ class _Redraw:
 
     def __call__(self, chunk: int, step: int, attempt: int) -> torch.Tensor:
         return self.noise(chunk, step, attempt + (1 if chunk == self.chunk else 0))
-
-
-def add_to_tokens(x0: torch.Tensor, positions: Sequence[int], amount: float) -> torch.Tensor:
-    """A copy of ``x0`` ``[B, C, F, h, w]`` with ``amount`` added to the 2x2 patches (tokens of the 1x2x2 patch
-    grid) at ``positions``."""
-    x0 = x0.clone()
-    grid_w = x0.shape[4] // 2
-    for p in positions:
-        i, j = divmod(p, grid_w)
-        x0[:, :, :, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2] += amount
-    return x0
 
 
 def corrupt_tokens(chunk: int, positions: Sequence[int], amount: float):

@@ -20,7 +20,7 @@ from pipeline.errors import TokentrimError
 from tokentrim.config import TrimConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
-_NOT_OPTIONS = ("input_url", "output_url", "rollout", "trim", "storage_options")
+_NOT_OPTIONS = ("input_url", "output_url", "rollout", "trim", "probe", "storage_options")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -140,16 +140,19 @@ def status(out_url: str, storage_options: str | None) -> None:
 @click.option("--baseline", "baseline_url", default=None, help="Baseline JSON (default: OUT/baseline.json).")
 @click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True,
               help="First N prompts of the fixed set.")
-@click.option("--table", default=None, help="Prompt table (default: the shipped VBench set).")
+@click.option("--table", default=None, help="Prompt table (default: the canary grammar's for --model canary, else the "
+              "shipped VBench set).")
+@click.option("--no-probe", is_flag=True, help="Skip the probe variant (a known corruption TokenTrim must contain).")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=0.10, show_default=True,
               help="Relative growth allowed.")
 @click.option("--update-baseline", is_flag=True, help="Store this run's metrics and settings as the baseline.")
 @job_options(exclude=("limit",))
-def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | None, tolerance: float,
+def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | None, no_probe: bool, tolerance: float,
             update_baseline: bool, no_trim: bool, storage_options: str | None, **groups: Any) -> None:
-    """Nightly regression: the fixed prompt set with and without TokenTrim, drift vs a baseline.
+    """Nightly regression: the fixed prompt set with and without TokenTrim (and with a known corruption injected),
+    drift and, on the canary, what the detector sees, vs a baseline.
 
-    Exits 1 when a drift metric grew beyond the tolerance, a prompt failed, nothing rendered, or the baseline was
+    Exits 1 when a metric grew beyond the tolerance, a prompt failed, nothing rendered, or the baseline was
     made under other settings. Takes the job options of `submit` (model, weights, dtype, GPUs, mode, ...).
 
     \b
@@ -161,10 +164,11 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
 
     if no_trim:
         raise click.BadParameter("regress renders both variants itself", param_hint="--no-trim")
-    spec = spec_from(groups, input_url=table or default_table(), output_url=out_url, no_trim=False,
-                     storage_options=storage_options, limit=prompts)
+    spec = spec_from(groups, input_url=table or default_table(groups.get("job__model")), output_url=out_url,
+                     no_trim=False, storage_options=storage_options, limit=prompts)
     try:
-        result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline)
+        result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline,
+                                probe_on=not no_probe)
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"report: {result.report_url}")

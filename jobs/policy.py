@@ -268,7 +268,8 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
     config = dataclasses.replace(spec.rollout, num_chunks=row.num_chunks)
     result = render(backend, [row.prompt], [row.prompt_id], out.url, config=config, trim=spec.trim,
                     seeds=[row.seed], state_url=Store(out.join(f"rollouts/{row.prompt_id}"), out.storage_options),
-                    storage_options=out.storage_options, force_restart=force, names=(VIDEO_KEY, STATS_KEY))[0]
+                    storage_options=out.storage_options, force_restart=force, names=(VIDEO_KEY, STATS_KEY),
+                    probe=spec.probe)[0]
     values = {**drift_summary(result), "video": result.video_url, "stats": result.stats_url,
               "attempt": claim.attempt, "seed": row.seed, "num_chunks": row.num_chunks,
               "config_hash": result.config_hash}

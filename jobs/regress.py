@@ -16,21 +16,34 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+from jobs.quality import CANARY_METRICS, canary_measures, mean_measures, ok_ids, probe_leak, video_frames
 from jobs.run import plan, submit
 from jobs.spec import JobSpec
 from pipeline.errors import InputError
 from pipeline.hashing import digest as config_hash
+from pipeline.rollout.probe import Probe
 from pipeline.store import KeyNotFound, Store, split_url
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("latent_dist_first", "hist_dist_first", "luma", "flicker")
 VARIANTS = ("tokentrim", "baseline")
-BASELINE_FORMAT = 2
+PROBE_VARIANT = "probe"  # TokenTrim on, a known corruption injected (`pipeline.rollout.probe`)
+BASELINE_FORMAT = 3
+# absolute slack per metric beyond `tolerance` (relative); others use `run_regression`'s `slack`
+SLACKS = {"canary_miss": 0.2, "traj_err": 0.25, "mass_err": 0.1, "background_err": 2.0, "probe_leak": 0.5}
 
 
-def default_table() -> str:
-    return str(files("jobs") / "data" / "vbench_prompts.parquet")
+def default_table(model: str | None = None) -> str:
+    """The prompt table a regression renders by default: the canary grammar's for ``canary``, else VBench's."""
+    name = "canary_prompts.parquet" if model == "canary" else "vbench_prompts.parquet"
+    return str(files("jobs") / "data" / name)
+
+
+def default_probe(num_chunks: int) -> Probe | None:
+    """The regression's probe: the middle chunk's centre tokens, when at least one chunk follows it."""
+    chunk = num_chunks // 2
+    return Probe(chunk) if 0 < chunk < num_chunks - 1 else None
 
 
 @dataclass
@@ -73,24 +86,27 @@ def measure(out: Store, results: list[dict[str, Any]]) -> tuple[dict[str, float]
 
 
 def compare(current: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]], *, tolerance: float,
-            slack: float) -> list[str]:
-    """The regressions of ``current`` against ``baseline``, each naming variant, metric and both values."""
+            slack: float, slacks: dict[str, float] | None = None) -> list[str]:
+    """The regressions of ``current`` against ``baseline``, each naming variant, metric and both values; a metric
+    regresses above ``base * (1 + tolerance) + slack`` (``slacks[metric]`` where given)."""
     failures = []
     for variant, metrics in baseline.items():
         for metric, base in metrics.items():
             now = current.get(variant, {}).get(metric)
+            allowed = (slacks or {}).get(metric, slack)
             if now is None:
                 failures.append(f"{variant}/{metric}: missing from this run")
-            elif now > base * (1.0 + tolerance) + slack:
-                failures.append(f"{variant}/{metric}: drift {now:.5f} > baseline {base:.5f} "
-                                f"(tolerance {tolerance:.0%} + {slack})")
+            elif now > base * (1.0 + tolerance) + allowed:
+                failures.append(f"{variant}/{metric}: {now:.5f} > baseline {base:.5f} "
+                                f"(tolerance {tolerance:.0%} + {allowed})")
     return failures
 
 
-def settings_of(spec: JobSpec, prompt_ids: list[str]) -> dict[str, Any]:
+def settings_of(spec: JobSpec, prompt_ids: list[str], probe: Probe | None = None) -> dict[str, Any]:
     """What a baseline is only comparable under: the render settings (model, weights, dtype, rollout incl. chunks,
-    TokenTrim) and the prompts rendered."""
-    return {"render": spec.render_settings(), "prompt_ids": prompt_ids}
+    TokenTrim), the prompts rendered and the probe."""
+    return {"render": spec.render_settings(), "prompt_ids": prompt_ids,
+            "probe": probe.to_dict() if probe is not None else None}
 
 
 def check_baseline(doc: Any, settings: dict[str, Any], where: str) -> list[str]:
@@ -115,10 +131,27 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store,
+                   metrics: dict[str, dict[str, float]]) -> list[str]:
+    """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]["probe_leak"]``."""
+    vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe)
+    report = submit(vspec)
+    probed = Store(vspec.output_url, spec.storage_options)
+    leaks = [probe_leak(video_frames(probed, f"videos/{pid}.mp4"), video_frames(clean, f"videos/{pid}.mp4"),
+                        probe.chunk, spec.rollout.chunk_frames)
+             for pid in ok_ids(report.results) if clean.exists(f"videos/{pid}.mp4")]
+    metrics[PROBE_VARIANT] = {"probe_leak": sum(leaks) / len(leaks) if leaks else float("inf")}
+    failed = [f"{r['prompt_id']}: {r['status']} {r['error'] or ''}".strip() for r in report.results
+              if r["status"] not in ("ok", "skipped", "excluded")]
+    return [f"{PROBE_VARIANT}: {f}" for f in failed]
+
+
 def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance: float = 0.10, slack: float = 1e-4,
-                   update_baseline: bool = False) -> Regression:
-    """Render the spec's first ``limit`` prompts twice (TokenTrim on / off) under ``spec.output_url``, compare with
-    the baseline (refused when made under other settings), write ``report.md``."""
+                   update_baseline: bool = False, probe_on: bool = True) -> Regression:
+    """Render the spec's first ``limit`` prompts with TokenTrim, without it, and (``probe_on``) with TokenTrim and
+    a known corruption (`default_probe`) under ``spec.output_url``; compare with the baseline (refused when made
+    under other settings); write ``report.md``. On the canary, the videos are also judged by the detector
+    (`jobs.quality`)."""
     if not tolerance >= 0 or not slack >= 0:
         raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
     if spec.trim is None:
@@ -126,7 +159,9 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     out = Store(spec.output_url, spec.storage_options)
     base_store, key = ((out, "baseline.json") if baseline_url is None
                        else split_url(baseline_url, spec.storage_options))
-    settings = settings_of(spec, [row.prompt_id for row in plan(spec)[1]])
+    rows = plan(spec)[1]
+    probe = default_probe(spec.rollout.num_chunks) if probe_on else None
+    settings = settings_of(spec, [row.prompt_id for row in rows], probe)
     try:
         baseline = None if update_baseline else base_store.get_json(key)
     except KeyNotFound:
@@ -134,13 +169,21 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     if baseline is not None and (problems := check_baseline(baseline, settings, base_store.join(key))):
         raise InputError(problems[0])  # refused before hours of rendering
     metrics, curves, failures = {}, {}, []
+    prompts = {row.prompt_id: row.prompt for row in rows}
+    stores = {}
     for variant in VARIANTS:
         vspec = dataclasses.replace(spec, output_url=out.join(variant),
                                     trim=spec.trim if variant == "tokentrim" else None)
         report = submit(vspec)
-        metrics[variant], curves[variant], failed = measure(Store(vspec.output_url, spec.storage_options),
-                                                            report.results)
+        stores[variant] = Store(vspec.output_url, spec.storage_options)
+        metrics[variant], curves[variant], failed = measure(stores[variant], report.results)
         failures += [f"{variant}: {f}" for f in failed]
+        if spec.model == "canary":
+            per_video = [canary_measures(video_frames(stores[variant], f"videos/{pid}.mp4"), prompts[pid])
+                         for pid in ok_ids(report.results)]
+            metrics[variant].update(mean_measures(per_video, CANARY_METRICS))
+    if probe is not None:
+        failures += _probe_variant(spec, out, probe, stores["tokentrim"], metrics)
     if update_baseline and not failures:
         baseline = {"format": BASELINE_FORMAT, "settings": settings, "config_hash": config_hash(settings),
                     "metrics": metrics}
@@ -148,7 +191,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     if baseline is None:
         failures.append(f"no baseline at {base_store.join(key)} (run once with --update-baseline)")
     else:
-        failures += compare(metrics, baseline["metrics"], tolerance=tolerance, slack=slack)
+        failures += compare(metrics, baseline["metrics"], tolerance=tolerance, slack=slack, slacks=SLACKS)
     result = Regression(metrics, curves, failures)
     result.report_url = write_report(out, result)
     return result
@@ -156,10 +199,14 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
 
 def write_report(out: Store, result: Regression) -> str:
     """``report.md`` with the metrics table, the verdict and one SVG of curves per metric."""
+    variants = list(result.metrics)
+    names = list(dict.fromkeys(m for v in variants for m in result.metrics[v]))
     lines = ["# tokentrim nightly regression", "", f"**{'PASS' if result.passed else 'REGRESSION'}**", "",
-             "| metric (mean abs drift) | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
-    for metric in METRICS:
-        lines.append(f"| {metric} | " + " | ".join(f"{result.metrics[v][metric]:.5f}" for v in VARIANTS) + " |")
+             "Drift metrics: mean |drift| per video; the others: mean per video (higher is worse).", "",
+             "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for metric in names:
+        cells = [f"{result.metrics[v][metric]:.5f}" if metric in result.metrics[v] else "" for v in variants]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines += ["", *[f"- {f}" for f in result.failures], ""]
     for metric in METRICS:
         out.put_bytes(f"plots/{metric}.svg", svg_curves(metric, {v: result.curves[v][metric] for v in VARIANTS}))

@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 from pipeline.config import RolloutConfig
 from pipeline.hashing import digest, job_settings
 from pipeline.outputs.video import VideoSettings
+from pipeline.rollout.probe import Probe
 from tokentrim import TrimConfig
 
 JOB_FORMAT = 2
@@ -37,6 +38,7 @@ class JobSpec:
     limit: render only the first N valid rows (the rest are reported as excluded).
     keep_state: keep rollouts/<id>/ after a prompt's outputs are committed (default: delete it).
     executor: 'ray' (RAY_ADDRESS or a local Ray) or 'local' (serial, in this process, no Ray).
+    probe: a known fault injected into every rollout (`pipeline.rollout.probe`); the regression's probe variant.
 
     ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written.
     """
@@ -58,6 +60,7 @@ class JobSpec:
     limit: int | None = None
     keep_state: bool = False
     executor: Executor = "ray"
+    probe: Probe | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class JobSpec:
                 raise ValueError(f"`{name}` must be a number in [{lowest}, {high}], got {number!r}")
         if not isinstance(self.rollout, RolloutConfig):
             raise TypeError(f"`rollout` must be a RolloutConfig, got {type(self.rollout).__name__}")
+        if self.probe is not None and not isinstance(self.probe, Probe):
+            raise TypeError(f"`probe` must be a Probe or None, got {type(self.probe).__name__}")
         if self.trim is not None and not isinstance(self.trim, TrimConfig):
             raise TypeError(f"`trim` must be a TrimConfig or None, got {type(self.trim).__name__}")
 
@@ -94,7 +99,7 @@ class JobSpec:
     def render_settings(self) -> dict[str, Any]:
         """The settings that change what is rendered (not where or how fast): their hash names the job's outputs."""
         return job_settings(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed,
-                            video=VideoSettings(), compile=self.compile)
+                            video=VideoSettings(), compile=self.compile, probe=self.probe)
 
     def config_hash(self) -> str:
         return digest(self.render_settings())
@@ -103,6 +108,7 @@ class JobSpec:
         d = dataclasses.asdict(self)
         d["rollout"] = self.rollout.to_dict()
         d["trim"] = self.trim.to_dict() if self.trim else None
+        d["probe"] = self.probe.to_dict() if self.probe else None
         del d["storage_options"]  # credentials never go into job.json
         return d
 
@@ -117,6 +123,7 @@ class JobSpec:
         d = {k: v for k, v in d.items() if k != "storage_options"}  # format 1 wrote an empty one
         d["rollout"] = RolloutConfig.from_dict(d.get("rollout") or {})
         d["trim"] = TrimConfig.from_dict(d["trim"]) if d.get("trim") is not None else None
+        d["probe"] = Probe.from_dict(d["probe"]) if d.get("probe") is not None else None
         return cls(**d, storage_options=storage_options or {})
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pipeline.config import RolloutConfig
     from pipeline.model.backend import ModelSpec
     from pipeline.outputs.video import VideoSettings
+    from pipeline.rollout.probe import Probe
     from tokentrim import TrimConfig
 
 
@@ -37,12 +38,13 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 def job_settings(model: str, weights: str | None, rollout: RolloutConfig, trim: TrimConfig | None,
                  dtype: torch.dtype | str, seed: int, *, video: VideoSettings | None = None,
-                 compile: bool = False) -> dict[str, Any]:
-    """A job's render settings as JSON (``compile`` only when on: compiled kernels round differently)."""
+                 compile: bool = False, probe: Probe | None = None) -> dict[str, Any]:
+    """A job's render settings as JSON (``compile`` only when on: compiled kernels round differently; ``probe``
+    only when set)."""
     return {"model": model, "weights": weights, "rollout": rollout.to_dict(),
             "trim": trim.to_dict() if trim else None, "dtype": dtype_name(dtype), "seed": seed,
             **({"video": video.to_dict()} if video is not None else {}),
-            **({"compile": True} if compile else {})}
+            **({"compile": True} if compile else {}), **({"probe": probe.to_dict()} if probe is not None else {})}
 
 
 def job_hash(model: str, weights: str | None, rollout: RolloutConfig, trim: TrimConfig | None,
@@ -52,9 +54,9 @@ def job_hash(model: str, weights: str | None, rollout: RolloutConfig, trim: Trim
 
 
 def output_hash(spec: ModelSpec, rollout: RolloutConfig, trim: TrimConfig | None, dtype: torch.dtype | str, *,
-                video: VideoSettings | None = None, compiled: bool = False) -> str:
+                video: VideoSettings | None = None, compiled: bool = False, probe: Probe | None = None) -> str:
     """The hash of what one output was rendered with: model, rollout, TokenTrim and video encoder settings, the
-    dtype, and whether the transformer was compiled."""
+    dtype, whether the transformer was compiled, and an injected fault (`pipeline.rollout.probe`) if any."""
     return digest(spec.to_dict(), rollout.to_dict(), trim.to_dict() if trim else {"trim": None},
                   {"dtype": dtype_name(dtype)}, *([{"video": video.to_dict()}] if video is not None else []),
-                  *([{"compiled": True}] if compiled else []))
+                  *([{"compiled": True}] if compiled else []), *([{"probe": probe.to_dict()}] if probe else []))

@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 
-from bench.propagation import add_to_tokens
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
 from pipeline.hashing import job_hash, output_hash
@@ -21,6 +20,7 @@ from pipeline.model.backend import load_backend
 from pipeline.outputs.checkpoint import RolloutCheckpoints
 from pipeline.rollout.chunk_stats import TIMED_PHASES, ChunkStats, stats_row
 from pipeline.rollout.loop import Rollout
+from pipeline.rollout.probe import add_to_tokens
 from pipeline.store import Store
 from tokentrim import TrimConfig
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from bench.propagation import add_to_tokens
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout
+from pipeline.rollout.probe import add_to_tokens
 from pipeline.rollout.records import ChunkRecord
 from tokentrim import TrimConfig
 from tokentrim.stats import RunningStats

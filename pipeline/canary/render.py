@@ -1,7 +1,7 @@
 """Procedural canary clips: a `ClipSpec` -> pixels, deterministic (no RNG at all past the spec).
 
 Objects have soft (anti-aliased) edges; offsets are taken on the torus, so a wrapping object re-enters on the
-opposite side. The striped background is a static grey diagonal stripe pattern (unsaturated,
+opposite side. The striped background is static horizontal grey bands, 8 px each (unsaturated,
 so colour masks of the object are unaffected by it).
 """
 
@@ -12,8 +12,8 @@ import torch
 from pipeline.canary.grammar import COLOURS, HALF, SIZE, ClipSpec, trajectory
 
 PLAIN_GREY = 40.0
-STRIPE_GREYS = (30.0, 75.0)
-STRIPE_PERIOD = 12  # px
+STRIPE_GREYS = (30.0, 70.0)
+STRIPE_PERIOD = 16  # px
 
 
 def background(kind: str) -> torch.Tensor:
@@ -21,8 +21,8 @@ def background(kind: str) -> torch.Tensor:
     if kind == "plain":
         return torch.full((3, SIZE, SIZE), PLAIN_GREY)
     if kind == "striped":
-        yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
-        band = ((xx + yy) // (STRIPE_PERIOD // 2)) % 2
+        yy = torch.arange(SIZE).view(SIZE, 1).expand(SIZE, SIZE)
+        band = (yy // (STRIPE_PERIOD // 2)) % 2
         grey = torch.where(band.bool(), STRIPE_GREYS[1], STRIPE_GREYS[0]).float()
         return grey.expand(3, SIZE, SIZE).clone()
     raise ValueError(f"`background` must be 'plain' or 'striped', got {kind!r}")
@@ -46,15 +46,23 @@ def _coverage(shape: str, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 def render_clip(spec: ClipSpec, frames: int, start: int = 0) -> torch.Tensor:
     """Frames ``start .. start+frames-1`` of a clip as uint8 ``[frames, SIZE, SIZE, 3]``."""
-    centres = trajectory(spec, frames, start).float()  # [T, 2]
+    return render_scene([spec], frames, [start])
+
+
+def render_scene(specs: list[ClipSpec], frames: int, starts: list[int] | None = None) -> torch.Tensor:
+    """Several objects on the first one's background, later ones in front (uint8 ``[frames, SIZE, SIZE, 3]``);
+    the VAE trains on such scenes: more object pixels per clip."""
+    starts = starts or [0] * len(specs)
+    pixels = background(specs[0].background).unsqueeze(0).expand(frames, 3, SIZE, SIZE)  # [T, 3, H, W]
     grid = torch.arange(SIZE, dtype=torch.float32) + 0.5
-    # offsets on the torus: an object near one edge also covers the opposite one
-    dx = (grid.view(1, 1, SIZE) - centres[:, 0].view(-1, 1, 1) + SIZE / 2) % SIZE - SIZE / 2
-    dy = (grid.view(1, SIZE, 1) - centres[:, 1].view(-1, 1, 1) + SIZE / 2) % SIZE - SIZE / 2
-    cover = _coverage(spec.shape, dx, dy)  # [T, H, W]
-    colour = torch.tensor(COLOURS[spec.colour], dtype=torch.float32).view(1, 3, 1, 1)
-    bg = background(spec.background).unsqueeze(0)  # [1, 3, H, W]
-    pixels = bg + cover.unsqueeze(1) * (colour - bg)  # [T, 3, H, W]
+    for spec, start in zip(specs, starts):
+        centres = trajectory(spec, frames, start).float()  # [T, 2]
+        # offsets on the torus: an object near one edge also covers the opposite one
+        dx = (grid.view(1, 1, SIZE) - centres[:, 0].view(-1, 1, 1) + SIZE / 2) % SIZE - SIZE / 2
+        dy = (grid.view(1, SIZE, 1) - centres[:, 1].view(-1, 1, 1) + SIZE / 2) % SIZE - SIZE / 2
+        cover = _coverage(spec.shape, dx, dy).unsqueeze(1)  # [T, 1, H, W]
+        colour = torch.tensor(COLOURS[spec.colour], dtype=torch.float32).view(1, 3, 1, 1)
+        pixels = pixels + cover * (colour - pixels)
     return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 

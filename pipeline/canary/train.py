@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from pipeline.canary import models
+from pipeline.canary.evaluate import pass_rate
 from pipeline.canary.grammar import caption
 from pipeline.canary.sample import frame_grid, render, write_png, write_svg_curves
 from pipeline.canary.train_gen import build_pool, train_generator
-from pipeline.canary.train_vae import VAE_CROP, VAE_FRAMES, finetune_decoder, held_out_psnr, latent_stats, train_vae
+from pipeline.canary.train_vae import VAE_FRAMES, finetune_decoder, held_out_psnr, latent_stats, train_vae
 from pipeline.model.vae import pixel_frames_for
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--decoder-batch", type=int, default=2)
-    p.add_argument("--decoder-steps", type=int, default=300,
+    p.add_argument("--decoder-steps", type=int, default=0,
                    help="stage 1b: fine-tune the decoder on whole frames, encoder frozen (see --stage decoder)")
+    p.add_argument("--vae-base-dim", type=int, default=models.VAE_CONFIG["base_dim"])
+    p.add_argument("--gen-layers", type=int, default=models.TRANSFORMER_CONFIG["num_layers"])
+    p.add_argument("--gen-dim", type=int, default=64, help="transformer width (heads of 32 channels)")
     p.add_argument("--stage", choices=("all", "vae", "decoder", "gen"), default="all",
                    help="vae: stop after the VAE (writes vae.safetensors + vae_card.json); decoder: only fine-tune "
                         "the decoder of the VAE in --out; gen: train the generator on the VAE already in --out")
@@ -87,18 +91,21 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
-def _sample_grid(transformer: Any, text: Any, vae: Any, path: str, chunks: int) -> None:
+def _sample_grid(transformer: Any, text: Any, vae: Any, path: str, chunks: int) -> dict[str, float]:
+    """Write a sample grid; return the pass rates (`pipeline.canary.evaluate`) in both modes."""
     from pipeline.model.backend import PRESETS, WanBackend
     from pipeline.model.causal_wan import CausalWan
 
     backend = WanBackend(PRESETS["canary"], CausalWan(copy.deepcopy(transformer)), text, vae)
     videos, _ = render(backend, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))), num_chunks=chunks)
     write_png(path, frame_grid(videos))
+    return {f"pass_{mode}": pass_rate(backend, mode=mode, num_chunks=chunks)[0]
+            for mode in ("self-forcing", "rolling-forcing")}
 
 
 def _train_vae_stage(args: argparse.Namespace, progress: Progress, command: str) -> tuple[Any, dict[str, Any]]:
     started = time.monotonic()
-    vae = models.build_vae(args.seed)
+    vae = models.build_vae(args.seed, config=models.vae_config(args.vae_base_dim))
     curve = train_vae(vae, seed=args.seed, steps=args.vae_steps, batch=args.vae_batch, device=args.device,
                       on_log=lambda s, v: progress.log("vae", s, v), log_every=5)
     psnr = held_out_psnr(vae, device=args.device)
@@ -107,9 +114,9 @@ def _train_vae_stage(args: argparse.Namespace, progress: Progress, command: str)
     progress.log("vae_eval", args.vae_steps, {"psnr_db": psnr})
     models.save_weights(vae, os.path.join(args.out, "vae.safetensors"), half=False)
     card = {"commands": [command], "vae_steps": args.vae_steps, "vae_batch": args.vae_batch,
-            "vae_clip_frames": VAE_FRAMES, "vae_crop_px": VAE_CROP, "final_vae_loss": _mean_tail(curve),
+            "vae_clip_frames": VAE_FRAMES, "final_vae_loss": _mean_tail(curve),
             "vae_psnr_db_held_out": psnr, "vae_seconds": round(time.monotonic() - started, 1),
-            "latents_mean": mean, "latents_std": std, "vae_config": models.VAE_CONFIG}
+            "latents_mean": mean, "latents_std": std, "vae_config": models.vae_config(args.vae_base_dim)}
     with open(os.path.join(args.out, "vae_card.json"), "w", encoding="utf-8") as fh:
         json.dump(card, fh, indent=1, sort_keys=True)
     return vae, card
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("gen", "decoder"):
         with open(os.path.join(args.out, "vae_card.json"), encoding="utf-8") as fh:
             vae_card = json.load(fh)
-        vae = models.build_vae(args.seed, vae_card["latents_mean"], vae_card["latents_std"])
+        vae = models.build_vae(args.seed, vae_card["latents_mean"], vae_card["latents_std"], vae_card["vae_config"])
         models._load_state(vae, os.path.join(args.out, "vae.safetensors"))
         vae = vae.eval()
         if args.stage == "decoder":
@@ -170,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     text = models.build_text()
     pool = build_pool(vae, text, seed=args.seed, clips=args.pool_clips, chunks=args.chunks, device=args.device,
                       on_log=lambda s, v: progress.log("pool", s, v) if s % 128 == 0 else None)
-    transformer = models.build_transformer(args.seed).to(args.device)
+    transformer_config = models.transformer_config(args.gen_layers, args.gen_dim)
+    transformer = models.build_transformer(args.seed, transformer_config).to(args.device)
 
     def sample(step: int) -> None:
-        _sample_grid(transformer, text, vae, os.path.join(progress.folder, f"samples_{step:05d}.png"),
-                     args.chunks)
+        rates = _sample_grid(transformer, text, vae, os.path.join(progress.folder, f"samples_{step:05d}.png"),
+                             args.chunks)
+        progress.log("eval", step, rates)
 
     gen_curve = train_generator(transformer, pool, seed=args.seed, steps=args.gen_steps, batch=args.gen_batch,
                                 device=args.device, on_log=lambda s, v: progress.log("generator", s, v),
@@ -196,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": {"vae": vae_card["vae_seconds"], "generator": round(gen_s, 1),
                           "total": round(vae_card["vae_seconds"] + gen_s, 1)},
         "transformer_config": {k: list(v) if isinstance(v, tuple) else v
-                               for k, v in models.TRANSFORMER_CONFIG.items()},
+                               for k, v in transformer_config.items()},
         "text": {"text_len": models.TEXT_LEN, "text_dim": models.TEXT_DIM,
                                                   "seed": models.TEXT_SEED, "frozen": True},
     }
+    rates = _sample_grid(transformer, text, vae, os.path.join(progress.folder, "samples_final.png"), args.chunks)
+    progress.log("eval", args.gen_steps, rates)
+    card["pass_rate_trained_horizon"] = rates
     with open(os.path.join(args.out, "card.json"), "w", encoding="utf-8") as fh:
         json.dump(card, fh, indent=1, sort_keys=True)
-    _sample_grid(transformer, text, vae, os.path.join(progress.folder, "samples_final.png"), args.chunks)
     print(json.dumps({k: card[k] for k in ("final_vae_loss", "final_generator_loss", "vae_psnr_db_held_out",
                                            "train_seconds")}))
     return 0

@@ -3,6 +3,12 @@
 Scheme (see `pipeline.canary.sequence`): teacher forcing for self-forcing (a noisy chunk at one of the sampler's
 warped levels over clean context) mixed with rolling-forcing window passes (staggered levels, joint window),
 flow-matching loss on the noisy chunks. No training on the model's own rollouts.
+
+Half of the pool's clips are *anchored* (they start at frame 0 of their trajectory, the object at the centre as
+every rollout starts), half *free* (they start at a random frame, so the object can be anywhere): the free clips
+teach the model to continue the motion it sees in its context instead of reading the position off the frame index.
+The first chunk of a free clip has no context that fixes its position, so it is left out of the loss. The loss is
+weighted up where the object is (`OBJECT_WEIGHT`), since the object is a few latent pixels of a mostly grey frame.
 """
 
 from __future__ import annotations
@@ -27,6 +33,17 @@ from pipeline.model.vae import pixel_frames_for
 
 logger = logging.getLogger(__name__)
 
+OBJECT_WEIGHT = 4.0  # extra loss weight on latent pixels the object covers
+
+
+def latent_object_mask(x: torch.Tensor) -> torch.Tensor:
+    """Pixels ``[B, 3, T, 64, 64]`` in [-1, 1] -> ``[B, 1, F, 8, 8]`` in [0, 1]: where a saturated (object) pixel
+    falls in each latent pixel (latent frame 0 is pixel frame 0, latent frame k the pixel frames 4k-3 .. 4k)."""
+    sat = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)).clamp(0.0, 1.0)  # [B, 1, T, H, W]
+    first, rest = sat[:, :, :1], sat[:, :, 1:]
+    rest = rest.unflatten(2, (-1, 4)).amax(dim=3)
+    return torch.nn.functional.max_pool3d(torch.cat([first, rest], dim=2), (1, 8, 8))
+
 
 @dataclass
 class LatentPool:
@@ -34,28 +51,36 @@ class LatentPool:
 
     latents: torch.Tensor
     text: torch.Tensor  # [N, text_len, text_dim]
+    weights: torch.Tensor  # [N, 1, F, 8, 8] loss weights (1 + OBJECT_WEIGHT where the object is)
+    anchored: torch.Tensor  # [N] bool: the clip starts at frame 0 of its trajectory
 
 
 @torch.no_grad()
 def build_pool(vae: Any, text: TextEncoder, *, seed: int, clips: int, chunks: int, device: str,
                on_log: Callable[[int, dict[str, float]], None] | None = None) -> LatentPool:
-    """Encode ``clips`` training clips of ``chunks`` chunks with the trained VAE (each from a random start frame)."""
+    """Encode ``clips`` training clips of ``chunks`` chunks with the trained VAE: even-numbered clips start at frame
+    0 (anchored), odd-numbered ones at a random frame (free)."""
     frames = pixel_frames_for(chunks * CHUNK_FRAMES)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(device)
     std = torch.tensor(vae.config.latents_std).view(shape).to(device)
     generator = torch.Generator().manual_seed(seed + 2)
-    latents, captions = [], []
+    latents, weights, captions = [], [], []
     for i in range(0, clips, 8):
-        specs = [sample_spec(clip_seed(seed + 2, k)) for k in range(i, min(i + 8, clips))]
-        starts = [int(torch.randint(0, 256, (), generator=generator)) for _ in specs]
-        z = encode_mean(vae, pixel_batch(specs, frames, starts).to(device))
+        index = range(i, min(i + 8, clips))
+        specs = [sample_spec(clip_seed(seed + 2, k)) for k in index]
+        starts = [int(torch.randint(0, 256, (), generator=generator)) * (k % 2) for k in index]
+        x = pixel_batch(specs, frames, starts)
+        z = encode_mean(vae, x.to(device))
         latents.append(((z - mean) / std).cpu())
+        weights.append(1.0 + OBJECT_WEIGHT * latent_object_mask(x))
         captions += [s.caption for s in specs]
         if on_log is not None:
             on_log(i, {"encoded": float(i + len(specs))})
     embeddings = {c: text.encode([c])[0] for c in sorted(set(captions))}
-    return LatentPool(torch.cat(latents), torch.stack([embeddings[c] for c in captions]))
+    anchored = torch.arange(clips) % 2 == 0
+    return LatentPool(torch.cat(latents), torch.stack([embeddings[c] for c in captions]), torch.cat(weights),
+                      anchored)
 
 
 def train_generator(transformer: Any, pool: LatentPool, *, seed: int, steps: int, batch: int, device: str,
@@ -77,7 +102,10 @@ def train_generator(transformer: Any, pool: LatentPool, *, seed: int, steps: int
         seq.latents, seq.target = seq.latents.to(device), seq.target.to(device)
         flow = masked_forward(transformer, state, seq, pool.text[idx].to(device))
         frames = seq.target.shape[2]
-        loss = (flow[:, :, frames:] - seq.target).pow(2).mean()
+        weight = pool.weights[idx].clone()
+        weight[~pool.anchored[idx], :, :CHUNK_FRAMES] = 0.0  # a free clip's first chunk: nothing fixes it
+        weight = weight.to(device)
+        loss = (weight * (flow[:, :, frames:] - seq.target).pow(2)).sum() / (weight.sum() * flow.shape[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)

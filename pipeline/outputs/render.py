@@ -26,6 +26,7 @@ from pipeline.outputs.pixel_stats import PixelTracker
 from pipeline.outputs.video import Mp4Encoder, VideoSettings, even_size
 from pipeline.rollout.chunk_stats import stats_row
 from pipeline.rollout.loop import Rollout
+from pipeline.rollout.probe import Probe
 from pipeline.rollout.records import ChunkRecord
 from pipeline.store import Store, validate_key
 from pipeline.timing import PhaseTimer
@@ -47,10 +48,11 @@ class RenderResult:
 
 
 def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | None,
-                video: VideoSettings | None = None) -> str:
-    """The `output_hash` of what this backend renders with ``config``, ``trim`` and the video encoder settings."""
+                video: VideoSettings | None = None, probe: Probe | None = None) -> str:
+    """The `output_hash` of what this backend renders with ``config``, ``trim``, the video encoder settings and a
+    probe."""
     return output_hash(backend.spec, config, trim, backend.dtype, video=VideoSettings() if video is None else video,
-                       compiled=backend.causal.compiled)
+                       compiled=backend.causal.compiled, probe=probe)
 
 
 class _Sinks:
@@ -99,12 +101,13 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
            storage_options: dict | None = None, force_restart: bool = False,
            on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
            names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet"),
-           video: VideoSettings | None = None) -> list[RenderResult]:
+           video: VideoSettings | None = None, probe: Probe | None = None) -> list[RenderResult]:
     """Render a batch of prompts (one sample each) with one rollout; see the module docstring.
 
     ``names`` are the keys of the video and the stats table under ``out_url``, ``{id}`` being the prompt id.
     ``on_chunk(index, rows)`` is called once per chunk, in order, when its rows are complete. ``video``: the
-    H.264 encoder settings (default `VideoSettings()`), part of the config hash.
+    H.264 encoder settings (default `VideoSettings()`), part of the config hash. ``probe``: a known fault injected
+    into the rollout (`pipeline.rollout.probe`; regressions and benches), part of the config hash.
     """
     if len(prompt_ids) != len(prompts):
         raise InputError(f"need one prompt id per prompt, got {len(prompt_ids)} ids for {len(prompts)} prompts")
@@ -114,9 +117,10 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             raise InputError(f"`prompt_id` must not contain '/', got {pid!r}")
     out = Store(out_url, storage_options)
     video = VideoSettings() if video is None else video
-    digest = render_hash(backend, config, trim, video)
+    digest = render_hash(backend, config, trim, video, probe)
     timer = PhaseTimer(backend.device)  # collected here, once per chunk; the rollout only records into it
     rollout = Rollout(backend, config, prompts, seeds, trim, timer)
+    rollout.perturb = probe
     sinks = _Sinks(backend, len(prompts), config.fps, timer, video)
     checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
     rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
