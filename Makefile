@@ -1,4 +1,4 @@
-# Two commands that work on a fresh machine: `make demo` (a Ray job on the tiny model) and `make test`.
+# Two commands that work on a fresh machine: `make demo` (a Ray job on the canary model) and `make test`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,8 +18,8 @@ setup: $(BIN)/tokentrim
 
 # a local Ray cluster on 127.0.0.1 without token auth; on a real cluster set RAY_ADDRESS instead
 demo: setup
-	RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/tokentrim submit jobs/data/vbench_prompts.parquet \
-		--out $(OUT) --model tiny --chunks 4 --limit 4 --workers 1
+	RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/tokentrim submit jobs/data/canary_prompts.parquet \
+		--out $(OUT) --model canary --chunks 3 --limit 4 --workers 1
 	$(BIN)/tokentrim status $(OUT)
 
 test: setup

@@ -2,8 +2,8 @@
 
     python -m bench.canary_drift --out bench/canary_drift [--modes self-forcing rolling-forcing] [--skip-sweep]
 
-Renders the `PROMPTS` (one per grammar motion family) for 3x and 10x the trained horizon through the real rollout
-(`--model canary`), decodes every chunk, and measures per chunk:
+Renders the `PROMPTS` (8: every colour, motion, shape and background) for 3x and 10x the trained horizon through
+the real rollout (`--model canary`), decodes every chunk, and measures per chunk:
 
 - canary-aware (`pipeline.canary.detect.canary_metrics`): ``mass_ratio`` (named-colour pixels / shape area),
   ``background_err`` (mean |pixel - true background| away from objects), ``objects`` (saturated blobs),
@@ -30,17 +30,19 @@ from typing import Any
 import torch
 
 from pipeline.canary.detect import canary_metrics, detect
-from pipeline.canary.grammar import caption, parse_caption
+from pipeline.canary.grammar import parse_caption
 from pipeline.canary.models import read_card
+from pipeline.canary.prompts import prompt_rows
 from pipeline.canary.sample import render, write_svg_curves
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.outputs.pixel_stats import PixelTracker
 from tokentrim import TrimConfig
 
-PROMPTS = [caption("red", "circle", "right"), caption("blue", "square", "down", "striped"),
-           caption("yellow", "triangle", "bouncing"), caption("green", "square", "left", "striped")]
-SEEDS_A, SEEDS_B = [0, 1, 2, 3], [100, 101, 102, 103]
+_ROWS = prompt_rows()[:8]  # every colour, motion, shape and background (the canary prompt table's first rows)
+PROMPTS = [str(r["prompt"]) for r in _ROWS]
+SEEDS_A = [int(r["seed"]) for r in _ROWS]
+SEEDS_B = [s + 100_000 for s in SEEDS_A]  # the noise floor: the same prompts, only the random draw changed
 METRICS = ("motion_ok", "mass_ratio", "background_err", "objects", "traj_err", "latent_dist_first",
            "hist_dist_first", "saturation", "flicker")
 SWEEP_P, SWEEP_LAM, SWEEP_SCOPE = (0.05, 0.2), (1.0, 2.0, 3.0), ("last", "window")
@@ -138,7 +140,7 @@ def _fmt(s: dict[str, float]) -> str:
 def tables(drift: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> str:
     cols = ("motion_ok", "mass_ratio", "background_err", "objects", "traj_err", "latent_dist_first",
             "hist_dist_first")
-    lines = ["Δ = mean(last trained horizon) - mean(first), median [min..max] over 4 samples; "
+    lines = ["Δ = mean(last trained horizon) - mean(first), median [min..max] over 8 samples; "
              "`motion_ok` last = detector pass rate over the last horizon.", "",
              "| mode | length | run | motion_ok last | " + " | ".join(f"Δ {c}" for c in cols) + " | pruned chunks |",
              "|" + "---|" * (len(cols) + 5)]
@@ -167,7 +169,7 @@ def plots(drift: list[dict[str, Any]], folder: str) -> None:
             for metric in METRICS:
                 curves = {r["run"]: [statistics.fmean(col) for col in zip(*r["curves"][metric])] for r in runs}
                 write_svg_curves(os.path.join(folder, f"{mode}_{mult}x_{metric}.svg"), curves,
-                                 f"canary {mode} {mult}x: {metric} (mean of 4 samples)", x_label="chunk")
+                                 f"canary {mode} {mult}x: {metric} (mean of 8 samples)", x_label="chunk")
 
 
 def main(argv: list[str] | None = None) -> int:

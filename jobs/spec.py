@@ -14,7 +14,7 @@ from pipeline.rollout.probe import Probe
 from tokentrim import TrimConfig
 
 JOB_FORMAT = 2
-DEFAULT_MODEL = "tiny"  # the one place the default model is named (CLI, jobs, regress)
+DEFAULT_MODEL = "canary"  # the one place the default model is named (CLI, jobs, regress)
 Dtype = Literal["float32", "bfloat16", "float16"]
 Executor = Literal["ray", "local"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -25,7 +25,7 @@ EXECUTORS: tuple[str, ...] = get_args(Executor)
 class JobSpec:
     """Everything a worker needs to render any row of the job's prompt table.
 
-    model: a preset ('tiny', 'wan2.1-1.3b') or a diffusers Wan2.1 folder.
+    model: a preset ('canary', 'tiny', 'wan2.1-1.3b') or a diffusers Wan2.1 folder.
     weights: a causal generator checkpoint (Self/Rolling Forcing or Wan keys).
     device: cpu, cuda, cuda:N; auto: cuda when the job asks for GPUs (render: when one is available).
     dtype: the model's dtype.

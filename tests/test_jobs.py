@@ -524,7 +524,7 @@ def test_regression_passes_against_its_own_baseline_and_refuses_other_settings(t
     assert "**PASS**" in report and "plots/flicker.svg" in report
     assert (night / "plots" / "luma.svg").read_text().startswith("<svg")
     baseline = json.loads((night / "baseline.json").read_text())
-    assert set(baseline["metrics"]) == {"tokentrim", "baseline"}
+    assert set(baseline["metrics"]) == {"tokentrim", "baseline", "probe"}
     assert baseline["settings"]["render"]["rollout"]["num_chunks"] == 4
     # a baseline with half the drift: tonight's run is a regression, named by variant and metric
     halved = dict(baseline, metrics={v: {m: x / 2 for m, x in ms.items()} for v, ms in baseline["metrics"].items()})

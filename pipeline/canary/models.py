@@ -27,8 +27,8 @@ TEXT_SEED = 0
 CHUNK_FRAMES = 3  # latent frames per AR chunk
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 32, "in_channels": 16,
-    "out_channels": 16, "text_dim": TEXT_DIM, "freq_dim": 32, "ffn_dim": 128, "num_layers": 3,
+    "patch_size": (1, 2, 2), "num_attention_heads": 3, "attention_head_dim": 32, "in_channels": 16,
+    "out_channels": 16, "text_dim": TEXT_DIM, "freq_dim": 32, "ffn_dim": 192, "num_layers": 4,
     "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
 }
 # is_residual: the parameter-free space/time-to-channel shortcuts of the Wan2.2 VAE (AvgDown3D / DupUp3D) around

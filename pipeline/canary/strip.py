@@ -1,6 +1,6 @@
 """Write a frame strip (PNG) of canary renders: a row per prompt, every 4th frame.
 
-    python -m pipeline.canary.strip --out pipeline/canary/strip.png [--mode self-forcing] [--chunks 5]
+    python -m pipeline.canary.strip --out pipeline/canary/strip.png [--mode self-forcing] [--chunks 6]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--mode", default="self-forcing", choices=("self-forcing", "rolling-forcing"))
-    ap.add_argument("--chunks", type=int, default=5)
+    ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt", action="append", help="a caption (repeatable); default: four grammar captions")
     args = ap.parse_args(argv)

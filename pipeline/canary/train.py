@@ -42,20 +42,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--vae-steps", type=int, default=700)
-    p.add_argument("--vae-batch", type=int, default=4)
-    p.add_argument("--gen-steps", type=int, default=500)
+    p.add_argument("--vae-steps", type=int, default=1800)
+    p.add_argument("--vae-batch", type=int, default=2)
+    p.add_argument("--gen-steps", type=int, default=7000)
     p.add_argument("--gen-batch", type=int, default=8)
-    p.add_argument("--pool-clips", type=int, default=96)
-    p.add_argument("--chunks", type=int, default=5, help="trained horizon in 3-latent-frame chunks")
-    p.add_argument("--sample-every", type=int, default=250)
+    p.add_argument("--gen-lr", type=float, default=3e-3)
+    p.add_argument("--pool-clips", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=3, help="trained horizon in 3-latent-frame chunks")
+    p.add_argument("--sample-every", type=int, default=1750)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--decoder-batch", type=int, default=2)
     p.add_argument("--decoder-steps", type=int, default=0,
                    help="stage 1b: fine-tune the decoder on whole frames, encoder frozen (see --stage decoder)")
     p.add_argument("--vae-base-dim", type=int, default=models.VAE_CONFIG["base_dim"])
     p.add_argument("--gen-layers", type=int, default=models.TRANSFORMER_CONFIG["num_layers"])
-    p.add_argument("--gen-dim", type=int, default=64, help="transformer width (heads of 32 channels)")
+    p.add_argument("--gen-dim", type=int, default=96, help="transformer width (heads of 32 channels)")
     p.add_argument("--stage", choices=("all", "vae", "decoder", "gen"), default="all",
                    help="vae: stop after the VAE (writes vae.safetensors + vae_card.json); decoder: only fine-tune "
                         "the decoder of the VAE in --out; gen: train the generator on the VAE already in --out")
@@ -186,22 +187,26 @@ def main(argv: list[str] | None = None) -> int:
         progress.log("eval", step, rates)
 
     gen_curve = train_generator(transformer, pool, seed=args.seed, steps=args.gen_steps, batch=args.gen_batch,
-                                device=args.device, on_log=lambda s, v: progress.log("generator", s, v),
+                                device=args.device, lr=args.gen_lr,
+                                on_log=lambda s, v: progress.log("generator", s, v),
                                 on_sample=sample, sample_every=args.sample_every)
     gen_s = time.monotonic() - started
     models.save_weights(transformer, os.path.join(args.out, "transformer.safetensors"), half=False)
     card = {
         **vae_card, "name": "canary", "commands": vae_card["commands"] + ([command] if args.stage == "gen" else []),
         "git_commit": _git_commit(), "seed": args.seed, "device": args.device, "torch": torch.__version__,
-        "gen_steps": args.gen_steps, "gen_batch": args.gen_batch, "pool_clips": args.pool_clips,
+        "gen_steps": args.gen_steps, "gen_batch": args.gen_batch, "gen_lr": args.gen_lr, "pool_clips": args.pool_clips,
         "final_generator_loss": _mean_tail(gen_curve),
         "trained_horizon": {"chunks": args.chunks, "latent_frames": args.chunks * models.CHUNK_FRAMES,
                             "pixel_frames": pixel_frames_for(args.chunks * models.CHUNK_FRAMES)},
-        "training_scheme": "VAE: L1+MSE reconstruction (object pixels weighted up), decoder fed posterior mean "
-                           "+ N(0, 0.02). Generator: flow matching on VAE latents, one masked full-sequence "
-                           "forward over [clean | noisy] chunks: self-forcing teacher forcing (noisy chunk at a "
-                           "warped sampler level over clean context) mixed 50/50 with rolling-forcing window "
-                           "passes (staggered levels, joint window); no training on own rollouts.",
+        "training_scheme": "VAE (Wan2.2-style residual shortcuts): L1+MSE reconstruction of 9-frame whole-frame "
+                           "scenes of 3 objects, object pixels weighted ~30x falling to ~6x, decoder fed the "
+                           "posterior mean + N(0, 0.02). Generator: flow matching on VAE latents (object latents "
+                           "weighted 5x), one masked full-sequence forward over [clean | noisy] chunks: "
+                           "self-forcing teacher forcing (noisy chunk at a warped sampler level over clean context) "
+                           "mixed 50/50 with rolling-forcing window passes (staggered levels, joint window); half the "
+                           "clips anchored at frame 0, half from a random frame (first chunk not in the loss); no "
+                           "training on own rollouts.",
         "train_seconds": {"vae": vae_card["vae_seconds"], "generator": round(gen_s, 1),
                           "total": round(vae_card["vae_seconds"] + gen_s, 1)},
         "transformer_config": {k: list(v) if isinstance(v, tuple) else v
