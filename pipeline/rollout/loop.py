@@ -157,15 +157,19 @@ class Rollout:
             judged = self._candidate(c, attempt, chunk.done)  # 1-3. noise -> denoise -> judge
             rejected = self._accept(chunk, judged, attempt)  # 4a. samples that accept keep this candidate
             plan = self._plan_prune(judged, rejected, attempt)  # None when no retry can follow
+            if plan is None:  # the last candidate: commit first, so that the one read also waits for that pass
+                self._commit(c, chunk)  # 5. commit
             host = self._read(c, chunk, judged, rejected, plan)  # the attempt's one host read
-            if plan is None or not any(host["rejected"]):
+            if plan is None:
+                break
+            if not any(host["rejected"]):
+                self._commit(c, chunk)  # 5. commit
                 break
             prunes.append(self._prune(c, judged, rejected, chunk, plan, host))  # 4b. prune, then regenerate
         if self.window is not None:
             self.window.settle(chunk.attempts)
         latents = chunk.latents
         assert latents is not None, "every sample accepted a candidate"
-        self._commit(c, latents)  # 5. commit
         stats = self._stats(c, chunk, host)
         record = ChunkRecord(c, latents, prunes, self.controller.state_dict() if self.controller else {},
                              self.window_state(), stats)
@@ -268,10 +272,12 @@ class Rollout:
         lo = last - self.config.chunk_frames + 1
         return [f for f in cached if lo <= f <= last]
 
-    def _commit(self, c: int, latents: torch.Tensor) -> None:
-        """Step 5: the clean context pass that writes chunk ``c``'s K/V (non-finite latents were found by `_read`)."""
+    def _commit(self, c: int, chunk: _Accepted) -> None:
+        """Step 5: the clean context pass that writes chunk ``c``'s K/V (non-finite latents are found by `_read`, in
+        the same attempt, before the chunk is kept)."""
+        assert chunk.latents is not None, "`_accept` ran"
         with self.timer.phase("commit"):
-            self.backend.causal.commit(latents, self.text, self.cache, c * self.config.chunk_frames)
+            self.backend.causal.commit(chunk.latents, self.text, self.cache, c * self.config.chunk_frames)
 
     def _advance(self, latents: torch.Tensor) -> None:
         averaged = latents.float().mean(dim=2)  # [B, C, F, h, w] -> [B, C, h, w]
@@ -288,8 +294,9 @@ class Rollout:
     def _read(self, c: int, chunk: _Accepted, judged: _Judged, rejected: torch.Tensor,
               plan: tuple[list[int], PrunePlan] | None) -> dict[str, list[float]]:
         """The attempt's one host read: which samples reject ``judged`` ([B] ``rejected``), the sizes of the prune
-        that would follow (``plan``) and the figures of chunk ``c``'s stats rows as the chunk stands (used when no
-        sample retries). `NonFiniteLatentError` when a sample's latents or summary are not finite."""
+        that would follow (``plan``; None for the last candidate, committed already) and the figures of chunk ``c``'s
+        stats rows as the chunk stands (used when no sample retries). `NonFiniteLatentError` when a sample's latents
+        or summary are not finite."""
         latents = chunk.latents
         assert latents is not None, "`_accept` ran"
         averaged = latents.float().mean(dim=2)  # [B, C, h, w]: frame-averaged
@@ -299,10 +306,12 @@ class Rollout:
         if judged.judgement is not None:
             finite = finite & judged.judgement.finite.to(finite.device)
         frames = list(range(c * self.config.chunk_frames, (c + 1) * self.config.chunk_frames))
+        committed = plan is None  # the last candidate is committed before its read (`step`)
+        tokens = self.cache.num_tokens() if committed else self.cache.num_tokens_after_commit(frames)
         figures = {"finite": finite, "rejected": rejected,
                    "dist_prev": (averaged - prev).pow(2).mean(dim=(1, 2, 3)).sqrt(),
                    "dist_first": (averaged - first).pow(2).mean(dim=(1, 2, 3)).sqrt(),
-                   "tokens": self.cache.num_tokens_after_commit(frames), "severity": chunk.severity, "mu": chunk.mu,
+                   "tokens": tokens, "severity": chunk.severity, "mu": chunk.mu,
                    "sigma": chunk.sigma, "threshold": chunk.threshold, "pruned": chunk.pruned_tokens,
                    "attempts": chunk.attempts, "codes": chunk.codes}
         if plan is not None:
