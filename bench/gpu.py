@@ -14,7 +14,8 @@ Per mode, in this order (each variant starts with a warm-up, excluded):
            fault-injection hook in self-forcing). The warm-up is one 2-chunk lockstep round.
 With ``--all`` (issue 13), after the modes (windowed self-forcing, `bench.speed`'s variants):
   text_kv  prompt K/V cached / projected every pass, per chunk;
-  reads    tensor-to-host reads per chunk (each a device wait), trim none and never;
+  reads    tensor-to-host reads per chunk (each a device wait), trim none, never and prune (corrupted chunks
+           regenerated): one per candidate;
   batch    pixel frames/s (before decode) of one rollout of B = 1, 2, 4 prompts;
   window   the passes of one chunk at chunk 60 / chunk 10 with window 9 + sink 3;
   vae      ms per decoded chunk, channels-last 3D copy of the VAE / the default layout;
@@ -218,7 +219,7 @@ def run_extras(rep: Reporter, backend: WanBackend, args: Any, budget: Budget, fa
                      partial(speed.static_and_compiled, rep, backend, config, repeats, True, args.compile_mode)))
     plan += [
         ("text_kv", 2 * repeats * args.chunks, partial(speed.text_kv, rep, backend, config, repeats)),
-        ("reads", 2 * args.chunks, partial(speed.host_reads, rep, backend, config)),
+        ("reads", 4 * args.chunks, partial(speed.host_reads, rep, backend, config)),
         ("batch", 7 * args.chunks, partial(speed.batching, rep, backend, config)),
         ("window", 70 + 4 * repeats, partial(speed.window_flatness, rep, backend, "self-forcing", repeats)),
         ("vae", 4 * repeats, partial(speed.vae_decode, rep, backend, repeats)),

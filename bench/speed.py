@@ -24,6 +24,7 @@ from pipeline.rollout.loop import Rollout
 from tokentrim import TrimConfig
 
 NEVER = TrimConfig(lam=1e9, warmup=3)
+PRUNE = TrimConfig(warmup=2)  # with `_corrupt_odd_chunks`: regenerates chunks 3, 5, ...
 
 
 def sync(device: torch.device) -> None:
@@ -87,19 +88,31 @@ def text_kv(rep: Reporter, backend: WanBackend, config: RolloutConfig, repeats: 
     return {"variant": "text_kv", "mode": config.mode, "cached_over_uncached": value}
 
 
+def _corrupt_odd_chunks(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
+    """A jump at a few tokens in every odd chunk from chunk 3 on, every attempt: TokenTrim regenerates those."""
+    from bench.propagation import add_to_tokens
+
+    return add_to_tokens(x0, [0, 1, 5], 6.0) if c >= 3 and c % 2 else x0
+
+
 def host_reads(rep: Reporter, backend: WanBackend, config: RolloutConfig) -> dict[str, Any]:
-    """Item 3: tensor-to-host reads (each a device wait on CUDA) per chunk, without and with never-prune TokenTrim."""
+    """Item 3: tensor-to-host reads (each a device wait on CUDA) per chunk, without TokenTrim, with never-prune
+    TokenTrim and with TokenTrim regenerating corrupted chunks (``prune``: one read per candidate is the target)."""
     out: dict[str, Any] = {"variant": "host_reads", "mode": config.mode}
-    for name, trim in (("none", None), ("never", NEVER)):
+    for name, trim in (("none", None), ("never", NEVER), ("prune", PRUNE)):
         rollout = Rollout(backend, config, [PROMPT], [0], trim)
-        counts = []
+        rollout.perturb = _corrupt_odd_chunks if name == "prune" else None
+        counts, attempts = [], []
         for _ in range(config.num_chunks):
             with HostReadCounter() as counter:
-                rollout.step()
+                record = rollout.step()
             counts.append(counter.count)
-        out[name] = counts
-        rep.report(f"{config.mode}: host reads per chunk, trim {name}", max(counts[1:]), 1.0 if trim is None else None,
-                   unit="reads", note=f"per chunk {counts}")
+            attempts.append(max(s.attempts for s in record.stats))
+        out[name], out[f"{name}_attempts"] = counts, attempts
+        extra = max(n - a for n, a in zip(counts, attempts, strict=True))
+        rep.report(f"{config.mode}: host reads per chunk, trim {name}", max(counts), None, unit="reads",
+                   note=f"per chunk {counts}, candidates per chunk {attempts}")
+        rep.report(f"{config.mode}: host reads per candidate beyond one, trim {name}", extra, 0.0, unit="reads")
     return out
 
 

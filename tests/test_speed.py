@@ -1,17 +1,19 @@
 """Speed paths (issue 13) against their references: prompt K/V cached per prompt batch vs projected every pass,
-the static (fixed-capacity, masked) path and the compiled path vs the dynamic eager path, and host syncs counted."""
+the static (fixed-capacity, masked) path and the compiled path vs the dynamic eager path, and host reads counted (one
+per candidate of a chunk, with or without TokenTrim)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from bench.propagation import add_to_tokens
 from bench.speed import switched
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.model.host import HostReadCounter, to_host
 from pipeline.rollout.loop import Rollout
-from tokentrim import TrimConfig
+from tokentrim import TrimConfig, TrimController
 
 PROMPTS, SEEDS = ["a cat", "a red car on a long road"], [1, 2]  # a ragged batch once pruned
 ITEM = torch.Tensor.item
@@ -144,15 +146,92 @@ def test_denoise_and_commit_passes_never_read_the_device(backend, sink_rope):
     assert cache.frames == [0, 1, 6, 7, 8, 9]
 
 
-@pytest.mark.parametrize("mode", ["self-forcing", "rolling-forcing"])
-def test_a_chunk_without_trim_reads_the_device_once(backend, mode):
-    rollout = Rollout(backend, RolloutConfig(mode=mode, num_chunks=4, window_frames=6), PROMPTS, SEEDS)
-    counts = []
-    for _ in range(4):
+def _corrupt(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
+    """Jumps in chunks 3 and 4 of every attempt and sample: TokenTrim (warmup 2) regenerates them until its retries
+    are spent."""
+    return add_to_tokens(x0, [0, 1, 5], 6.0) if c in (3, 4) else x0
+
+
+def _reads_per_chunk(rollout: Rollout) -> tuple[list[int], list[list[int]], torch.Tensor]:
+    """Host reads of each `step`, candidates per chunk and sample (``[chunk][sample]``), and the latents."""
+    counts, attempts, latents = [], [], []
+    while not rollout.done:
         with HostReadCounter() as counter:
-            rollout.step()
+            record = rollout.step()
         counts.append(counter.count)
-    assert counts == [1, 1, 1, 1]
+        attempts.append([s.attempts for s in record.stats])
+        latents.append(record.latents)
+    return counts, attempts, torch.cat(latents, dim=2)
+
+
+READ_TRIMS = {"none": None, "never": TrimConfig(lam=1e9, warmup=3), "retry1": TrimConfig(warmup=2),
+              "retry2": TrimConfig(warmup=2, max_retries=2)}
+
+
+@pytest.mark.parametrize("trim", list(READ_TRIMS))
+@pytest.mark.parametrize("mode", ["self-forcing", "rolling-forcing"])
+def test_a_chunk_reads_the_device_once_per_candidate(backend, mode, trim):
+    """One host read per chunk, with or without TokenTrim; a regenerated chunk reads once per candidate."""
+    config = RolloutConfig(mode=mode, num_chunks=5, window_frames=6)
+    rollout = Rollout(backend, config, PROMPTS, SEEDS, READ_TRIMS[trim])
+    rollout.perturb = _corrupt
+    counts, attempts, _ = _reads_per_chunk(rollout)
+    candidates = [max(a) for a in attempts]
+    retries = READ_TRIMS[trim].max_retries if trim.startswith("retry") else 0
+    assert candidates[:4] == [1, 1, 1, 1 + retries]  # chunk 3 really is regenerated until the retries are spent
+    assert retries or candidates == [1] * 5
+    assert counts == candidates
+
+
+def test_early_stop_reads_once_more_per_attempt_that_may_retry_and_skips_rejected_steps(backend):
+    config, trim = RolloutConfig(num_chunks=5, window_frames=6), TrimConfig(warmup=2)
+    forwards = []
+    hook = backend.causal.transformer.blocks[0].register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        runs = []
+        for early_stop in (False, True, False):
+            rollout = Rollout(backend, config, PROMPTS, SEEDS, trim)
+            rollout.perturb, rollout.early_stop = _corrupt, early_stop
+            forwards.clear()
+            runs.append((*_reads_per_chunk(rollout), len(forwards)))
+    finally:
+        hook.remove()
+    (counts, attempts, latents, passes), (early_counts, early_attempts, early_latents, early_passes) = runs[:2]
+    assert attempts == early_attempts and attempts[3] == [2, 2]  # chunk 3: both samples reject their first candidate
+    assert early_counts == [c + 1 for c in counts]  # the verdict at measure_step of attempt 0
+    all_rejected = sum(min(a) > 1 for a in attempts)  # chunks whose first candidate every sample rejects
+    assert passes - early_passes == all_rejected * (len(config.timesteps) - 1 - trim.measure_step)
+    assert torch.equal(early_latents, latents) and torch.equal(runs[2][2], latents)
+
+
+def test_a_prune_reads_once_and_the_tokens_after_a_commit_are_known_before_it(backend):
+    causal, text = backend.causal, backend.encode_prompts(PROMPTS)
+    cache = causal.new_cache(2, 4, 6, sink_frames=1, window_frames=3)
+    x = torch.randn(2, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    for chunk in range(5):  # the window evicts frames that were pruned for sample 0 only (ragged)
+        frames = [2 * chunk, 2 * chunk + 1]
+        expected = cache.num_tokens_after_commit(frames)
+        causal.commit(x, text, cache, 2 * chunk)
+        assert torch.equal(cache.num_tokens(), expected), chunk
+        before = cache.num_tokens()
+        with HostReadCounter() as counter:
+            removed = cache.prune(frames, torch.tensor([[0, 4], [1, 2]]), torch.tensor([True, False]),
+                                  protect_sink=False)
+        assert counter.count == 1
+        assert removed == (before - cache.num_tokens()).sum().item() == 4  # 2 positions x 2 frames, sample 0
+    assert cache.num_tokens().tolist() == [4 + 3 * 4, 6 + 3 * 6]  # the sink frame 0 and frames 7-9
+
+
+def test_the_controller_without_host_checks_never_reads_the_device():
+    trim = TrimConfig(warmup=1, lam=0.0)
+    controller = TrimController(trim, 2, host_checks=False)
+    summaries = torch.randn(4, 2, 6, 3, generator=torch.Generator().manual_seed(0))
+    with HostReadCounter() as counter:
+        for summary in summaries:
+            judgement = controller.judge(summary, 0)
+            controller.accept(summary, judgement, ~judgement.prune)
+    assert counter.count == 0, counter.calls
+    assert judgement.kinds == [("warmup", "accepted", "pruned")[c] for c in judgement.codes.tolist()]
 
 
 def test_to_host_reads_several_tensors_exactly():

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokentrim import Judgement, RunningStats, TrimConfig, TrimController, num_unstable
+from tokentrim import VERDICT_KINDS, Judgement, RunningStats, TrimConfig, TrimController, num_unstable
 
 SETTINGS = settings(max_examples=20, deadline=None)
 seeds = st.integers(0, 2**32 - 1)
@@ -326,6 +326,41 @@ def test_runs_are_deterministic(seed: int, config: TrimConfig) -> None:
     first, second = drive(TrimController(config, 2), candidates), drive(TrimController(config, 2), candidates)
     for a, b in zip(first, second, strict=True):
         assert_rows_equal(a, b)
+
+
+@SETTINGS
+@given(seed=seeds, config=configs)
+def test_without_host_checks_the_judgements_are_the_same(seed: int, config: TrimConfig) -> None:
+    candidates = random_jumps(seed, 2, 20, 3, 8, config.max_retries)
+    checked, unchecked = TrimController(config, 2), TrimController(config, 2, host_checks=False)
+    for a, b in zip(drive(checked, candidates), drive(unchecked, candidates), strict=True):
+        assert_rows_equal(a, b)
+    assert all(torch.equal(v, unchecked.state_dict()[k]) for k, v in checked.state_dict().items())
+
+
+def test_verdict_codes_index_the_kinds() -> None:
+    controller = TrimController(TrimConfig(warmup=1, lam=0.0), 3)
+    z = torch.zeros(3, 4, 2)
+    first = controller.judge(z, 0)
+    assert first.codes.dtype == torch.long and first.codes.tolist() == [0, 0, 0] and first.kinds == ["warmup"] * 3
+    for t in range(1, 4):
+        controller.accept(z + t, controller.judge(z + t, 0))
+    jumped = z + 3.0
+    jumped[0, 0] += 50.0  # sample 0 jumps: pruned; samples 1 and 2 accepted
+    j = controller.judge(jumped, 0)
+    assert j.codes.tolist() == [2, 1, 1] and j.kinds == [VERDICT_KINDS[c] for c in (2, 1, 1)]
+    assert controller.judge(jumped, 1).kinds == ["accepted"] * 3  # no retry left
+
+
+def test_without_host_checks_a_non_finite_summary_is_flagged_not_raised() -> None:
+    nan = torch.zeros(2, 4, 2)
+    nan[1, 2, 0] = float("nan")
+    controller = TrimController(TrimConfig(), 2, host_checks=False)
+    assert controller.judge(nan, 0).finite.tolist() == [True, False]
+    assert TrimController(TrimConfig(), 2).judge(torch.zeros(2, 4, 2), 0).finite.tolist() == [True, True]
+    stats = RunningStats(2)
+    stats.update(torch.tensor([1.0, float("nan")]), check=False)  # the check is the caller's: no host read, no raise
+    assert stats.count.tolist() == [1, 1]
 
 
 def test_judge_does_not_change_state() -> None:

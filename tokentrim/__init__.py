@@ -5,11 +5,12 @@ drift [B, N], per-sample statistics and verdicts [B].
 """
 
 from tokentrim.config import PruneScope, StatsMode, SummaryMode, TrimConfig
-from tokentrim.controller import Judgement, TrimController, VerdictKind
+from tokentrim.controller import VERDICT_KINDS, Judgement, TrimController, VerdictKind
 from tokentrim.stats import RunningStats
 from tokentrim.summary import latent_summary, num_unstable, token_drift, unstable_set
 
 __all__ = [
+    "VERDICT_KINDS",
     "Judgement",
     "PruneScope",
     "RunningStats",

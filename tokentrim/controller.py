@@ -27,6 +27,8 @@ from tokentrim.summary import token_drift, unstable_set
 logger = logging.getLogger(__name__)
 
 VerdictKind = Literal["warmup", "accepted", "pruned"]
+# `Judgement.codes` index this tuple: 0 warmup, 1 accepted, 2 pruned
+VERDICT_KINDS: tuple[VerdictKind, ...] = ("warmup", "accepted", "pruned")
 
 _STATS_PREFIX = "stats."
 
@@ -43,8 +45,10 @@ class Judgement:
         threshold: [B] float64 mu + lam * sigma; NaN for samples in warmup.
         prune: [B] bool; reject this candidate, prune `positions` and regenerate.
         positions: [B, k] long unstable positions (in range for every sample; meaningful where severity is finite).
-        kinds: per sample "warmup" | "accepted" | "pruned" (the verdicts of the stats rows).
+        codes: [B] long verdict codes, indices into `VERDICT_KINDS` (0 warmup, 1 accepted, 2 pruned).
         drift: [B, N] float32 per-token drift (NaN where the sample has no previous summary).
+        finite: [B] bool, the summary is finite (always true unless the controller was made with
+            ``host_checks=False``, which leaves this check to the caller).
     """
 
     severity: Tensor
@@ -53,8 +57,15 @@ class Judgement:
     threshold: Tensor
     prune: Tensor
     positions: Tensor
-    kinds: list[str]
+    codes: Tensor
     drift: Tensor
+    finite: Tensor
+
+    @property
+    def kinds(self) -> list[str]:
+        """Per sample "warmup" | "accepted" | "pruned" (the verdicts of the stats rows). Reads `codes` on the host
+        (a device wait on an accelerator): callers that avoid waits read the codes with their other figures."""
+        return [VERDICT_KINDS[code] for code in self.codes.tolist()]
 
 
 class TrimController:
@@ -64,15 +75,20 @@ class TrimController:
         config: the method's settings.
         batch_size: B >= 1.
         device: where the state lives; summaries are moved here.
+        host_checks: check summaries for non-finite values on the host and raise `ValueError` (the default). False:
+            `judge` and `accept` never wait for the device; a non-finite summary is flagged in `Judgement.finite`
+            instead, and the caller must check it before trusting the judgement or the state after `accept`.
     """
 
-    def __init__(self, config: TrimConfig, batch_size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: TrimConfig, batch_size: int, device: torch.device | str = "cpu",
+                 host_checks: bool = True) -> None:
         if not isinstance(config, TrimConfig):
             raise TypeError(f"`config` must be a TrimConfig, got {type(config).__name__}")
         self.config = config
         self.device = torch.device(device)
         self.stats = RunningStats(batch_size, config.stats, config.ema_decay, self.device)
         self.batch_size = batch_size
+        self.host_checks = host_checks
         self._chunks = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B]
         self._prev: Tensor | None = None  # [B, N, D] float32, allocated on the first accept
 
@@ -81,8 +97,9 @@ class TrimController:
         """[B] long number of chunks accepted per sample."""
         return self._chunks.clone()
 
-    def _check_summary(self, summary: object, mask: Tensor | None = None) -> Tensor:
-        """Validate a [B, N, D] summary and return it as float32 on the controller's device."""
+    def _check_summary(self, summary: object, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Validate a [B, N, D] summary: it as float32 on the controller's device and [B] bool, which samples' are
+        finite (non-finite ones in ``mask`` raise, unless ``host_checks`` is off)."""
         if not isinstance(summary, Tensor):
             raise TypeError(f"`summary` must be a torch.Tensor, got {type(summary).__name__}")
         if not summary.is_floating_point():
@@ -96,10 +113,12 @@ class TrimController:
             )
         z = summary.to(device=self.device, dtype=torch.float32)
         finite = torch.isfinite(z).flatten(1).all(dim=1)  # [B]
+        if not self.host_checks:
+            return z, finite
         checked = ~finite if mask is None else mask & ~finite
         if bool(checked.any()):
             raise ValueError(f"`summary` has non-finite values for samples {checked.nonzero().flatten().tolist()}")
-        return z
+        return z, finite
 
     def _check_attempt(self, attempt: object) -> int:
         if isinstance(attempt, bool) or not isinstance(attempt, int):
@@ -120,7 +139,7 @@ class TrimController:
             summary: [B, N, D] summary of the candidate, finite.
             attempt: 0 for the first candidate of a chunk, +1 per regeneration, at most `config.max_retries`.
         """
-        z = self._check_summary(summary)
+        z, finite = self._check_summary(summary)
         attempt = self._check_attempt(attempt)
         has_prev = self._chunks > 0  # [B]
         nan = float("nan")
@@ -137,10 +156,7 @@ class TrimController:
         threshold = torch.where(warmup, nan, mu + self.config.lam * sigma)
         over = severity.double() > threshold  # False wherever threshold or severity is NaN
         prune = ~warmup & over & (attempt < self.config.max_retries)
-        kinds = [
-            "warmup" if w else ("pruned" if p else "accepted")
-            for w, p in zip(warmup.tolist(), prune.tolist(), strict=True)
-        ]
+        codes = torch.where(warmup, 0, torch.where(prune, 2, 1))  # VERDICT_KINDS, kept on the device
         return Judgement(
             severity=severity,
             mu=mu,
@@ -148,8 +164,9 @@ class TrimController:
             threshold=threshold,
             prune=prune,
             positions=positions,
-            kinds=kinds,
+            codes=codes,
             drift=drift,
+            finite=finite,
         )
 
     def accept(self, summary: Tensor, judgement: Judgement, mask: Tensor | None = None) -> None:
@@ -174,14 +191,15 @@ class TrimController:
             got = (mask.dtype, tuple(mask.shape)) if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"`mask` must be a bool tensor of shape ({self.batch_size},), got {got}")
         mask = mask.to(self.device)
-        z = self._check_summary(summary, mask)
+        z = self._check_summary(summary, mask)[0]
         if tuple(judgement.severity.shape) != (self.batch_size,):
             raise ValueError(f"`judgement` is for batch size {judgement.severity.shape}, not {self.batch_size}")
         severity = judgement.severity.to(self.device)
         threshold = judgement.threshold.to(self.device)
         over = severity.double() > threshold  # False where the threshold is NaN (warmup)
         severity = torch.where(over, threshold, severity.double())  # a forced accept counts at its threshold
-        self.stats.update(torch.nan_to_num(severity, nan=0.0), mask & torch.isfinite(severity))
+        # finite by construction (nan_to_num), so the statistics need not check it on the host
+        self.stats.update(torch.nan_to_num(severity, nan=0.0), mask & torch.isfinite(severity), check=False)
         if self._prev is None:
             self._prev = torch.zeros_like(z)
         self._prev = torch.where(mask[:, None, None], z, self._prev)

@@ -66,19 +66,21 @@ class RunningStats:
             raise TypeError(f"`{name}` must have a floating dtype, got {value.dtype}")
         return value.to(self.device)
 
-    def update(self, values: Tensor, mask: Tensor | None = None) -> None:
+    def update(self, values: Tensor, mask: Tensor | None = None, *, check: bool = True) -> None:
         """Add `values[b]` to sample b's statistics where `mask[b]` (default: every sample).
 
         Args:
             values: [B] float; must be finite where masked.
             mask: [B] bool.
+            check: read the values on the host to raise `ValueError` for a non-finite masked value (a device wait on
+                an accelerator). False for callers whose values are finite by construction: no wait.
         """
         x = self._check_batch("values", values, bool_dtype=False).double()
         if mask is None:
             mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
         m = self._check_batch("mask", mask, bool_dtype=True)
         bad = m & ~torch.isfinite(x)
-        if bool(bad.any()):
+        if check and bool(bad.any()):
             samples = bad.nonzero().flatten().tolist()
             raise ValueError(
                 f"`values` must be finite where masked, got {x.tolist()} (non-finite for samples {samples})"

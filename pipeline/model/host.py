@@ -14,12 +14,24 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     below 2**53 and booleans come back exactly)."""
     if not tensors:
         return {}
-    names = list(tensors)
-    sizes = {tuple(tensors[n].shape) for n in names}
+    sizes = {tuple(t.shape) for t in tensors.values()}
     if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-        raise ValueError(f"`tensors` must all be [B], got shapes { {n: tuple(tensors[n].shape) for n in names} }")
-    packed = torch.stack([tensors[n].detach().to(torch.float64) for n in names]).tolist()
-    return dict(zip(names, packed, strict=True))
+        raise ValueError(f"`tensors` must all be [B], got shapes { {n: tuple(t.shape) for n, t in tensors.items()} }")
+    return read_flat(tensors)
+
+
+def read_flat(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """``{name: tensor}`` (any shapes and dtypes, one device) -> ``{name: its values flattened, as floats}`` in one
+    transfer (float64, as `to_host`)."""
+    if not tensors:
+        return {}
+    flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors.values()]
+    values = torch.cat(flat).tolist()
+    out, at = {}, 0
+    for name, part in zip(tensors, flat, strict=True):
+        out[name] = values[at: at + part.numel()]
+        at += part.numel()
+    return out
 
 
 # conversions of a tensor to host values; on CUDA each one waits for the device

@@ -15,7 +15,8 @@ instead of at frame 0; a pristine copy of the sink keys is kept so that rotation
 With ``static=True`` (the compile path) the buffers are zero-filled and a pass attends over the whole capacity with a
 length mask (`static_pass`), so its shapes depend only on the capacity: fixed for a windowed cache, doubling for an
 unbounded one. No method on the path of a pass (`attend`, `static_pass`, `commit`, `evict`) waits for the device;
-`prune` does (it sizes the compacted segments).
+`prune` reads once (it sizes the compacted segments): `plan_prune` computes the sizes on the device, so that a caller
+can read them with its other figures, and `apply_prune` compacts with them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ class Segment:
     length: int
     sink: bool
     ragged: bool = False  # some samples keep fewer rows than ``length`` (padding, masked by ``valid``)
+
+
+@dataclass
+class PrunePlan:
+    """A prune worked out on the device by `KVCache.plan_prune` for a cache of ``segments`` segments and ``length``
+    rows: ``keep_rows [B, L]`` bool and ``sizes`` ``[1 + 3 * (segments - first)]`` long (rows removed, then per
+    segment from ``first`` on: loses a row, most and fewest rows a sample keeps)."""
+
+    segments: int
+    length: int
+    first: int
+    keep_rows: torch.Tensor
+    sizes: torch.Tensor
 
 
 @dataclass
@@ -180,7 +194,15 @@ class KVCache:
               *, protect_sink: bool = True) -> int:
         """Remove, for each sample ``b`` where ``samples[b]``, the rows of ``frames`` whose spatial position is in
         ``positions[b]`` (``[B, k]`` long). Rows are really dropped (or become padding when other samples keep more).
-        Returns the number of rows removed over the batch."""
+        Returns the number of rows removed over the batch. One host read (`plan_prune` then `apply_prune`)."""
+        plan = self.plan_prune(frames, positions, samples, protect_sink=protect_sink)
+        return self.apply_prune(plan, plan.sizes.to(torch.float64).tolist())
+
+    def plan_prune(self, frames: list[int], positions: torch.Tensor, samples: torch.Tensor | None = None,
+                   *, protect_sink: bool = True) -> PrunePlan:
+        """The device half of `prune` (no host read): which rows each sample keeps and, in ``sizes``, what the
+        compaction must know on the host. A caller reads ``sizes`` with its other figures and calls `apply_prune`
+        before the cache changes otherwise."""
         if positions.ndim != 2 or positions.shape[0] != self.batch_size:
             raise ValueError(f"`positions` must be [B={self.batch_size}, k], got {tuple(positions.shape)}")
         samples = torch.ones(self.batch_size, dtype=torch.bool, device=self.device) if samples is None else samples
@@ -189,13 +211,31 @@ class KVCache:
         hit &= samples.to(self.device)[:, None]
         remove = torch.zeros_like(self.valid)  # [B, L]
         targets = set(frames)
-        for seg in self.segments:
+        first = len(self.segments)  # the first segment that can lose rows
+        for i, seg in enumerate(self.segments):
             if seg.frame in targets and not (seg.sink and (protect_sink or self.sink_rope == "adjacent")):
                 rows = slice(seg.start, seg.start + seg.length)
                 remove[:, rows] = hit.gather(1, self.positions[:, rows]) & self.valid[:, rows]
-        removed = int(remove.sum())
+                first = min(first, i)
+        keep_rows = self.valid & ~remove
+        sizes = [remove.sum()]
+        for seg in self.segments[first:]:  # per segment: loses a row, most and fewest rows a sample keeps
+            rows = slice(seg.start, seg.start + seg.length)
+            counts = keep_rows[:, rows].sum(dim=1)
+            sizes += [remove[:, rows].any().long(), counts.max(), counts.min()]
+        return PrunePlan(len(self.segments), self.length, first, keep_rows, torch.stack(sizes).long())
+
+    def apply_prune(self, plan: PrunePlan, sizes: list[float]) -> int:
+        """Carry out ``plan`` with ``sizes``, its `PrunePlan.sizes` as read on the host; returns the rows removed."""
+        if (plan.segments, plan.length) != (len(self.segments), self.length):
+            raise RuntimeError("apply_prune() after the cache changed since plan_prune()")
+        if len(sizes) != 1 + 3 * (plan.segments - plan.first):
+            raise ValueError(f"`sizes` must have the {1 + 3 * (plan.segments - plan.first)} values of the plan, "
+                             f"got {len(sizes)}")
+        removed = int(sizes[0])
         if removed:
-            self._compact(self.valid & ~remove)
+            per_segment = [(bool(sizes[i]), int(sizes[i + 1]), int(sizes[i + 2])) for i in range(1, len(sizes), 3)]
+            self._compact(plan.keep_rows, plan.first, per_segment)
         return removed
 
     def sink_shift_for(self, first_frame: int) -> int:
@@ -240,6 +280,17 @@ class KVCache:
     def num_tokens(self) -> torch.Tensor:
         """Rows each sample attends to, ``[B]`` long."""
         return self.valid.sum(dim=1)
+
+    def num_tokens_after_commit(self, frames: list[int]) -> torch.Tensor:
+        """`num_tokens` as it will be once ``frames`` are committed and the window evicts (``[B]`` long), worked out
+        before the commit pass without waiting for the device."""
+        body = [s.frame for s in self.segments if not s.sink] + [f for f in frames if f >= self.sink_frames]
+        dropped = set(body[: max(0, len(body) - self.window_frames)]) if self.window_frames is not None else set()
+        tokens = self.num_tokens() + self.tokens_per_frame * sum(f not in dropped for f in frames)
+        for seg in self.segments:
+            if seg.frame in dropped:
+                tokens = tokens - self.valid[:, seg.start: seg.start + seg.length].sum(dim=1)
+        return tokens
 
     def nbytes(self) -> int:
         """Bytes of committed K/V over all layers (padding included: it is really allocated)."""
@@ -297,19 +348,18 @@ class KVCache:
         self.valid, self.positions = self.valid[:, :dst], self.positions[:, :dst]
         self._padded = any(s.ragged for s in self.segments)  # host bookkeeping: no wait for the device
 
-    def _compact(self, keep_rows: torch.Tensor) -> None:
-        """Drop rows where ``keep_rows [B, L]`` is False, segment by segment, padding ragged samples. Rows before
-        the first segment that loses one are not touched."""
-        lost = (keep_rows != self.valid).any(dim=0)  # [L]
-        first = next(i for i, seg in enumerate(self.segments) if bool(lost[seg.start: seg.start + seg.length].any()))
+    def _compact(self, keep_rows: torch.Tensor, start: int, sizes: list[tuple[bool, int, int]]) -> None:
+        """Drop rows where ``keep_rows [B, L]`` is False, segment by segment, padding ragged samples. ``sizes``: per
+        segment from ``start`` on, whether it loses a row and the most / fewest rows a sample keeps (read on the
+        host by the caller). Rows before the first segment that loses one are not touched."""
+        first = start + next(i for i, (lost, _, _) in enumerate(sizes) if lost)
         base = self.segments[first].start
         parts: list[torch.Tensor] = []
         valids: list[torch.Tensor] = []
         tail: list[Segment] = []
-        for seg in self.segments[first:]:
+        for seg, (_, most, least) in zip(self.segments[first:], sizes[first - start:], strict=True):
             rows = keep_rows[:, seg.start: seg.start + seg.length]  # [B, len]
             counts = rows.sum(dim=1, keepdim=True)
-            most, least = torch.stack([counts.max(), counts.min()]).tolist()
             # a stable sort puts each sample's kept rows first, in their original order
             parts.append(torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices[:, :most] + seg.start)
             valids.append(torch.arange(most, device=self.device)[None, :] < counts)

@@ -6,9 +6,17 @@
      (rolling-forcing, `pipeline.rollout.rolling_window`);
   3. judge: summarise the x0 prediction and let the TrimController judge it (at ``measure_step`` in self-forcing,
      on the finished chunk in rolling-forcing);
-  4. prune / regenerate: samples whose candidate is accepted keep it; for the rejected ones the unstable positions
-     are pruned from the cache and steps 1-3 run again (at most ``max_retries`` times);
+  4. read / prune / regenerate: samples whose candidate is accepted keep it; one host read per attempt says whether
+     any sample rejects it; for the rejected ones the unstable positions are pruned from the cache and steps 1-3 run
+     again (at most ``max_retries`` times);
   5. commit: the clean context pass writes the accepted chunk's K/V; the statistics are updated.
+
+Host reads (device waits on an accelerator): exactly one per attempt, `Rollout._read`, a packed copy of everything
+the host needs: which samples reject the candidate, the sizes of the prune that would follow, and the chunk's stats
+row figures (used when no sample retries). Verdicts, thresholds, accept masks and the window's choice stay on the
+device. So a chunk that no sample regenerates costs one read, with or without TokenTrim, and each regeneration one
+more. (`early_stop` trades one more read per attempt that may retry for skipping the denoising steps after
+``measure_step`` of a candidate every undecided sample rejects.)
 
 Everything a resumed rollout needs is in the `ChunkRecord` of each accepted chunk (clean latents, prune events,
 controller state, in-flight window): `Rollout.restore` replays the commits and prunes in order.
@@ -25,7 +33,8 @@ import torch
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
 from pipeline.model.backend import LATENT_CHANNELS, WanBackend
-from pipeline.model.host import to_host
+from pipeline.model.host import read_flat
+from pipeline.model.kv_cache import PrunePlan
 from pipeline.rollout.chunk_stats import ChunkStats
 from pipeline.rollout.records import ChunkRecord, PruneEvent
 from pipeline.rollout.rolling_window import RollingWindow
@@ -45,7 +54,7 @@ class _Judged:
     judgement: Judgement | None
 
     def rejects_all(self, done: torch.Tensor) -> bool:
-        """Whether every sample not in ``done`` ([B] bool) rejects this candidate."""
+        """Whether every sample not in ``done`` ([B] bool) rejects this candidate (a host read)."""
         return self.judgement is not None and bool((self.judgement.prune | done).all())
 
     def rejected(self, done: torch.Tensor) -> torch.Tensor:
@@ -66,7 +75,7 @@ class _Accepted:
     mu: torch.Tensor
     sigma: torch.Tensor
     threshold: torch.Tensor
-    kinds: list[str]  # TokenTrim's verdict kind of the accepted candidate ("" where not judged)
+    codes: torch.Tensor  # [B] long: TokenTrim's verdict code (`VERDICT_KINDS`) of the accepted candidate, -1 unjudged
     latents: torch.Tensor | None = None  # [B, C, F, h, w], set by the first `Rollout._accept`
 
     @classmethod
@@ -74,7 +83,7 @@ class _Accepted:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         nan = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
         return cls(zeros.bool(), zeros.clone(), zeros.clone(), nan, nan.clone(), nan.clone(), nan.clone(),
-                   [""] * batch)
+                   zeros - 1)
 
 
 class Rollout:
@@ -103,7 +112,9 @@ class Rollout:
         self.cache = backend.causal.new_cache(self.batch, *self.latent_hw, sink_frames=config.effective_sink_frames,
                                               window_frames=config.attention_window,
                                               sink_rope=config.effective_sink_rope)
-        self.controller = TrimController(trim, self.batch, backend.device) if trim is not None else None
+        # no host checks: a non-finite summary is caught by the attempt's one host read (`_read`)
+        self.controller = (TrimController(trim, self.batch, backend.device, host_checks=False)
+                           if trim is not None else None)
         self.window = (RollingWindow(backend.causal, self.text, self.cache, self.noise, self.timesteps,
                                      config.chunk_frames, config.num_chunks, self.timer)
                        if config.mode == "rolling-forcing" else None)
@@ -112,6 +123,9 @@ class Rollout:
         self._prev: torch.Tensor | None = None  # same, of the previous chunk
         # fault injection for tests and drift studies: (chunk, attempt, x0 [B, C, F, h, w]) -> x0
         self.perturb: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+        # self-forcing: read the verdict at ``measure_step`` and skip the rest of a candidate that every undecided
+        # sample rejects (one more host read per attempt that may retry; the results are the same)
+        self.early_stop = False
 
     def _check_trim(self, trim: TrimConfig | None) -> None:
         if trim is None:
@@ -138,19 +152,25 @@ class Rollout:
             self.window.fill()  # rolling-forcing: chunks 0..depth-2 enter the window
         chunk = _Accepted.empty(self.batch, self.backend.device)
         prunes: list[PruneEvent] = []
+        host: dict[str, list[float]] = {}
         for attempt in range(self._max_attempts()):
             judged = self._candidate(c, attempt, chunk.done)  # 1-3. noise -> denoise -> judge
             rejected = self._accept(chunk, judged, attempt)  # 4a. samples that accept keep this candidate
-            if judged.judgement is None or bool(chunk.done.all()):  # not judged: all took it (no host read)
+            plan = self._plan_prune(judged, rejected, attempt)  # None when no retry can follow
+            if plan is None:  # the last candidate: commit first, so that the one read also waits for that pass
+                self._commit(c, chunk)  # 5. commit
+            host = self._read(c, chunk, judged, rejected, plan)  # the attempt's one host read
+            if plan is None:
                 break
-            prunes.append(self._prune(c, judged, rejected, chunk))  # 4b. prune for the others, then regenerate
+            if not any(host["rejected"]):
+                self._commit(c, chunk)  # 5. commit
+                break
+            prunes.append(self._prune(c, judged, rejected, chunk, plan, host))  # 4b. prune, then regenerate
         if self.window is not None:
             self.window.settle(chunk.attempts)
         latents = chunk.latents
         assert latents is not None, "every sample accepted a candidate"
-        finite = torch.isfinite(latents).flatten(1).all(dim=1)  # [B], read with the stats: one host read
-        self._commit(c, latents)  # 5. commit
-        stats = self._stats(c, latents, chunk, finite)
+        stats = self._stats(c, chunk, host)
         record = ChunkRecord(c, latents, prunes, self.controller.state_dict() if self.controller else {},
                              self.window_state(), stats)
         if self._owns_timer:
@@ -166,8 +186,8 @@ class Rollout:
         return self._judge(x0, attempt)
 
     def _self_forcing_candidate(self, c: int, attempt: int, done: torch.Tensor) -> _Judged:
-        """Denoise chunk ``c`` from its noise step by step over the cache, judging x0 at ``measure_step``. Stops
-        early when every undecided sample's candidate is rejected (the rest of its steps would be thrown away)."""
+        """Denoise chunk ``c`` from its noise step by step over the cache, judging x0 at ``measure_step``. With
+        `early_stop`, stops there when every undecided sample's candidate is rejected (a host read)."""
         x = self.noise(c, 0, attempt)  # 1. noise
         x0, verdict = x, None
         for i, t in enumerate(self.timesteps):  # 2. denoise
@@ -178,7 +198,7 @@ class Rollout:
             x0 = self._perturbed(c, attempt, x0)
             if self.trim is not None and i == self.trim.measure_step:
                 verdict = self._judge(x0, attempt)  # 3. judge
-                if verdict.rejects_all(done):
+                if self.early_stop and attempt < self.trim.max_retries and verdict.rejects_all(done):
                     return verdict
             if i + 1 < len(self.timesteps):
                 x = renoise(x0, self.noise(c, i + 1, attempt), self.timesteps[i + 1] / 1000.0)
@@ -217,21 +237,32 @@ class Rollout:
         for name in ("severity", "mu", "sigma", "threshold"):
             value = getattr(judgement, name).to(torch.float64)
             setattr(chunk, name, torch.where(take.to(value.device), value, getattr(chunk, name)))
-        for b in take.nonzero().flatten().tolist():
-            chunk.kinds[b] = judgement.kinds[b]
+        chunk.codes = torch.where(take.to(judgement.codes.device), judgement.codes, chunk.codes)
         return rejected
 
-    def _prune(self, c: int, judged: _Judged, rejected: torch.Tensor, chunk: _Accepted) -> PruneEvent:
-        """Step 4: drop the unstable positions from the cached frames of the scope, for the rejected samples."""
+    def _plan_prune(self, judged: _Judged, rejected: torch.Tensor, attempt: int) -> tuple[list[int], PrunePlan] | None:
+        """Step 4, on the device: the frames and the cache's plan of the prune that follows if a sample rejects
+        ``judged``, so that its sizes travel with the attempt's host read; None when no retry can follow."""
         judgement, trim = judged.judgement, self.trim
-        assert judgement is not None and trim is not None, "only a judged candidate is rejected"
+        if judgement is None or trim is None or attempt >= trim.max_retries:
+            return None
         with self.timer.phase("trim"):
             frames = self._prune_frames(trim)
+            return frames, self.cache.plan_prune(frames, judgement.positions, rejected, protect_sink=trim.protect_sink)
+
+    def _prune(self, c: int, judged: _Judged, rejected: torch.Tensor, chunk: _Accepted,
+               plan: tuple[list[int], PrunePlan], host: dict[str, list[float]]) -> PruneEvent:
+        """Step 4: drop the unstable positions from the cached frames of the scope, for the rejected samples (``plan``
+        and its sizes in ``host``, read by `_read`)."""
+        assert judged.judgement is not None, "only a judged candidate is rejected"
+        frames, cache_plan = plan
+        with self.timer.phase("trim"):
             before = self.cache.num_tokens()
-            self.cache.prune(frames, judgement.positions, rejected, protect_sink=trim.protect_sink)
+            self.cache.apply_prune(cache_plan, host["prune"])
             chunk.pruned_tokens += before - self.cache.num_tokens()
-        logger.debug("chunk %d: pruned %s from frames %s", c, rejected.tolist(), frames)
-        return PruneEvent(c, frames, judgement.positions.clone(), rejected.clone())
+        logger.debug("chunk %d: pruned samples %s from frames %s", c,
+                     [b for b, r in enumerate(host["rejected"]) if r], frames)
+        return PruneEvent(c, frames, judged.judgement.positions.clone(), rejected.clone())
 
     def _prune_frames(self, trim: TrimConfig) -> list[int]:
         cached = [s.frame for s in self.cache.segments if not (s.sink and trim.protect_sink)]
@@ -241,11 +272,12 @@ class Rollout:
         lo = last - self.config.chunk_frames + 1
         return [f for f in cached if lo <= f <= last]
 
-    def _commit(self, c: int, latents: torch.Tensor) -> None:
-        """Step 5: the clean context pass that writes chunk ``c``'s K/V (non-finite latents are found by `_stats`,
-        in the chunk's one host read, before anything else of the chunk is kept)."""
+    def _commit(self, c: int, chunk: _Accepted) -> None:
+        """Step 5: the clean context pass that writes chunk ``c``'s K/V (non-finite latents are found by `_read`, in
+        the same attempt, before the chunk is kept)."""
+        assert chunk.latents is not None, "`_accept` ran"
         with self.timer.phase("commit"):
-            self.backend.causal.commit(latents, self.text, self.cache, c * self.config.chunk_frames)
+            self.backend.causal.commit(chunk.latents, self.text, self.cache, c * self.config.chunk_frames)
 
     def _advance(self, latents: torch.Tensor) -> None:
         averaged = latents.float().mean(dim=2)  # [B, C, F, h, w] -> [B, C, h, w]
@@ -259,26 +291,45 @@ class Rollout:
         return {j: x.clone() for j, x in self.window.chunks.items()} if self.window is not None else {}
 
     # ----------------------------------------------------------------------------------------------- stats
-    def _stats(self, c: int, latents: torch.Tensor, chunk: _Accepted, finite: torch.Tensor) -> list[ChunkStats]:
-        """The `ChunkStats` of each sample for the committed chunk ``c`` (before `_advance`), read from the device
-        in one transfer; `NonFiniteLatentError` when ``finite`` ([B] bool) is false for a sample."""
+    def _read(self, c: int, chunk: _Accepted, judged: _Judged, rejected: torch.Tensor,
+              plan: tuple[list[int], PrunePlan] | None) -> dict[str, list[float]]:
+        """The attempt's one host read: which samples reject ``judged`` ([B] ``rejected``), the sizes of the prune
+        that would follow (``plan``; None for the last candidate, committed already) and the figures of chunk ``c``'s
+        stats rows as the chunk stands (used when no sample retries). `NonFiniteLatentError` when a sample's latents
+        or summary are not finite."""
+        latents = chunk.latents
+        assert latents is not None, "`_accept` ran"
         averaged = latents.float().mean(dim=2)  # [B, C, h, w]: frame-averaged
         prev = self._prev if self._prev is not None else averaged
         first = self._first if self._first is not None else averaged
-        host = to_host({"finite": finite, "dist_prev": (averaged - prev).pow(2).mean(dim=(1, 2, 3)).sqrt(),
-                        "dist_first": (averaged - first).pow(2).mean(dim=(1, 2, 3)).sqrt(),
-                        "tokens": self.cache.num_tokens(), "severity": chunk.severity, "mu": chunk.mu,
-                        "sigma": chunk.sigma, "threshold": chunk.threshold, "pruned": chunk.pruned_tokens,
-                        "attempts": chunk.attempts})
+        finite = torch.isfinite(latents).flatten(1).all(dim=1)  # [B]
+        if judged.judgement is not None:
+            finite = finite & judged.judgement.finite.to(finite.device)
+        frames = list(range(c * self.config.chunk_frames, (c + 1) * self.config.chunk_frames))
+        committed = plan is None  # the last candidate is committed before its read (`step`)
+        tokens = self.cache.num_tokens() if committed else self.cache.num_tokens_after_commit(frames)
+        figures = {"finite": finite, "rejected": rejected,
+                   "dist_prev": (averaged - prev).pow(2).mean(dim=(1, 2, 3)).sqrt(),
+                   "dist_first": (averaged - first).pow(2).mean(dim=(1, 2, 3)).sqrt(),
+                   "tokens": tokens, "severity": chunk.severity, "mu": chunk.mu,
+                   "sigma": chunk.sigma, "threshold": chunk.threshold, "pruned": chunk.pruned_tokens,
+                   "attempts": chunk.attempts, "codes": chunk.codes}
+        if plan is not None:
+            figures["prune"] = plan[1].sizes
+        host = read_flat(figures)
         if not all(host["finite"]):
             raise NonFiniteLatentError(f"chunk {c} has NaN or Inf latents")
+        return host
+
+    def _stats(self, c: int, chunk: _Accepted, host: dict[str, list[float]]) -> list[ChunkStats]:
+        """The `ChunkStats` of each sample for the committed chunk ``c``, from the last attempt's host read."""
         dist_prev, dist_first, tokens = host["dist_prev"], host["dist_first"], host["tokens"]
         severity, mu, sigma, threshold = host["severity"], host["mu"], host["sigma"], host["threshold"]
-        pruned, attempts = host["pruned"], host["attempts"]
+        pruned, attempts, codes = host["pruned"], host["attempts"], host["codes"]
         cache_bytes = self.cache.nbytes() // self.batch
         return [ChunkStats(chunk=c, frames=self.config.chunk_frames, severity=severity[b], mu=mu[b], sigma=sigma[b],
                            threshold=threshold[b],
-                           verdict="pruned" if pruned[b] else ("warmup" if chunk.kinds[b] == "warmup" else "accepted"),
+                           verdict="pruned" if pruned[b] else ("warmup" if codes[b] == 0 else "accepted"),
                            attempts=int(attempts[b]), tokens_pruned=int(pruned[b]), cache_tokens=int(tokens[b]),
                            cache_bytes=cache_bytes, latent_dist_prev=dist_prev[b], latent_dist_first=dist_first[b])
                 for b in range(self.batch)]

@@ -49,8 +49,8 @@ class RollingWindow:
         if len(self._proposed) == 1:  # one attempt: no choice to read back from the device
             self.chunks, self._proposed = self._proposed[0], []
             return
-        chosen = (attempts - 1).cpu()
-        samples = torch.arange(len(chosen))
+        chosen = attempts - 1  # indexes on the device: no host read
+        samples = torch.arange(len(chosen), device=chosen.device)
         proposed, self._proposed = self._proposed, []
         self.chunks = {j: torch.stack([w[j] for w in proposed])[chosen, samples] for j in proposed[0]}
 
