@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=45, help="latent frames decoded (a multiple of --chunk)")
     parser.add_argument("--chunk", type=int, default=3, help="latent frames per chunk")
     parser.add_argument("--vae", choices=("tiny", "wan", "both"), default="both")
+    parser.add_argument("--scan", choices=("tiny", "wan", "both"), default="tiny",
+                        help="which VAEs get the warm-up scan (the Wan architecture's takes long on a CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     chunk_ckpt = 16 * args.chunk * 60 * 104 * 2  # one chunk's latents [1, 16, F, 60, 104] in bf16
@@ -76,14 +78,18 @@ def main(argv: list[str] | None = None) -> None:
         gen = torch.Generator().manual_seed(0)
         latents = torch.randn(1, 16, args.frames, 2, 2, generator=gen)
         lookback = decoder_lookback(vae)
-        resume = args.frames - 2 * args.chunk  # two chunks after the resume point are compared
-        smallest, monotone = smallest_exact_warmup(vae, latents, resume, args.chunk)
+        print(f"{name}: receptive field from the layers (decoder_lookback): {lookback} latent frames")
+        if args.scan in (name, "both"):
+            resume = args.frames - 2 * args.chunk  # two chunks after the resume point are compared
+            smallest, monotone = smallest_exact_warmup(vae, latents, resume, args.chunk)
+            print(f"{name}: resume at latent frame {resume} (chunk {resume // args.chunk} of {args.chunk} latent "
+                  f"frames): smallest exact warm-up {smallest} latent frames ({-(-smallest // args.chunk)} chunks); "
+                  f"every shorter one inexact: {monotone}")
+        own = state_bytes(vae, latents, args.chunk, latent_hw=(2, 2), bytes_per=4)
         state = state_bytes(vae, latents, args.chunk, latent_hw=(60, 104))
-        print(f"{name}: resume at latent frame {resume} (chunk {resume // args.chunk} of {args.chunk} latent frames): "
-              f"smallest exact warm-up {smallest} latent frames ({-(-smallest // args.chunk)} chunks), every shorter "
-              f"one inexact: {monotone}; receptive field from the layers: {lookback} latent frames")
-        print(f"{name}: decoder state at 480x832, bf16, per sample: {state / 2**20:.1f} MiB; one chunk's latent "
-              f"checkpoint: {chunk_ckpt / 2**20:.3f} MiB ({state / chunk_ckpt:.0f}x)")
+        print(f"{name}: decoder state per sample: {own} B at a 2x2 latent in fp32; {state / 2**20:.1f} MiB at 480x832 "
+              f"in bf16, against {chunk_ckpt / 2**20:.3f} MiB for one chunk's latent checkpoint there "
+              f"({state / chunk_ckpt:.0f}x)")
 
 
 if __name__ == "__main__":
