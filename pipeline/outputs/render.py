@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RolloutConfig
-from pipeline.errors import InputError
+from pipeline.errors import CorruptStateError, InputError
 from pipeline.hashing import output_hash
 from pipeline.model.backend import WanBackend
 from pipeline.outputs.sinks import ChunkOutput, Sinks
@@ -134,6 +134,11 @@ def _resume(rollout: Rollout, sinks: Sinks, checkpoints, complete: Callable[[Chu
     records = checkpoints.load()
     if not records:
         return 0
+    for record in records:
+        outputs = checkpoints.outputs(record.index)
+        if len(checkpoints.segments(record.index)) != len(sinks.trackers) or not isinstance(outputs, dict):
+            raise CorruptStateError(f"chunk {record.index} under {checkpoints.store.url} was committed without its "
+                                    "video segments and pixel proxies; resume it with --restart")
     rollout.restore(records)
     redecoded = 0
     if len(records) < rollout.config.num_chunks:  # chunks left to render: their frames need the decoder's cache
