@@ -45,17 +45,8 @@ def _rope_off_by_one(monkeypatch) -> None:
 
 
 def _pruned_still_attended(monkeypatch) -> None:
-    """`KVCache.prune` counts the rows it should drop but keeps them in the cache."""
-    prune = KVCache.prune
-
-    def keeps(self, *args, **kwargs):
-        self._compact = lambda keep_rows: None
-        try:
-            return prune(self, *args, **kwargs)
-        finally:
-            del self._compact
-
-    monkeypatch.setattr(KVCache, "prune", keeps)
+    """`KVCache.apply_prune` counts the rows it should drop but keeps them in the cache."""
+    monkeypatch.setattr(KVCache, "_compact", lambda self, *args, **kwargs: None)
 
 
 def _perturbed_weights(monkeypatch) -> None:

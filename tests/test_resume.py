@@ -1,5 +1,7 @@
 """Resume: a rollout interrupted anywhere and resumed from its store gives the uninterrupted render exactly: the same
-committed latents, stats, decoded frames and mp4 bytes (`tests/render_compare.py` says where a difference begins)."""
+committed latents, stats, decoded frames and mp4 bytes (`tests/render_compare.py` says where a difference begins),
+and the committed video segments are reused untouched. The decoder warm-up of a resume deep into a long rollout is
+checked in tests/test_segments.py (these rollouts are shorter than the VAE's receptive field)."""
 
 from __future__ import annotations
 
@@ -82,16 +84,33 @@ def test_resumed_rollout_is_bit_identical_on_every_store(backend, reference, sto
     state, opts = store_url.url + "/state", store_url.storage_options
     with pytest.raises(Interrupt):
         _render(backend, f"file://{tmp_path}/a", state, mode=mode, stop_after=stop_after, opts=opts)
+    before = _segments(Store(state, opts))
+    assert sorted(before) == [f"segment-{i:06d}-0.mp4" for i in range(stop_after + 1)]
     result = _render(backend, f"file://{tmp_path}/b", state, mode=mode, opts=opts)
-    # chunk k is reported once chunk k+1 is committed (its encoding overlaps the next chunk)
-    assert result.resumed_from == stop_after + 2
+    # chunk k is reported once it is committed (with its segments, whose encoding overlapped the next chunk)
+    assert result.resumed_from == stop_after + 1
+    after = _segments(Store(state, opts))
+    assert {k: after[k] for k in before} == before, "a resume rewrote a committed segment"
+    assert len(after) == CHUNKS
     assert_same_render(_outputs(backend, f"file://{tmp_path}/b", state, opts, mode=mode), want)
+
+
+def _segments(store: Store) -> dict[str, tuple[bytes, object]]:
+    """The segment objects under ``store``: their bytes and, on a local store, their inode and mtime (a rewrite of
+    the same bytes is a new file, renamed into place)."""
+    found = {}
+    for key in store.list("segment-"):
+        path = store.url.removeprefix("file://") + "/" + key
+        stat = os.stat(path) if store.url.startswith("file://") else None
+        found[key] = (store.get_bytes(key), (stat.st_ino, stat.st_mtime_ns) if stat else None)
+    return found
 
 
 def test_checkpoint_objects_are_small_and_never_pickled(backend, tmp_path):
     _render(backend, f"file://{tmp_path}/out", f"file://{tmp_path}/state")
     names = sorted(os.listdir(tmp_path / "state"))
-    assert names == sorted([f"chunk-{i:06d}.{ext}" for i in range(CHUNKS) for ext in ("json", "safetensors")])
+    assert names == sorted([f"chunk-{i:06d}.{ext}" for i in range(CHUNKS) for ext in ("json", "safetensors")]
+                           + [f"segment-{i:06d}-0.mp4" for i in range(CHUNKS)])
     for i in range(CHUNKS):
         data = (tmp_path / "state" / f"chunk-{i:06d}.safetensors").read_bytes()
         names = _safetensors_names(data)
@@ -126,7 +145,7 @@ def test_truncated_chunk_falls_back_to_the_last_good_one(backend, reference, tmp
     mode, want = reference
     state = tmp_path / "state"
     with pytest.raises(Interrupt):
-        _render(backend, f"file://{tmp_path}/a", f"file://{state}", mode=mode, stop_after=3)
+        _render(backend, f"file://{tmp_path}/a", f"file://{state}", mode=mode, stop_after=4)
     assert (state / "chunk-000004.json").exists() and not (state / "chunk-000005.json").exists()
     blob = state / f"chunk-{truncated:06d}.safetensors"
     blob.write_bytes(blob.read_bytes()[:-100])

@@ -174,8 +174,8 @@ def test_x264_asm_never_names_an_instruction_set_the_cpu_lacks() -> None:
 
 
 def test_video_settings_are_validated_and_recorded() -> None:
-    assert VideoSettings().to_dict() == {"codec": "libx264", "pix_fmt": "yuv420p", "threads": 1, "crf": 18,
-                                         "preset": "medium", "simd": "avx2"}
+    assert VideoSettings().to_dict() == {"codec": "libx264", "pix_fmt": "yuv420p", "threads": 1, "format": 2,
+                                         "crf": 18, "preset": "medium", "simd": "avx2"}
     for kwargs, field in (({"crf": 52}, "crf"), ({"crf": True}, "crf"), ({"preset": "fastest"}, "preset"),
                           ({"simd": "avx512"}, "simd")):
         with pytest.raises(ValueError, match=f"`{field}`"):

@@ -3,11 +3,14 @@
 Per chunk ``i``, each object written whole:
   ``chunk-<i>.safetensors``  the clean latents, prune events and TokenTrim state;
   ``window-<i>.safetensors`` rolling-forcing only: the in-flight window after chunk i (kept for the last two chunks);
+  ``segment-<i>-<b>.mp4``    the chunk's video segment of sample b (`pipeline.outputs.segments`), given by the caller;
   ``chunk-<i>.json``         the commit marker, written last as strict JSON (NaN as null): config hash, prompt ids,
-                              each object's size and sha256, prune frames and the chunk's `ChunkStats` per sample.
-A reader trusts only chunks 0..k-1 whose markers exist and whose data matches size and hash; at the first gap or
-mismatch it falls back to the last good chunk and deletes everything after it (a later rerun rewrites it). Nothing
-is pickled: tensors go through safetensors, the rest through JSON.
+                              each object's size and sha256, prune frames, the chunk's `ChunkStats` per sample and
+                              the caller's JSON ``outputs`` (the render's pixel proxies).
+A reader trusts only chunks 0..k-1 whose markers exist and whose data and segments match size and hash; at the first
+gap or mismatch it falls back to the last good chunk and deletes everything after it (a later rerun rewrites it).
+An object written without its marker (a crash between the two) is never trusted, and is overwritten by the rerun.
+Nothing is pickled: tensors go through safetensors, the rest through JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import ConfigMismatchError, CorruptStateError
@@ -24,7 +29,7 @@ from pipeline.store import KeyNotFound, Store
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: strict-JSON markers holding `ChunkStats` rows
+FORMAT = 3  # 2: strict-JSON markers holding `ChunkStats` rows; 3: video segments and the caller's outputs
 _MARKER = re.compile(r"^chunk-(\d{6})\.json$")
 
 
@@ -38,6 +43,10 @@ def _marker_key(index: int) -> str:
 
 def _window_key(index: int) -> str:
     return f"window-{index:06d}.safetensors"
+
+
+def _segment_key(index: int, sample: int) -> str:
+    return f"segment-{index:06d}-{sample}.mp4"
 
 
 def _describe(key: str, data: bytes) -> dict[str, Any]:
@@ -75,6 +84,17 @@ def decode_record(meta: dict[str, Any], data: bytes) -> ChunkRecord:
     return ChunkRecord(meta["index"], tensors["latents"], prunes, trim, {}, stats)
 
 
+@dataclass(frozen=True)
+class PreparedChunk:
+    """One accepted chunk serialised for `RolloutCheckpoints.commit`."""
+
+    index: int
+    data: bytes
+    window: bytes | None
+    prunes: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+
+
 class RolloutCheckpoints:
     """Commit and load the latent context of one rollout under a store root."""
 
@@ -82,26 +102,51 @@ class RolloutCheckpoints:
         self.store, self.config_hash, self.prompt_ids = store, config_hash, list(prompt_ids)
         self.force_restart = force_restart
         self._metas: dict[int, dict[str, Any]] = {}
+        self._segments: dict[int, list[bytes]] = {}
 
-    def save(self, record: ChunkRecord) -> None:
-        """Commit one accepted chunk: the data (and window) objects, then its marker; then drop the window of the
-        chunk before the previous one (only the last two chunks can be resume points of a rolling window)."""
-        i = record.index
-        data = encode_record(record)
+    def prepare(self, record: ChunkRecord) -> PreparedChunk:
+        """Serialise one accepted chunk now (its tensors may change after the rollout moves on); `commit` writes it."""
+        return PreparedChunk(record.index, encode_record(record), encode_window(record) if record.window else None,
+                             [{"frames": e.frames} for e in record.prunes], [s.to_json() for s in record.stats])
+
+    def save(self, record: ChunkRecord, segments: Sequence[bytes] = (), outputs: dict[str, Any] | None = None
+             ) -> None:
+        """`prepare` and `commit` in one call."""
+        self.commit(self.prepare(record), segments, outputs)
+
+    def commit(self, chunk: PreparedChunk, segments: Sequence[bytes] = (), outputs: dict[str, Any] | None = None
+               ) -> None:
+        """Commit one chunk: the data, window and segment objects (one per sample), then its marker; then drop the
+        window of the chunk before the previous one (only the last two chunks can be resume points of a rolling
+        window). ``outputs``: JSON the caller gets back from `outputs` after a resume."""
+        i = chunk.index
+        if segments and len(segments) != len(self.prompt_ids):
+            raise ValueError(f"`segments` must hold one segment per prompt ({len(self.prompt_ids)}), got "
+                             f"{len(segments)}")
         meta = {
             "format": FORMAT, "index": i, "config_hash": self.config_hash, "prompt_ids": self.prompt_ids,
-            "data": _data_key(i), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "prunes": [{"frames": e.frames} for e in record.prunes], "rows": [s.to_json() for s in record.stats],
-            "window": None,
+            "data": _data_key(i), "size": len(chunk.data), "sha256": hashlib.sha256(chunk.data).hexdigest(),
+            "prunes": chunk.prunes, "rows": chunk.rows, "window": None,
+            "segments": [_describe(_segment_key(i, b), seg) for b, seg in enumerate(segments)],
+            "outputs": outputs,
         }
-        self.store.put_bytes(_data_key(i), data)
-        if record.window:
-            window = encode_window(record)
-            meta["window"] = _describe(_window_key(i), window)
-            self.store.put_bytes(_window_key(i), window)
+        self.store.put_bytes(_data_key(i), chunk.data)
+        if chunk.window is not None:
+            meta["window"] = _describe(_window_key(i), chunk.window)
+            self.store.put_bytes(_window_key(i), chunk.window)
+        for b, seg in enumerate(segments):
+            self.store.put_bytes(_segment_key(i, b), seg)
         self.store.put_json(_marker_key(i), meta)
-        if record.window and i >= 2:
+        if chunk.window is not None and i >= 2:
             self.store.delete(_window_key(i - 2))
+
+    def segments(self, index: int) -> list[bytes]:
+        """The verified segments (one per sample) of a chunk `load` returned."""
+        return self._segments[index]
+
+    def outputs(self, index: int) -> Any:
+        """The ``outputs`` JSON committed with a chunk `load` returned."""
+        return self._metas[index].get("outputs")
 
     def committed(self) -> list[int]:
         """Indices of the chunk markers present (not yet verified)."""
@@ -176,10 +221,21 @@ class RolloutCheckpoints:
         if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise CorruptStateError(f"chunk {index}: data object {meta['data']} has {len(data)} bytes / another "
                                     f"hash than its marker names ({meta['size']} bytes)")
+        self._segments[index] = [self._read_segment(index, desc) for desc in meta.get("segments") or []]
         try:
             return decode_record(meta, data)
         except Exception as exc:  # a malformed safetensors header or missing tensor: report as corrupt state
             raise CorruptStateError(f"chunk {index}: cannot decode {meta['data']}: {exc}") from exc
+
+    def _read_segment(self, index: int, desc: dict[str, Any]) -> bytes:
+        try:
+            data = self.store.get_bytes(desc["key"])
+        except KeyNotFound as exc:
+            raise CorruptStateError(f"chunk {index}: segment {desc['key']} is missing") from exc
+        if len(data) != desc["size"] or hashlib.sha256(data).hexdigest() != desc["sha256"]:
+            raise CorruptStateError(f"chunk {index}: segment {desc['key']} has {len(data)} bytes / another hash than "
+                                    f"its marker names ({desc['size']} bytes)")
+        return data
 
     def _drop_after(self, good: int, indices: list[int]) -> None:
         """Delete chunks >= ``good`` (markers first, so no reader ever trusts a stale one)."""
@@ -189,6 +245,8 @@ class RolloutCheckpoints:
         for i in stale:
             self.store.delete(_data_key(i))
             self.store.delete(_window_key(i))
+            for b in range(len(self.prompt_ids)):
+                self.store.delete(_segment_key(i, b))
         if stale:
             logger.info("removed %d stale chunk(s) from %s", len(stale), self.store.url)
 

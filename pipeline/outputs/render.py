@@ -2,28 +2,27 @@
 
 `render` is what `tokentrim render` and the job workers call. It writes, under ``out_url``:
 ``<id>.mp4`` (H.264, yuv420p, faststart) and ``<id>.stats.parquet`` (one row per chunk), each as one whole object.
-With ``state_url`` it commits each accepted chunk's latent context there and resumes from it when present.
+Each chunk's frames are encoded as a closed-GOP segment per sample (`pipeline.outputs.segments`); the mp4 is their
+remux. With ``state_url`` it commits each accepted chunk's latent context and segments there, once its segments are
+encoded, and resumes from them when present: earlier segments are reused byte for byte, and only the last few
+chunks are decoded again, to rebuild the decoder's causal cache (`pipeline.outputs.redecode`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from pipeline.config import RolloutConfig
-from pipeline.errors import InputError
+from pipeline.errors import CorruptStateError, InputError
 from pipeline.hashing import output_hash
 from pipeline.model.backend import WanBackend
-from pipeline.model.vae import StreamDecoder
-from pipeline.outputs.pixel_stats import PixelTracker
-from pipeline.outputs.video import Mp4Encoder, VideoSettings, even_size
+from pipeline.outputs.sinks import ChunkOutput, Sinks
+from pipeline.outputs.video import VideoSettings
 from pipeline.rollout.chunk_stats import stats_row
 from pipeline.rollout.loop import Rollout
 from pipeline.rollout.probe import Probe
@@ -55,47 +54,6 @@ def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | N
                        compiled=backend.causal.compiled, probe=probe)
 
 
-class _Sinks:
-    """Per-sample video encoders and pixel trackers fed from one streaming decoder.
-
-    Decoding runs on the model's device in the caller's thread; encoding and the pixel proxies run in one worker
-    thread (chunks stay in order), so they overlap with the next chunk's denoising.
-    """
-
-    def __init__(self, backend: WanBackend, batch: int, fps: int, timer: PhaseTimer, video: VideoSettings) -> None:
-        self.decoder = backend.new_decoder()
-        self.decoder_dtype = next(self.decoder.vae.parameters()).dtype
-        self.stream = StreamDecoder(self.decoder)
-        self.trackers = [PixelTracker() for _ in range(batch)]
-        self.encoders: list[Mp4Encoder] | None = None
-        self.fps, self.timer, self.video = fps, timer, video
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokentrim-encode")
-
-    def feed(self, latents: torch.Tensor) -> Future[list[dict[str, float]]]:
-        """Decode one chunk ``[B, C, F, h, w]`` now; its encoding and per-sample pixel proxies come as a future."""
-        with self.timer.phase("decode"):  # on CUDA: queued on the decode stream (overlaps the next chunk)
-            pending = self.stream.submit(latents.to(self.decoder_dtype))  # [B, T, H, W, 3] uint8
-        return self._worker.submit(lambda: self._encode(pending.result().numpy()))
-
-    def _encode(self, frames: Any) -> list[dict[str, float]]:
-        began = time.perf_counter()
-        height, width = even_size(frames.shape[2], frames.shape[3])
-        frames = frames[:, :, :height, :width]
-        if self.encoders is None:
-            self.encoders = [Mp4Encoder(width, height, fps=self.fps, settings=self.video) for _ in self.trackers]
-        stats = []
-        for b, (encoder, tracker) in enumerate(zip(self.encoders, self.trackers)):
-            encoder.write(frames[b])
-            stats.append(tracker.update(frames[b]).to_dict())
-        seconds = time.perf_counter() - began
-        return [{**s, "t_encode": seconds} for s in stats]
-
-    def close(self) -> None:
-        self._worker.shutdown(wait=True)
-        for encoder in self.encoders or []:
-            encoder.close()
-
-
 def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_url: str, *,
            config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | Store | None = None,
            storage_options: dict | None = None, force_restart: bool = False,
@@ -121,34 +79,42 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
     timer = PhaseTimer(backend.device)  # collected here, once per chunk; the rollout only records into it
     rollout = Rollout(backend, config, prompts, seeds, trim, timer)
     rollout.perturb = probe
-    sinks = _Sinks(backend, len(prompts), config.fps, timer, video)
+    sinks = Sinks(backend, len(prompts), config.fps, timer, video)
     checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
     rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
 
-    def complete(record: ChunkRecord, pixels: Future[list[dict[str, float]]]) -> None:
-        chunk_rows = [stats_row(s, record.timings, pix) for s, pix in zip(record.stats, pixels.result())]
+    def complete(record: ChunkRecord, output: ChunkOutput) -> None:
+        sinks.keep(output)
+        chunk_rows = [stats_row(s, record.timings, pix) for s, pix in zip(record.stats, output.pixels)]
         for b, row in enumerate(chunk_rows):
             rows[b].append(row)
         if on_chunk is not None:
             on_chunk(record.index, chunk_rows)
 
+    def commit(record: ChunkRecord, output: Future[ChunkOutput], prepared: Any) -> None:
+        done = output.result()
+        if checkpoints is not None:  # the chunk is committed once its segments exist, and with them
+            with timer.phase("checkpoint"):
+                checkpoints.commit(prepared, done.segments,
+                                   done.committed_json(sinks.first_hist() if record.index == 0 else None))
+        complete(record, done)
+
     try:
         resumed = _resume(rollout, sinks, checkpoints, complete)
-        pending: tuple[ChunkRecord, Future] | None = None
+        pending: tuple[ChunkRecord, Future, Any] | None = None
         for record in rollout:
-            pixels = sinks.feed(record.latents)
+            output = sinks.feed(record.latents)
+            prepared = None
             if checkpoints is not None:
                 with timer.phase("checkpoint"):
-                    checkpoints.save(record)
+                    prepared = checkpoints.prepare(record)
             record.timings = timer.collect()
             if pending is not None:  # the previous chunk's encoding overlapped with this chunk's denoising
-                complete(*pending)
-            pending = (record, pixels)
+                commit(*pending)
+            pending = (record, output, prepared)
         if pending is not None:
-            complete(*pending)
-        encoders = sinks.encoders
-        assert encoders is not None  # created by the first chunk's frames
-        return [_write_outputs(out, pid, encoders[b], rows[b], digest, resumed, names, seeds[b])
+            commit(*pending)
+        return [_write_outputs(out, pid, sinks.mp4(b), rows[b], digest, resumed, names, seeds[b])
                 for b, pid in enumerate(prompt_ids)]
     finally:
         sinks.close()
@@ -164,28 +130,37 @@ def _open_checkpoints(state: str | Store | None, storage_options: dict | None, d
     return RolloutCheckpoints(store, digest, prompt_ids, force_restart=force_restart)
 
 
-def _resume(rollout: Rollout, sinks: _Sinks, checkpoints, complete: Callable[[ChunkRecord, Future], None]) -> int:
-    """Replay committed chunks: the cache is rebuilt, and their frames are decoded once more for the video and the
-    pixel proxies (which checkpoints do not store). Returns the number of chunks resumed."""
+def _resume(rollout: Rollout, sinks: Sinks, checkpoints, complete: Callable[[ChunkRecord, ChunkOutput], None]) -> int:
+    """Continue after the committed chunks: the rollout's cache is rebuilt from their latents, their segments and
+    pixel proxies are taken as committed, and the decoder is warmed up on the last few. Returns the chunks resumed."""
     if checkpoints is None:
         return 0
     records = checkpoints.load()
     if not records:
         return 0
-    rollout.restore(records)
     for record in records:
-        complete(record, sinks.feed(record.latents.to(rollout.backend.device)))
+        outputs = checkpoints.outputs(record.index)
+        if len(checkpoints.segments(record.index)) != len(sinks.trackers) or not isinstance(outputs, dict):
+            raise CorruptStateError(f"chunk {record.index} under {checkpoints.store.url} was committed without its "
+                                    "video segments and pixel proxies; resume it with --restart")
+    rollout.restore(records)
+    redecoded = 0
+    if len(records) < rollout.config.num_chunks:  # chunks left to render: their frames need the decoder's cache
+        redecoded = sinks.warm_up([r.latents.to(rollout.backend.device) for r in records],
+                                  rollout.config.chunk_frames, checkpoints.outputs(0)["first_hist"])
+    for record in records:
+        complete(record, ChunkOutput(checkpoints.segments(record.index), checkpoints.outputs(record.index)["pixels"]))
     rollout.timer.collect()
-    logger.info("resumed after %d committed chunks", len(records))
+    logger.info("resumed after %d committed chunks (%d re-decoded)", len(records), redecoded)
     return len(records)
 
 
-def _write_outputs(out: Store, pid: str, encoder: Mp4Encoder, rows: list[dict[str, Any]], digest: str,
+def _write_outputs(out: Store, pid: str, video: bytes, rows: list[dict[str, Any]], digest: str,
                    resumed: int, names: tuple[str, str], seed: int) -> RenderResult:
     import pyarrow as pa
 
     video_key, stats_key = (name.format(id=pid) for name in names)
-    out.put_bytes(video_key, encoder.finish())
+    out.put_bytes(video_key, video)
     columns = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
     table = pa.Table.from_pylist([{"prompt_id": pid, "seed": seed, "config_hash": digest,
                                    **{k: _clean(r.get(k)) for k in columns}} for r in rows])

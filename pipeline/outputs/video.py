@@ -39,6 +39,9 @@ def _import_av() -> Any:
 
 
 Simd = Literal["avx2", "none", "auto"]
+# How a render's mp4 is made, part of every output and job hash: 2 = one closed-GOP segment per chunk, remuxed
+# (`pipeline.outputs.segments`); 1 (unnamed in old hashes) = one encode of all frames.
+VIDEO_FORMAT = 2
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
@@ -64,7 +67,7 @@ class VideoSettings:
             raise ValueError(f"`simd` must be one of {get_args(Simd)}, got {self.simd!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"codec": "libx264", "pix_fmt": "yuv420p", "threads": 1, **asdict(self)}
+        return {"codec": "libx264", "pix_fmt": "yuv420p", "threads": 1, "format": VIDEO_FORMAT, **asdict(self)}
 
     def codec_options(self) -> dict[str, str]:
         """The libx264 options of these settings on this machine."""
