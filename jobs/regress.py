@@ -31,7 +31,11 @@ VARIANTS = ("tokentrim", "baseline")
 PROBE_VARIANT = "probe"  # TokenTrim on, a known corruption injected (`pipeline.rollout.probe`)
 BASELINE_FORMAT = 3
 # absolute slack per metric beyond `tolerance` (relative); others use `run_regression`'s `slack`
-SLACKS = {"canary_miss": 0.2, "traj_err": 0.25, "mass_err": 0.1, "background_err": 2.0, "probe_leak": 0.5}
+SLACKS = {"canary_miss": 0.2, "traj_err": 0.1, "mass_err": 0.05, "background_err": 0.5, "probe_leak": 0.05}
+# metrics judged both ways, with their own relative tolerance: how far a known corruption spreads is TokenTrim's
+# behaviour, not a quality; it changing either way means the engine changed (measured: an engine that still
+# attends pruned tokens moved it from 7.09 to 6.39 on the canary baseline)
+TWO_SIDED = {"probe_leak": 0.05}
 
 
 def default_table(model: str | None = None) -> str:
@@ -96,6 +100,9 @@ def compare(current: dict[str, dict[str, float]], baseline: dict[str, dict[str, 
             allowed = (slacks or {}).get(metric, slack)
             if now is None:
                 failures.append(f"{variant}/{metric}: missing from this run")
+            elif metric in TWO_SIDED and abs(now - base) > abs(base) * TWO_SIDED[metric] + allowed:
+                failures.append(f"{variant}/{metric}: {now:.5f} differs from baseline {base:.5f} "
+                                f"(by more than {TWO_SIDED[metric]:.0%} + {allowed})")
             elif now > base * (1.0 + tolerance) + allowed:
                 failures.append(f"{variant}/{metric}: {now:.5f} > baseline {base:.5f} "
                                 f"(tolerance {tolerance:.0%} + {allowed})")

@@ -50,7 +50,7 @@ def _pruned_still_attended(monkeypatch) -> None:
 
 
 def _perturbed_weights(monkeypatch) -> None:
-    """Every transformer weight scaled by 1 + N(0, 0.05^2) after loading."""
+    """Every transformer weight scaled by 1 + N(0, 0.1^2) after loading."""
     import jobs.executors
 
     load = jobs.executors.load_model
@@ -60,7 +60,7 @@ def _perturbed_weights(monkeypatch) -> None:
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in backend.causal.transformer.parameters():
-                p.mul_(1.0 + 0.05 * torch.randn(p.shape, generator=generator).to(p))
+                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=generator).to(p))
         return backend
 
     monkeypatch.setattr(jobs.executors, "load_model", perturbed)
