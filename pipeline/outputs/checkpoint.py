@@ -214,27 +214,23 @@ class RolloutCheckpoints:
         if meta.get("prompt_ids") != self.prompt_ids:
             raise ConfigMismatchError(f"state under {self.store.url} is for prompts {meta.get('prompt_ids')}, "
                                       f"not {self.prompt_ids}")
-        try:
-            data = self.store.get_bytes(meta["data"])
-        except KeyNotFound as exc:
-            raise CorruptStateError(f"chunk {index}: data object {meta['data']} is missing") from exc
-        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise CorruptStateError(f"chunk {index}: data object {meta['data']} has {len(data)} bytes / another "
-                                    f"hash than its marker names ({meta['size']} bytes)")
-        self._segments[index] = [self._read_segment(index, desc) for desc in meta.get("segments") or []]
+        data = self._read_verified(index, "data object", meta["data"], meta["size"], meta["sha256"])
+        self._segments[index] = [self._read_verified(index, "segment", d["key"], d["size"], d["sha256"])
+                                 for d in meta.get("segments") or []]
         try:
             return decode_record(meta, data)
         except Exception as exc:  # a malformed safetensors header or missing tensor: report as corrupt state
             raise CorruptStateError(f"chunk {index}: cannot decode {meta['data']}: {exc}") from exc
 
-    def _read_segment(self, index: int, desc: dict[str, Any]) -> bytes:
+    def _read_verified(self, index: int, what: str, key: str, size: int, sha256: str) -> bytes:
+        """The object at ``key``, which chunk ``index``'s marker names with ``size`` and ``sha256``."""
         try:
-            data = self.store.get_bytes(desc["key"])
+            data = self.store.get_bytes(key)
         except KeyNotFound as exc:
-            raise CorruptStateError(f"chunk {index}: segment {desc['key']} is missing") from exc
-        if len(data) != desc["size"] or hashlib.sha256(data).hexdigest() != desc["sha256"]:
-            raise CorruptStateError(f"chunk {index}: segment {desc['key']} has {len(data)} bytes / another hash than "
-                                    f"its marker names ({desc['size']} bytes)")
+            raise CorruptStateError(f"chunk {index}: {what} {key} is missing") from exc
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            raise CorruptStateError(f"chunk {index}: {what} {key} has {len(data)} bytes / another hash than its "
+                                    f"marker names ({size} bytes)")
         return data
 
     def _drop_after(self, good: int, indices: list[int]) -> None:
