@@ -357,8 +357,10 @@ def test_a_killed_job_and_two_concurrent_submits_render_every_prompt_exactly_onc
     table = _table(tmp_path / "p.parquet", prompt_id=[*(f"p{i}" for i in range(n)), "../x", "y\n"],
                    prompt=[*(f"a lantern number {i}" for i in range(n)), "evil", "newline"])
     out = tmp_path / "out"
+    # 8 chunks: chunk 1's marker (written once its segment is encoded, during chunk 2) lives for 6 more chunks
+    # before retention deletes the rollout; with 3 a fast model could finish p0 between two polls
     argv = [sys.executable, "-m", "jobs.cli", "submit", table, "--out", str(out), "--executor", "local",
-            "--lease-s", "1", "--num-chunks", "3"]
+            "--lease-s", "1", "--num-chunks", "8"]
     killed = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (out / "rollouts" / "p0" / "chunk-000001.json").exists():
@@ -574,10 +576,12 @@ def test_a_worker_killed_mid_rollout_is_retried_and_resumes(ray_cluster, tmp_pat
     and the video equals an uninterrupted job's."""
     import signal
 
-    url = _table(tmp_path / "p.parquet", prompt_id=["long"], prompt=["a lighthouse in a storm"], num_chunks=[6])
+    # 10 chunks: chunk 2's marker (written during chunk 3) stays for 7 more chunks, so a fast model cannot finish
+    # between two polls
+    url = _table(tmp_path / "p.parquet", prompt_id=["long"], prompt=["a lighthouse in a storm"], num_chunks=[10])
 
     def spec(out):
-        return JobSpec(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=6),
+        return JobSpec(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
                        lease_s=2.0, workers=1)
 
     reports = {}
