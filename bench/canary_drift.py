@@ -36,6 +36,7 @@ from pipeline.canary.prompts import prompt_rows
 from pipeline.canary.sample import render, write_svg_curves
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
+from pipeline.model.vae import pixel_frames_for
 from pipeline.outputs.pixel_stats import PixelTracker
 from tokentrim import TrimConfig
 
@@ -50,8 +51,8 @@ SWEEP_P, SWEEP_LAM, SWEEP_SCOPE = (0.05, 0.2), (1.0, 2.0, 3.0), ("last", "window
 
 def _chunk_frames(videos: torch.Tensor, chunk: int) -> torch.Tensor:
     """Pixel frames of latent chunk ``chunk`` (3 latent frames: 9 px frames for chunk 0, 12 after)."""
-    lo = 0 if chunk == 0 else 9 + 12 * (chunk - 1)
-    hi = 9 + 12 * chunk
+    lo = 0 if chunk == 0 else pixel_frames_for(3 * chunk)
+    hi = pixel_frames_for(3 * (chunk + 1))
     return videos[:, lo:hi]
 
 
@@ -65,7 +66,7 @@ def per_chunk_metrics(videos: torch.Tensor, rows: list[list[dict[str, Any]]], pr
         for c in range(len(rows)):
             frames = _chunk_frames(videos[b:b + 1], c)[0]
             # the detector reads a chunk with one frame of overlap so a displacement crosses the boundary
-            ctx = videos[b, max(0, (0 if c == 0 else 9 + 12 * (c - 1)) - 1):9 + 12 * c]
+            ctx = videos[b, max(0, (0 if c == 0 else pixel_frames_for(3 * c)) - 1):pixel_frames_for(3 * (c + 1))]
             found = detect(ctx, colour)
             m = canary_metrics(ctx, colour, shape, motion, bg)
             pix = tracker.update(frames.numpy()).to_dict()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.model.vae import pixel_frames_for
 from pipeline.store import Store
 
 CANARY_METRICS = ("canary_miss", "traj_err", "mass_err", "background_err")
@@ -49,15 +50,9 @@ def canary_measures(frames: np.ndarray, prompt: str) -> dict[str, float]:
             "background_err": float(m["background_err"].mean())}
 
 
-def first_frame_of_chunk(chunk: int, chunk_frames: int) -> int:
-    """Pixel frame index where latent chunk ``chunk`` starts (the first latent frame decodes to one pixel frame,
-    every later one to four)."""
-    return 0 if chunk == 0 else 1 + 4 * (chunk * chunk_frames - 1)
-
-
 def probe_leak(probed: np.ndarray, clean: np.ndarray, after_chunk: int, chunk_frames: int) -> float:
     """Mean |pixel difference| (0-255) over the frames of the chunks after ``after_chunk``."""
-    start = first_frame_of_chunk(after_chunk + 1, chunk_frames)
+    start = pixel_frames_for((after_chunk + 1) * chunk_frames)
     if probed.shape != clean.shape or start >= probed.shape[0]:
         raise ValueError(f"cannot compare videos of shapes {probed.shape} and {clean.shape} after frame {start}")
     return float(np.abs(probed[start:].astype(np.float32) - clean[start:].astype(np.float32)).mean())
@@ -69,4 +64,11 @@ def mean_measures(per_video: list[dict[str, float]], names: tuple[str, ...]) -> 
 
 
 def ok_ids(results: list[dict[str, Any]]) -> list[str]:
+    """The prompts of a job report that have a video (rendered now or before)."""
     return [r["prompt_id"] for r in results if r["status"] in ("ok", "skipped")]
+
+
+def failed_rows(results: list[dict[str, Any]]) -> list[str]:
+    """``"<prompt_id>: <status> <error>"`` for every row of a job report that should have rendered and did not."""
+    return [f"{r['prompt_id']}: {r['status']} {r['error'] or ''}".strip() for r in results
+            if r["status"] not in ("ok", "skipped", "excluded")]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
-from jobs.quality import CANARY_METRICS, canary_measures, mean_measures, ok_ids, probe_leak, video_frames
+from jobs.quality import CANARY_METRICS, canary_measures, failed_rows, mean_measures, ok_ids, probe_leak, video_frames
 from jobs.run import plan, submit
 from jobs.spec import JobSpec
 from pipeline.errors import InputError
@@ -77,9 +77,7 @@ def _stats(out: Store, prompt_id: str) -> dict[str, list[float]]:
 
 def measure(out: Store, results: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
     """Mean |delta| per metric over the rendered prompts, mean curves, and the prompts that did not render."""
-    ok = [r["prompt_id"] for r in results if r["status"] in ("ok", "skipped")]
-    failed = [f"{r['prompt_id']}: {r['status']} {r['error'] or ''}".strip() for r in results
-              if r["status"] not in ("ok", "skipped", "excluded")]
+    ok, failed = ok_ids(results), failed_rows(results)
     if not ok:
         failed.append("nothing rendered: no prompt to measure")
     per_prompt = [_stats(out, pid) for pid in ok]
@@ -148,9 +146,7 @@ def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store,
                         probe.chunk, spec.rollout.chunk_frames)
              for pid in ok_ids(report.results) if clean.exists(f"videos/{pid}.mp4")]
     metrics[PROBE_VARIANT] = {"probe_leak": sum(leaks) / len(leaks) if leaks else float("inf")}
-    failed = [f"{r['prompt_id']}: {r['status']} {r['error'] or ''}".strip() for r in report.results
-              if r["status"] not in ("ok", "skipped", "excluded")]
-    return [f"{PROBE_VARIANT}: {f}" for f in failed]
+    return [f"{PROBE_VARIANT}: {f}" for f in failed_rows(report.results)]
 
 
 def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance: float = 0.10, slack: float = 1e-4,

@@ -27,7 +27,7 @@ from pipeline.canary.grammar import sample_spec
 from pipeline.canary.masked import install, masked_forward
 from pipeline.canary.models import CHUNK_FRAMES
 from pipeline.canary.sequence import build_sequence
-from pipeline.canary.train_vae import encode_mean
+from pipeline.canary.train_vae import encode_mean, optimizer_step
 from pipeline.model.text import TextEncoder
 from pipeline.model.vae import pixel_frames_for
 
@@ -106,12 +106,7 @@ def train_generator(transformer: Any, pool: LatentPool, *, seed: int, steps: int
         weight[~pool.anchored[idx], :, :CHUNK_FRAMES] = 0.0  # a free clip's first chunk: nothing fixes it
         weight = weight.to(device)
         loss = (weight * (flow[:, :, frames:] - seq.target).pow(2)).sum() / (weight.sum() * flow.shape[1])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        curve.append(float(loss))
+        curve.append(optimizer_step(loss, opt, transformer.parameters(), sched))
         if on_log is not None and (step % log_every == 0 or step == steps - 1):
             recent = curve[-log_every:]
             on_log(step, {"loss": sum(recent) / len(recent), "elapsed_s": time.monotonic() - start})

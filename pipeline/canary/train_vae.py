@@ -52,6 +52,18 @@ def _vae_loss(vae: Any, x: torch.Tensor, generator: torch.Generator,
     return loss, float(err.detach().pow(2).mean())
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params: Any,
+                   sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """Backpropagate ``loss``, clip the gradient norm of ``params`` to 1, step ``opt`` (and ``sched``); the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss)
+
+
 def training_scenes(seed: int, step: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     """``[batch, 3, VAE_FRAMES, 64, 64]``: scenes of `SCENE_OBJECTS` grammar objects, each from a random frame of
     its trajectory (so anywhere in the frame), on the first one's background."""
@@ -79,12 +91,7 @@ def train_vae(vae: Any, *, seed: int, steps: int, batch: int, device: str, lr: f
         x = training_scenes(seed, step, batch, generator).to(device)
         weight = OBJECT_WEIGHT + (FINAL_OBJECT_WEIGHT - OBJECT_WEIGHT) * step / max(1, steps - 1)
         loss, mse = _vae_loss(vae, x, generator, weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        curve.append(float(loss))
+        curve.append(optimizer_step(loss, opt, vae.parameters(), sched))
         if on_log is not None and (step % log_every == 0 or step == steps - 1):
             on_log(step, {"loss": float(loss), "mse": mse, "object_weight": weight,
                           "elapsed_s": time.monotonic() - start})
@@ -146,11 +153,7 @@ def finetune_decoder(vae: Any, *, seed: int, steps: int, batch: int, device: str
         vae.clear_cache()
         err = vae.decode(z).sample - x
         loss = (_object_weight(x) * (err.abs() + err.pow(2))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        curve.append(float(loss))
+        curve.append(optimizer_step(loss, opt, params))
         if on_log is not None and (step % log_every == 0 or step == steps - 1):
             on_log(step, {"loss": float(loss), "mse": float(err.detach().pow(2).mean()),
                           "elapsed_s": time.monotonic() - start})
