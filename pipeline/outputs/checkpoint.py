@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,11 +154,12 @@ class RolloutCheckpoints:
         """`prepare` and `commit` in one call."""
         self.commit(self.prepare(record), segments, outputs)
 
-    def commit(self, chunk: PreparedChunk, segments: Sequence[bytes] = (), outputs: dict[str, Any] | None = None
-               ) -> None:
+    def commit(self, chunk: PreparedChunk, segments: Sequence[bytes] = (), outputs: dict[str, Any] | None = None,
+               fence: Callable[[], None] | None = None) -> None:
         """Commit one chunk: the data, window and segment objects (one per sample), then its marker; then drop the
         window of the chunk before the previous one (only the last two chunks can be resume points of a rolling
-        window). ``outputs``: JSON the caller gets back from `outputs` after a resume."""
+        window). ``outputs``: JSON the caller gets back from `outputs` after a resume. ``fence()`` runs right before
+        the marker is written (it raises to stop there: objects without their marker are never trusted)."""
         i = chunk.index
         if segments and len(segments) != len(self.prompt_ids):
             raise ValueError(f"`segments` must hold one segment per prompt ({len(self.prompt_ids)}), got "
@@ -176,6 +177,8 @@ class RolloutCheckpoints:
             self.store.put_bytes(_window_key(i), chunk.window)
         for b, seg in enumerate(segments):
             self.store.put_bytes(_segment_key(i, b), seg)
+        if fence is not None:
+            fence()
         self.store.put_json(_marker_key(i), meta)
         if chunk.window is not None and i >= 2:
             self.store.delete(_window_key(i - 2))
@@ -246,8 +249,10 @@ class RolloutCheckpoints:
 
     def _read(self, index: int) -> ChunkRecord:
         meta = self.store.get_json(_marker_key(index))
-        if not isinstance(meta, dict):
-            raise CorruptStateError(f"chunk {index}: marker {_marker_key(index)} is not a JSON object")
+        if not isinstance(meta, dict) or not isinstance(meta.get("config_hash"), str) or not isinstance(
+                meta.get("prompt_ids"), list):
+            raise CorruptStateError(f"chunk {index}: marker {_marker_key(index)} is not a JSON object with a "
+                                    "config hash and prompt ids")
         if meta.get("config_hash") != self.config_hash:
             raise ConfigMismatchError(
                 f"state under {self.store.url} was written with config hash {meta.get('config_hash')!r}, this run "

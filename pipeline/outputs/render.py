@@ -101,7 +101,7 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
                 fence()
             with timer.phase("checkpoint"):
                 checkpoints.commit(prepared, done.segments,
-                                   done.committed_json(sinks.first_hist() if record.index == 0 else None))
+                                   done.committed_json(sinks.first_hist() if record.index == 0 else None), fence)
         complete(record, done)
 
     try:
