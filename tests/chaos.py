@@ -139,9 +139,9 @@ def run_soak(config: SoakConfig, work: Path, endpoint: str, bucket_url: str, sto
     work.mkdir(parents=True, exist_ok=True)
     table = write_table(work / "prompts.parquet", config)
     out = f"{bucket_url}/chaos-{config.seed}-{int(time.time() * 1000)}"
-    common = ["--executor", "local", "--num-chunks", str(config.chunks), "--lease-s", str(config.lease_s),
+    common = ["--executor", "local", "--model", "tiny", "--num-chunks", str(config.chunks), "--lease-s", str(config.lease_s),
               "--max-attempts", "1000"]
-    clean = JobSpec(input_url=table, output_url=str(work / "clean"), executor="local",
+    clean = JobSpec(input_url=table, output_url=str(work / "clean"), executor="local", model="tiny",
                     rollout=RolloutConfig(num_chunks=config.chunks), lease_s=config.lease_s)
     submit(clean)  # the reference videos, rendered without faults
     submits = Submits([sys.executable, "-m", "tests.chaos", "submit", table, "--out", out, *common], endpoint,
@@ -235,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="out/chaos")
     args = parser.parse_args(argv)
     config = SoakConfig(args.seed, args.seconds, args.prompts, args.chunks, args.lease_s, args.concurrency)
+    import logging
+
     import s3fs
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -248,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run_soak(config, Path(args.work), f"http://{host}:{port}", "s3://chaos", options)
     finally:
         server.stop()
-    print(f"seed {config.seed}: {len(report.faults)} faults, {report.killed} kills, exits {report.exits}")  # noqa: T201
+    for fault in report.faults:
+        print(fault)  # noqa: T201
+    print(f"seed {config.seed}: {len(report.faults)} faults, {report.killed} kills, exits {report.exits}, "  # noqa: T201
+          f"rendered ok by {report.oks}")
     for problem in report.problems:
         print(f"PROBLEM {problem}")  # noqa: T201
     print("PASS" if not report.problems else "FAIL")  # noqa: T201
