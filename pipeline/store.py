@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -407,12 +408,17 @@ class Store:
 
 
 def strict_json(data: bytes | str) -> Any:
-    """Parse JSON as written by `Store.put_json`: UTF-8, no NaN or Infinity, no key twice in an object.
-
-    Raises ValueError (json's own, or naming the constant or key)."""
+    """Parse JSON as written by `Store.put_json`: UTF-8, no NaN or Infinity (nor a number too large for a float),
+    no key twice in an object. Raises ValueError (json's own, or naming the constant, number or key)."""
 
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text} does not fit a float")
+        return value
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -423,7 +429,7 @@ def strict_json(data: bytes | str) -> Any:
         return out
 
     text = data.decode("utf-8") if isinstance(data, bytes) else data  # UnicodeDecodeError is a ValueError
-    return json.loads(text, parse_constant=constant, object_pairs_hook=pairs)
+    return json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=pairs)
 
 
 def _link_or_create(tmp: str, path: str, data: bytes) -> None:

@@ -133,6 +133,16 @@ def test_the_done_marker_is_create_only_a_second_attempt_never_writes_over_the_f
 
 
 # ----------------------------------------------------------------------------- 2. strict leases, no hang
+@pytest.mark.parametrize("text", ['{"a": NaN}', '{"a": Infinity}', '[-Infinity]', '{"a": 1e999}',
+                                  '{"a": 1, "a": 2}', '{"b": {"a": 1, "a": 1}}', b'"\xff"'])
+def test_json_read_back_from_a_store_is_strict(tmp_path, text):
+    store = Store(str(tmp_path))
+    store.put_bytes("x.json", text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CorruptStateError, match="x.json"):
+        store.get_json("x.json")
+
+
+
 def _claim(store: Store, pid: str, lease: str, *, lease_s: float = 60.0) -> None:
     store.put_json(f"claims/{pid}/0.json", {"owner": "w", "attempt": 0, "claimed_at": time.time(), "lease_s": lease_s})
     store.put_bytes(f"claims/{pid}/0.lease", lease.encode())
