@@ -1,7 +1,8 @@
 """`tokentrim submit | resume | status | regress`: parse, call one function, print the outcome.
 
 Exit status: 0 when every row that could be rendered was (invalid and excluded rows are reported, not fatal), 1
-when a prompt failed or is poison, when nothing could be rendered, or (regress) on a regression; 2 on bad options.
+when a prompt failed or is poison, when nothing could be rendered, or (regress) on a regression; 2 on a user error
+(a bad option or argument: an unknown model, a missing table, an output holding another job), with one line.
 """
 
 from __future__ import annotations
@@ -16,11 +17,22 @@ import click
 from jobs.options import build, options
 from jobs.spec import Executor, JobSpec
 from pipeline.config import RolloutConfig
-from pipeline.errors import TokentrimError
+from pipeline.errors import TokentrimError, UsageError
 from tokentrim.config import TrimConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 _NOT_OPTIONS = ("input_url", "output_url", "rollout", "trim", "probe", "storage_options")
+
+
+class UserError(click.ClickException):
+    """A user error: one ``Error: ...`` line and exit status 2."""
+
+    exit_code = 2
+
+
+def click_error(exc: TokentrimError) -> click.ClickException:
+    """The CLI's answer to a project error: exit 2 for a usage error, 1 for anything else; one line either way."""
+    return UserError(str(exc)) if isinstance(exc, UsageError) else click.ClickException(str(exc))
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -97,7 +109,7 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
     try:
         _report(run_submit(spec, force=force))
     except TokentrimError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click_error(exc) from exc
 
 
 @click.command()
@@ -113,13 +125,21 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
 
     try:
         spec = load_spec(out_url, parse_storage_options(storage_options))
+    except TokentrimError as exc:
+        raise click_error(exc) from exc
+    except ValueError as exc:  # a job.json whose spec does not validate
+        raise click.ClickException(f"job.json under {out_url!r}: {exc}") from exc
+    try:
         if workers is not None:
             spec = dataclasses.replace(spec, workers=workers)
         if executor is not None:
             spec = dataclasses.replace(spec, executor=cast(Executor, executor))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--workers") from exc
+    try:
         _report(run_submit(spec))
-    except (TokentrimError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except TokentrimError as exc:
+        raise click_error(exc) from exc
 
 
 @click.command()
@@ -132,7 +152,7 @@ def status(out_url: str, storage_options: str | None) -> None:
     try:
         click.echo(json.dumps(job_status(out_url, parse_storage_options(storage_options)), indent=2, sort_keys=True))
     except TokentrimError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click_error(exc) from exc
 
 
 @click.command()
@@ -170,7 +190,7 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
         result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline,
                                 probe_on=not no_probe)
     except TokentrimError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click_error(exc) from exc
     click.echo(f"report: {result.report_url}")
     for variant, metrics in result.metrics.items():
         click.echo(f"  {variant}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))

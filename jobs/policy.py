@@ -4,14 +4,16 @@ Executors (`jobs.executors`: a serial local one and the Ray one) only dispatch r
 about a prompt is taken here. Under the job's output, per prompt id:
 
   ``claims/<id>/<n>.json``   attempt n's claim, created create-only (two workers cannot both create n)
-  ``claims/<id>/<n>.lease``  its lease: ``state`` (held, failed, done, yielded) and ``expires_at``; a heartbeat
+  ``claims/<id>/<n>.lease``  its lease: ``state`` (`jobs.markers.LEASE_STATES`) and ``expires_at``; a heartbeat
                              thread renews a held lease every ``lease_s / 3`` while the prompt is restored and rendered
-  ``done/<id>.json``         written after the video and stats: the prompt is finished (its result values, the seed)
+  ``done/<id>.json``         created (create-only) after the video and stats: the prompt is finished (its result
+                             values, the seed); at most one attempt ever creates it
 
 A worker takes attempt n+1 only when attempt n is not held by a live lease. Attempts that failed, or whose holder died
 (a held lease that ran out), count towards ``max_attempts``; an attempt given back because the prompt turned out to be
-finished (``yielded``) does not. A worker that finds a live lease does not wait: the row comes back as ``busy`` with
-the lease's expiry, and the driver hands it out again later, after the other rows.
+finished (``yielded``) or cut off (``lost``) does not. Every commit of a prompt's state is fenced (`Claims.fence`): a
+holder whose lease ran out or was taken over stops before its next commit. A worker that finds a live lease does not
+wait: the row comes back as ``busy``, and the driver hands it out again as soon as the holder is done.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from jobs.markers import check_claim, check_done, check_lease
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
-from pipeline.errors import CorruptStateError, TokentrimError, TransientError
+from pipeline.errors import CorruptStateError, LeaseLostError, StoreError, TokentrimError, TransientError
 from pipeline.hashing import digest as config_hash
 from pipeline.store import KeyNotFound, Store
 
@@ -81,6 +84,28 @@ def result_row(row: PromptRow | dict, status: str, error: str | None = None, **v
     return out
 
 
+def fit_result(row: dict[str, Any]) -> dict[str, Any]:
+    """A results row whose every value fits its column (`RESULT_COLUMNS`): a value that does not (a non-finite
+    float, an int beyond int64, a wrong type) becomes null and is named in ``error``, so one bad row never stops
+    ``results.parquet`` from being written."""
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, kind in RESULT_COLUMNS:
+        value = row.get(name)
+        fits = value is None or (
+            (kind == "string" and isinstance(value, str))
+            or (kind == "int64" and isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63)
+            or (kind == "float64" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value)))
+        out[name] = value if fits else None
+        if not fits:
+            dropped.append(f"`{name}` {value!r}")
+    if dropped:
+        note = f"unusable values dropped: {', '.join(dropped)}"
+        out["error"] = f"{out['error']}; {note}" if out.get("error") else note
+    return out
+
+
 def row_hash(spec: JobSpec, row: PromptRow) -> str:
     """What a done marker must match for a row to count as finished: the job's render settings and the row's own."""
     return config_hash(spec.render_settings(), {"prompt": row.prompt, "seed": row.seed, "num_chunks": row.num_chunks})
@@ -89,11 +114,15 @@ def row_hash(spec: JobSpec, row: PromptRow) -> str:
 # ------------------------------------------------------------------------------------------------ claims
 @dataclass
 class Claim:
-    """An attempt this worker holds on a prompt."""
+    """An attempt this worker holds on a prompt. ``expires_at``: this machine's clock time until which the lease is
+    surely ours (set from the clock read before the last renewal that landed); ``lost``: why it is not ours any
+    more, once the heartbeat found out."""
 
     prompt_id: str
     attempt: int
     token: str
+    expires_at: float = 0.0
+    lost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,18 +143,43 @@ class Claims:
                  clock: Callable[[], float] = time.time) -> None:
         self.store, self.lease_s, self.max_attempts, self.clock = store, lease_s, max_attempts, clock
 
+    @property
+    def margin_s(self) -> float:
+        """A holder stops committing this long before its lease ends: the time a commit may take to land."""
+        return self.lease_s / 6
+
     def done(self, prompt_id: str) -> dict | None:
-        """The done marker of a prompt, or None; `CorruptStateError` when it is not a JSON object."""
+        """The done marker of a prompt, checked strictly (`jobs.markers.check_done`), or None;
+        `CorruptStateError` when it is anything else."""
+        key = f"done/{prompt_id}.json"
         try:
-            marker = self.store.get_json(f"done/{prompt_id}.json")
+            marker = self.store.get_json(key)
         except KeyNotFound:
             return None
-        if not isinstance(marker, dict):
-            raise CorruptStateError(f"done marker done/{prompt_id}.json is not a JSON object: {marker!r}")
-        return marker
+        return check_done(marker, key)
 
-    def mark_done(self, prompt_id: str, summary: dict) -> None:
-        self.store.put_json(f"done/{prompt_id}.json", summary)
+    def done_or_none(self, prompt_id: str) -> dict | None:
+        """`done`, with a corrupt marker read as none: the prompt is not finished and renders again."""
+        try:
+            return self.done(prompt_id)
+        except CorruptStateError as exc:
+            logger.warning("%s: rendering %s again", exc, prompt_id)
+            return None
+
+    def mark_done(self, prompt_id: str, summary: dict) -> bool:
+        """Create the done marker, create-only: True if this call made it; False if a valid marker with the same
+        ``row_hash`` was there first (another attempt finished the prompt). A corrupt marker, or one written under
+        other settings, is replaced."""
+        key = f"done/{prompt_id}.json"
+        body = json.dumps(summary, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
+        for _ in range(3):
+            if self.store.create_only(key, body):
+                return True
+            old = self.done_or_none(prompt_id)
+            if old is not None and old["row_hash"] == summary["row_hash"]:
+                return False
+            self.store.delete(key)  # corrupt or stale: this attempt is the current one (fenced by the caller)
+        return False
 
     def attempts(self, prompt_id: str) -> list[int]:
         keys = self.store.list(f"claims/{prompt_id}/")
@@ -133,12 +187,13 @@ class Claims:
         return sorted(int(n) for n in names if n.isdigit())
 
     def acquire(self, prompt_id: str) -> Claim | Busy | str:
-        """A new claim, `Busy` (a live lease exists) or ``"poison"`` (failed attempts used up)."""
+        """A new claim, `Busy` (a live lease exists) or ``"poison"`` (failed attempts used up).
+        `CorruptStateError` when a claim or lease of the prompt does not read back as one."""
         attempts = self.attempts(prompt_id)
         leases = {n: self._lease(prompt_id, n) for n in attempts}
         if attempts and self._live(leases[attempts[-1]]):
             return Busy(float(leases[attempts[-1]]["expires_at"]))
-        spent = sum(lease.get("state") not in ("done", "yielded") for lease in leases.values())
+        spent = sum(lease["state"] not in ("done", "yielded", "lost") for lease in leases.values())
         if spent >= self.max_attempts:
             return "poison"
         n = attempts[-1] + 1 if attempts else 0
@@ -152,42 +207,64 @@ class Claims:
         return claim
 
     def renew(self, claim: Claim) -> None:
-        self._put_lease(claim, "held", self.clock() + self.lease_s)
+        began = self.clock()
+        self._put_lease(claim, "held", began + self.lease_s)
+        claim.expires_at = began + self.lease_s  # others see at least this: their clocks read it after ours did
 
     def finish(self, claim: Claim, state: str) -> None:
-        """Give the lease up at once: ``done``, ``failed`` (counts towards poison) or ``yielded`` (does not)."""
+        """Give the lease up at once: ``done``, ``failed`` (counts towards poison), ``yielded`` or ``lost``."""
         self._put_lease(claim, state, 0.0)
+
+    def superseded(self, claim: Claim) -> bool:
+        """Whether a newer attempt than ``claim`` exists (someone took the prompt over)."""
+        attempts = self.attempts(claim.prompt_id)
+        return bool(attempts) and attempts[-1] > claim.attempt
+
+    def fence(self, claim: Claim) -> None:
+        """Raise `LeaseLostError` unless ``claim`` is still the current attempt with time left to commit: called
+        right before every commit of the prompt's state (a checkpoint chunk, the video and stats, the done marker)."""
+        if claim.lost is None and self.clock() > claim.expires_at - self.margin_s:
+            claim.lost = (f"its lease ended at {claim.expires_at:.3f} (less than {self.margin_s:g} s left to "
+                          "commit): another worker may hold it now")
+        if claim.lost is None and self.superseded(claim):
+            claim.lost = "a newer attempt exists"
+        if claim.lost is not None:
+            raise LeaseLostError(f"attempt {claim.attempt} on {claim.prompt_id} is not current: {claim.lost}")
 
     def _put_lease(self, claim: Claim, state: str, expires_at: float) -> None:
         self.store.put_json(f"claims/{claim.prompt_id}/{claim.attempt}.lease",
                             {"owner": claim.token, "state": state, "expires_at": expires_at})
 
     def _lease(self, prompt_id: str, attempt: int) -> dict[str, Any]:
-        """Attempt n's lease; a claim whose lease is not written yet (or unreadable) is held for ``lease_s``."""
+        """Attempt n's lease, checked against its claim; a claim whose lease is not written yet is held until
+        ``claimed_at + lease_s``."""
+        key = f"claims/{prompt_id}/{attempt}"
+        claim = check_claim(self.store.get_json(f"{key}.json"), f"{key}.json", attempt)
         try:
-            lease = self.store.get_json(f"claims/{prompt_id}/{attempt}.lease")
-            if isinstance(lease, dict) and isinstance(lease.get("expires_at"), (int, float)):
-                return lease
-        except (KeyNotFound, CorruptStateError):
-            pass
-        try:
-            claim = self.store.get_json(f"claims/{prompt_id}/{attempt}.json")
-            claimed_at = float(claim["claimed_at"]) + float(claim.get("lease_s", self.lease_s))
-        except (KeyNotFound, CorruptStateError, KeyError, TypeError, ValueError):
-            claimed_at = 0.0
-        return {"state": "held", "expires_at": claimed_at}
+            lease = self.store.get_json(f"{key}.lease")
+        except KeyNotFound:
+            lease = {"owner": claim["owner"], "state": "held",
+                     "expires_at": float(claim["claimed_at"]) + float(claim["lease_s"])}
+        return check_lease(lease, f"{key}.lease", claim, self.clock())
 
     def held(self, prompt_id: str) -> bool:
-        """Whether a live lease holds the prompt now."""
+        """Whether a live lease holds the prompt now (a corrupt one does not: the row fails with it)."""
         attempts = self.attempts(prompt_id)
-        return bool(attempts) and self._live(self._lease(prompt_id, attempts[-1]))
+        try:
+            return bool(attempts) and self._live(self._lease(prompt_id, attempts[-1]))
+        except (CorruptStateError, KeyNotFound):
+            return False
 
     def _live(self, lease: dict[str, Any]) -> bool:
         return lease.get("state") == "held" and float(lease["expires_at"]) > self.clock()
 
 
 class Heartbeat:
-    """Renews a claim's lease every ``lease_s / 3`` from its own thread, whatever the main thread is doing."""
+    """Renews a claim's lease every ``lease_s / 3`` from its own thread, whatever the main thread is doing.
+
+    It renews only while the claim is current: once a newer attempt exists it marks the claim lost and stops. While
+    renewals do not land (a store path cut off), the lease's end on this machine's clock comes closer: `Claims.fence`
+    then stops the render at its next commit."""
 
     def __init__(self, claims: Claims, claim: Claim) -> None:
         self.claims, self.claim = claims, claim
@@ -203,11 +280,18 @@ class Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.claims.lease_s / 3):
+        claims, claim = self.claims, self.claim
+        while claim.lost is None and not self._stop.wait(claims.lease_s / 3):
             try:
-                self.claims.renew(self.claim)
+                if claims.superseded(claim):
+                    claim.lost = "a newer attempt exists"
+                else:  # late is fine while nobody took over: the commits are fenced by the time left (`fence`)
+                    claims.renew(claim)
             except (TokentrimError, OSError) as exc:  # a flaky store: the next beat tries again, inside the lease
-                logger.warning("lease renewal of %s failed: %s", self.claim.prompt_id, exc)
+                logger.warning("lease renewal of %s failed: %s", claim.prompt_id, exc)
+        if claim.lost is not None:
+            logger.warning("attempt %d on %s lost its lease (%s): stopping before the next commit",
+                           claim.attempt, claim.prompt_id, claim.lost)
 
 
 # ------------------------------------------------------------------------------------------- one prompt
@@ -233,7 +317,7 @@ def process_row(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Clai
 
 def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims, force: bool) -> dict[str, Any]:
     while True:
-        if (skipped := from_marker(row, spec, claims.done(row.prompt_id))) is not None:
+        if (skipped := from_marker(row, spec, claims.done_or_none(row.prompt_id))) is not None:
             return skipped
         claim = claims.acquire(row.prompt_id)
         if isinstance(claim, Busy):
@@ -243,9 +327,14 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
         try:
             with Heartbeat(claims, claim):  # stopped before the lease is given up below: no renewal after that
                 # finished while we claimed (a concurrent job's worker): the claim is given back unspent
-                skipped = from_marker(row, spec, claims.done(row.prompt_id))
+                skipped = from_marker(row, spec, claims.done_or_none(row.prompt_id))
                 result = skipped if skipped is not None else _render_claimed(backend, spec, row, claims, claim, force)
-            claims.finish(claim, "yielded" if skipped is not None else "done")
+            rendered = result["status"] == "ok"
+            claims.finish(claim, "done" if rendered else "yielded")
+        except LeaseLostError as exc:  # cut off but alive: nothing more is committed; the driver asks again soon
+            logger.warning("prompt %s: %s", row.prompt_id, exc)
+            claims.finish(claim, "lost")
+            return result_row(row, "busy", str(exc), retry_at=claims.clock())
         except TransientError as exc:  # a flaky store or device: the next attempt resumes from the checkpoint
             logger.warning("prompt %s attempt %d: %s; retrying", row.prompt_id, claim.attempt, exc)
             claims.finish(claim, "failed")
@@ -254,13 +343,15 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
             logger.exception("prompt %s attempt %d failed", row.prompt_id, claim.attempt)
             claims.finish(claim, "failed")
             return result_row(row, "failed", f"{type(exc).__name__}: {exc}", attempt=claim.attempt)
-        if skipped is None:
+        if rendered:
             drop_state(claims.store, row.prompt_id, keep=spec.keep_state)
         return result
 
 
 def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims, claim: Claim,
                     force: bool) -> dict[str, Any]:
+    """Render a claimed prompt; every commit (checkpoint chunks, video and stats, the done marker) is fenced by the
+    claim. Returns ``ok``, or ``skipped`` when another attempt's done marker got there first."""
     from pipeline.outputs.render import render
 
     began = time.perf_counter()
@@ -269,11 +360,17 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
     result = render(backend, [row.prompt], [row.prompt_id], out.url, config=config, trim=spec.trim,
                     seeds=[row.seed], state_url=Store(out.join(f"rollouts/{row.prompt_id}"), out.storage_options),
                     storage_options=out.storage_options, force_restart=force, names=(VIDEO_KEY, STATS_KEY),
-                    probe=spec.probe)[0]
+                    probe=spec.probe, fence=lambda: claims.fence(claim))[0]
     values = {**drift_summary(result), "video": result.video_url, "stats": result.stats_url,
               "attempt": claim.attempt, "seed": row.seed, "num_chunks": row.num_chunks,
               "config_hash": result.config_hash}
-    claims.mark_done(row.prompt_id, {**values, "row_hash": row_hash(spec, row)})
+    claims.fence(claim)
+    if not claims.mark_done(row.prompt_id, {**values, "row_hash": row_hash(spec, row), "owner": claim.token}):
+        logger.warning("prompt %s: another attempt committed its done marker first", row.prompt_id)
+        skipped = from_marker(row, spec, claims.done_or_none(row.prompt_id))
+        if skipped is None:
+            raise StoreError(f"done/{row.prompt_id}.json could not be created (replaced three times)")
+        return skipped
     return result_row(row, "ok", None, seconds=time.perf_counter() - began, **values)
 
 
@@ -314,8 +411,8 @@ def drop_state(out: Store, prompt_id: str, *, keep: bool) -> int:
 
 
 def finished_rows(spec: JobSpec, rows: list[PromptRow], out: Store) -> tuple[list[dict[str, Any]], list[PromptRow]]:
-    """The driver's first pass, before any worker starts: rows already done (or with an unreadable marker) get their
-    result row here; the others are returned to be rendered."""
+    """The driver's first pass, before any worker starts: rows already done get their result row here; the others
+    (a corrupt done marker included: the prompt is not finished) are returned to be rendered."""
     present = {k[len("done/"):-len(".json")] for k in out.list("done/") if k.endswith(".json")}
     claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
     results: list[dict[str, Any]] = []
@@ -325,7 +422,7 @@ def finished_rows(spec: JobSpec, rows: list[PromptRow], out: Store) -> tuple[lis
             todo.append(row)
             continue
         try:
-            skipped = from_marker(row, spec, claims.done(row.prompt_id))
+            skipped = from_marker(row, spec, claims.done_or_none(row.prompt_id))
         except TokentrimError as exc:
             results.append(result_row(row, "failed", f"{type(exc).__name__}: {exc}"))
             continue

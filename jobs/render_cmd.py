@@ -73,7 +73,9 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
                                      seeds=[seed], state_url=state, storage_options=spec.storage_options,
                                      force_restart=restart, on_chunk=on_chunk)
         except TokentrimError as exc:
-            raise click.ClickException(str(exc)) from exc
+            from jobs.job_cmds import click_error
+
+            raise click_error(exc) from exc
     result = results[0]
     verdicts = [r["verdict"] for r in result.rows]
     click.echo(f"video: {result.video_url}")

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.executors import Executor, make_executor
-from jobs.policy import RESULT_FIELDS, Claims, finished_rows, result_row, results_schema
+from jobs.policy import RESULT_FIELDS, Claims, finished_rows, fit_result, result_row, results_schema
 from jobs.spec import JOB_FORMAT, JobSpec, absolute_url
 from jobs.table import PromptRow, read_table, validate_rows
-from pipeline.errors import ConfigMismatchError, InputError
+from pipeline.errors import InputError, OutputConflictError, UsageError
 from pipeline.store import KeyNotFound, Store
 
 logger = logging.getLogger(__name__)
@@ -62,13 +62,13 @@ def check_model(spec: JobSpec) -> None:
     if spec.model not in PRESETS:
         if os.path.isdir(spec.model):
             if not os.path.isdir(os.path.join(spec.model, "transformer")):
-                raise InputError(f"`model` {spec.model!r} is a folder without transformer/: not a diffusers Wan2.1 "
+                raise UsageError(f"`model` {spec.model!r} is a folder without transformer/: not a diffusers Wan2.1 "
                                  "folder")
         elif not (remote and "/" in spec.model):
-            raise InputError(f"`model` must be one of {sorted(PRESETS)} or a diffusers Wan2.1 folder, got "
+            raise UsageError(f"`model` must be one of {sorted(PRESETS)} or a diffusers Wan2.1 folder, got "
                              f"{spec.model!r}")
     if spec.weights is not None and not os.path.isfile(spec.weights) and not remote:
-        raise InputError(f"`weights` {spec.weights!r} is not a file")
+        raise UsageError(f"`weights` {spec.weights!r} is not a file")
 
 
 def check_output(out: Store, spec: JobSpec, *, force: bool) -> None:
@@ -78,7 +78,7 @@ def check_output(out: Store, spec: JobSpec, *, force: bool) -> None:
     except KeyNotFound:
         return
     if isinstance(old, dict) and old.get("config_hash") != spec.config_hash() and not force:
-        raise ConfigMismatchError(
+        raise OutputConflictError(
             f"{out.url} holds job {old.get('config_hash')} with other render settings than this one "
             f"({spec.config_hash()}); use another output or --force to re-render under the new settings")
 
@@ -93,9 +93,9 @@ def load_spec(output_url: str, storage_options: dict | None = None) -> JobSpec:
     try:
         doc = Store(output_url, storage_options).get_json("job.json")
     except KeyNotFound as exc:
-        raise InputError(f"no job.json under {output_url!r}: not a tokentrim job output") from exc
+        raise UsageError(f"no job.json under {output_url!r}: not a tokentrim job output") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
-        raise InputError(f"job.json under {output_url!r} holds no job spec")
+        raise UsageError(f"job.json under {output_url!r} holds no job spec")
     spec = dict(doc["spec"], output_url=absolute_url(output_url))
     return JobSpec.from_dict(spec, storage_options)
 
@@ -137,10 +137,12 @@ def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = No
 
 def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Store) -> list[dict[str, Any]]:
     """Rows already done are answered from their markers; the rest go to the executor in rounds: a row that came
-    back ``busy`` (a live lease elsewhere) is handed out again after the others, once that lease could have run out.
+    back ``busy`` (a live lease elsewhere) is handed out again as soon as a holder is done, fails or loses its lease
+    (watched with a short poll), at the latest once that lease could have run out.
     """
     results, todo = finished_rows(spec, rows, out)
     by_id = {r.prompt_id: r for r in rows}
+    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
     while todo:
         work = executor.run(todo)
         seen = {w["prompt_id"] for w in work}
@@ -150,18 +152,34 @@ def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Stor
         busy = [w for w in work if w["status"] == "busy"]
         if not busy:
             break
-        wake = min(float(w["retry_at"] or 0.0) for w in busy)
-        pause = min(max(wake - time.time(), 0.0) + 0.2, spec.lease_s)
-        logger.info("%d prompt(s) held by live leases elsewhere; back to them in %.1f s", len(busy), pause)
-        time.sleep(pause)
+        wake = min(_number(w["retry_at"]) for w in busy)
+        logger.info("%d prompt(s) held by live leases elsewhere; back to them when a holder is done (at the latest "
+                    "in %.1f s)", len(busy), max(wake - time.time(), 0.0))
+        wait_for_holders(claims, [w["prompt_id"] for w in busy], wake)
         todo = [by_id[w["prompt_id"]] for w in busy]
     return results
+
+
+def wait_for_holders(claims: Claims, prompt_ids: list[str], wake: float) -> float:
+    """Sleep until one of ``prompt_ids`` is no longer held by a live lease, or until ``wake`` (a clock time, capped
+    at one lease from now). Returns the seconds waited."""
+    began = time.time()
+    until = min(wake + 0.2, began + claims.lease_s)
+    poll = min(max(claims.lease_s / 20, 0.05), 1.0)
+    while time.time() < until and all(claims.held(pid) for pid in prompt_ids):
+        time.sleep(min(poll, max(until - time.time(), 0.0)))
+    return time.time() - began
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def write_results(out: Store, results: list[dict[str, Any]]) -> None:
     import pyarrow as pa
 
-    out.put_table("results.parquet", pa.Table.from_pylist(results, schema=results_schema()))
+    rows = [fit_result(r) for r in results]
+    out.put_table("results.parquet", pa.Table.from_pylist(rows, schema=results_schema()))
 
 
 def status(output_url: str, storage_options: dict | None = None) -> dict[str, Any]:

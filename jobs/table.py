@@ -13,12 +13,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.errors import CorruptStateError, InputError
+from pipeline.config import MAX_CHUNKS, check_chunks
+from pipeline.errors import CorruptStateError, InputError, UsageError
 from pipeline.store import KeyNotFound, split_url
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch): no trailing newline
 MAX_PROMPT_CHARS = 10_000
-MAX_CHUNKS = 2_000
 REQUIRED = ("prompt_id", "prompt")
 OPTIONAL = ("seed", "num_chunks", "negative_prompt")
 
@@ -59,12 +59,12 @@ def read_table(url: str, storage_options: dict | None = None) -> list[dict[str, 
     try:
         table = store.get_table(name)
     except KeyNotFound as exc:
-        raise InputError(f"no prompt table at {url!r}") from exc
+        raise UsageError(f"no prompt table at {url!r}") from exc
     except CorruptStateError as exc:
-        raise InputError(f"prompt table {url!r} is not readable Parquet: {exc}") from exc
+        raise UsageError(f"prompt table {url!r} is not readable Parquet: {exc}") from exc
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
-        raise InputError(f"prompt table {url!r} lacks the column(s) {missing}; it has {table.column_names}")
+        raise UsageError(f"prompt table {url!r} lacks the column(s) {missing}; it has {table.column_names}")
     return table.select([c for c in (*REQUIRED, *OPTIONAL) if c in table.column_names]).to_pylist()
 
 
@@ -104,9 +104,12 @@ def _validate(i: int, raw: dict[str, Any], default_chunks: int, base_seed: int) 
     chunks = _integral(raw.get("num_chunks"))
     if chunks is None:
         chunks = default_chunks
-    elif isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= MAX_CHUNKS:
-        raise InputError(f"row {i}: `num_chunks` must be an integer in [1, {MAX_CHUNKS}], "
-                         f"got {raw.get('num_chunks')!r}")
+    else:
+        try:
+            check_chunks(chunks)
+        except ValueError:
+            raise InputError(f"row {i}: `num_chunks` must be an integer in [1, {MAX_CHUNKS}], "
+                             f"got {raw.get('num_chunks')!r}") from None
     negative = raw.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise InputError(f"row {i}: `negative_prompt` must be a string or null, got {negative!r}")

@@ -13,6 +13,7 @@ MODES: tuple[str, ...] = ("self-forcing", "rolling-forcing")
 # Rolling Forcing attends to at most 21 latent frames: the sink (anchor) chunk, the cached clean frames and the
 # working frames of the joint window (its causal_model.py). The rolling-forcing default window keeps to that cap.
 ROLLING_ATTENTION_FRAMES = 21
+MAX_CHUNKS = 2_000  # the one cap on a rollout's chunks: table rows, --num-chunks, --chunks, stored markers
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,11 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
-        for name in ("num_chunks", "chunk_frames", "fps"):
+        for name in ("chunk_frames", "fps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        check_chunks(self.num_chunks)
         for name in ("window_frames", "height_px", "width_px"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -112,3 +114,10 @@ class RolloutConfig:
             raise ValueError(f"unknown RolloutConfig fields {unknown}")
         return cls(**d)
 
+
+
+def check_chunks(value: Any, name: str = "num_chunks") -> int:
+    """``value`` if it is a chunk count within `MAX_CHUNKS`, else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHUNKS:
+        raise ValueError(f"`{name}` must be an integer in [1, {MAX_CHUNKS}], got {value!r}")
+    return value

@@ -15,6 +15,10 @@ class InputError(TokentrimError, ValueError):
     """A prompt row, argument or file is malformed. Final: retrying gives the same answer."""
 
 
+class UsageError(InputError):
+    """A bad option or argument of a command (an unknown model, an output holding another job): the CLI exits 2."""
+
+
 class TransientError(TokentrimError):
     """Something that may succeed if tried again (network, store, preempted worker)."""
 
@@ -33,6 +37,15 @@ class CorruptStateError(StoreError):
 
 class ConfigMismatchError(TokentrimError):
     """Stored rollout state was written under another config hash."""
+
+
+class OutputConflictError(ConfigMismatchError, UsageError):
+    """A job output already holds a job with other render settings (a usage error: exit 2)."""
+
+
+class LeaseLostError(TransientError):
+    """This worker's claim on a prompt is no longer the current one (its lease ran out or a newer attempt exists):
+    it must not commit anything more for that prompt."""
 
 
 class NonFiniteLatentError(TokentrimError):

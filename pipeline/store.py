@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -238,12 +239,12 @@ class Store:
         self.put_bytes(key, text.encode("utf-8"))
 
     def get_json(self, key: str) -> Any:
-        """The JSON object at `key`; `CorruptStateError` if it does not parse."""
+        """The JSON value at `key`, parsed strictly (`strict_json`); `CorruptStateError` if it does not parse."""
         data = self.get_bytes(key)
         try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CorruptStateError(f"object at key {key!r} under {self.url!r} is not UTF-8 JSON: {e}") from e
+            return strict_json(data)
+        except ValueError as e:
+            raise CorruptStateError(f"object at key {key!r} under {self.url!r} is not strict UTF-8 JSON: {e}") from e
 
     def get_table(self, key: str) -> pa.Table:
         """The Parquet table at `key`, read from a copy in memory that pyarrow owns; `CorruptStateError` if it does
@@ -404,6 +405,31 @@ class Store:
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
+
+
+def strict_json(data: bytes | str) -> Any:
+    """Parse JSON as written by `Store.put_json`: UTF-8, no NaN or Infinity (nor a number too large for a float),
+    no key twice in an object. Raises ValueError (json's own, or naming the constant, number or key)."""
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text} does not fit a float")
+        return value
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise ValueError(f"key {k!r} appears twice in one object")
+            out[k] = v
+        return out
+
+    text = data.decode("utf-8") if isinstance(data, bytes) else data  # UnicodeDecodeError is a ValueError
+    return json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=pairs)
 
 
 def _link_or_create(tmp: str, path: str, data: bytes) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,46 @@ def decode_record(meta: dict[str, Any], data: bytes) -> ChunkRecord:
     return ChunkRecord(meta["index"], tensors["latents"], prunes, trim, {}, stats)
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_marker(meta: dict[str, Any], index: int, samples: int) -> None:
+    """`CorruptStateError` unless chunk ``index``'s marker has every field with its type and range (a reader trusts
+    nothing else a marker says)."""
+    def bad(what: str) -> CorruptStateError:
+        return CorruptStateError(f"chunk {index}: marker {_marker_key(index)} {what}")
+
+    def describes(desc: Any, key: str) -> bool:
+        return (isinstance(desc, dict) and desc.get("key") == key and _count(desc.get("size"))
+                and isinstance(desc.get("sha256"), str) and bool(_SHA256.match(desc["sha256"])))
+
+    if meta.get("format") != FORMAT or not _count(meta.get("index")) or meta["index"] != index:
+        raise bad(f"has format {meta.get('format')!r} / index {meta.get('index')!r}, not {FORMAT} / {index}")
+    if not describes({"key": meta.get("data"), "size": meta.get("size"), "sha256": meta.get("sha256")},
+                     _data_key(index)):
+        raise bad("does not describe its data object (key, size, sha256)")
+    prunes = meta.get("prunes")
+    if not isinstance(prunes, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("frames"), list) and all(_count(f) for f in p["frames"])
+            for p in prunes):
+        raise bad("has no list of prunes with frame indices")
+    rows = meta.get("rows")
+    if not isinstance(rows, list) or len(rows) != samples or not all(isinstance(r, dict) for r in rows):
+        raise bad(f"does not hold one stats row per sample ({samples})")
+    if meta.get("window") is not None and not describes(meta["window"], _window_key(index)):
+        raise bad("does not describe its window object")
+    segments = meta.get("segments")
+    if not isinstance(segments, list) or len(segments) not in (0, samples) or not all(
+            describes(d, _segment_key(index, b)) for b, d in enumerate(segments)):
+        raise bad("does not describe one segment per sample")
+    if meta.get("outputs") is not None and not isinstance(meta["outputs"], dict):
+        raise bad("holds outputs that are not a JSON object")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass(frozen=True)
 class PreparedChunk:
     """One accepted chunk serialised for `RolloutCheckpoints.commit`."""
@@ -114,11 +154,12 @@ class RolloutCheckpoints:
         """`prepare` and `commit` in one call."""
         self.commit(self.prepare(record), segments, outputs)
 
-    def commit(self, chunk: PreparedChunk, segments: Sequence[bytes] = (), outputs: dict[str, Any] | None = None
-               ) -> None:
+    def commit(self, chunk: PreparedChunk, segments: Sequence[bytes] = (), outputs: dict[str, Any] | None = None,
+               fence: Callable[[], None] | None = None) -> None:
         """Commit one chunk: the data, window and segment objects (one per sample), then its marker; then drop the
         window of the chunk before the previous one (only the last two chunks can be resume points of a rolling
-        window). ``outputs``: JSON the caller gets back from `outputs` after a resume."""
+        window). ``outputs``: JSON the caller gets back from `outputs` after a resume. ``fence()`` runs right before
+        the marker is written (it raises to stop there: objects without their marker are never trusted)."""
         i = chunk.index
         if segments and len(segments) != len(self.prompt_ids):
             raise ValueError(f"`segments` must hold one segment per prompt ({len(self.prompt_ids)}), got "
@@ -136,6 +177,8 @@ class RolloutCheckpoints:
             self.store.put_bytes(_window_key(i), chunk.window)
         for b, seg in enumerate(segments):
             self.store.put_bytes(_segment_key(i, b), seg)
+        if fence is not None:
+            fence()
         self.store.put_json(_marker_key(i), meta)
         if chunk.window is not None and i >= 2:
             self.store.delete(_window_key(i - 2))
@@ -206,14 +249,19 @@ class RolloutCheckpoints:
 
     def _read(self, index: int) -> ChunkRecord:
         meta = self.store.get_json(_marker_key(index))
+        if not isinstance(meta, dict) or not isinstance(meta.get("config_hash"), str) or not isinstance(
+                meta.get("prompt_ids"), list):
+            raise CorruptStateError(f"chunk {index}: marker {_marker_key(index)} is not a JSON object with a "
+                                    "config hash and prompt ids")
         if meta.get("config_hash") != self.config_hash:
             raise ConfigMismatchError(
                 f"state under {self.store.url} was written with config hash {meta.get('config_hash')!r}, this run "
                 f"has {self.config_hash!r}; use another state URL or force a fresh start (--restart)")
-        self._metas[index] = meta
         if meta.get("prompt_ids") != self.prompt_ids:
             raise ConfigMismatchError(f"state under {self.store.url} is for prompts {meta.get('prompt_ids')}, "
                                       f"not {self.prompt_ids}")
+        check_marker(meta, index, len(self.prompt_ids))
+        self._metas[index] = meta
         data = self._read_verified(index, "data object", meta["data"], meta["size"], meta["sha256"])
         self._segments[index] = [self._read_verified(index, "segment", d["key"], d["size"], d["sha256"])
                                  for d in meta.get("segments") or []]

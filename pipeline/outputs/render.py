@@ -59,13 +59,16 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
            storage_options: dict | None = None, force_restart: bool = False,
            on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
            names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet"),
-           video: VideoSettings | None = None, probe: Probe | None = None) -> list[RenderResult]:
+           video: VideoSettings | None = None, probe: Probe | None = None,
+           fence: Callable[[], None] | None = None) -> list[RenderResult]:
     """Render a batch of prompts (one sample each) with one rollout; see the module docstring.
 
     ``names`` are the keys of the video and the stats table under ``out_url``, ``{id}`` being the prompt id.
     ``on_chunk(index, rows)`` is called once per chunk, in order, when its rows are complete. ``video``: the
     H.264 encoder settings (default `VideoSettings()`), part of the config hash. ``probe``: a known fault injected
-    into the rollout (`pipeline.rollout.probe`; regressions and benches), part of the config hash.
+    into the rollout (`pipeline.rollout.probe`; regressions and benches), part of the config hash. ``fence()`` is
+    called right before every commit (each checkpoint chunk, the outputs): it raises to stop the render there (a job
+    worker whose claim on the prompt is no longer current).
     """
     if len(prompt_ids) != len(prompts):
         raise InputError(f"need one prompt id per prompt, got {len(prompt_ids)} ids for {len(prompts)} prompts")
@@ -94,9 +97,11 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
     def commit(record: ChunkRecord, output: Future[ChunkOutput], prepared: Any) -> None:
         done = output.result()
         if checkpoints is not None:  # the chunk is committed once its segments exist, and with them
+            if fence is not None:
+                fence()
             with timer.phase("checkpoint"):
                 checkpoints.commit(prepared, done.segments,
-                                   done.committed_json(sinks.first_hist() if record.index == 0 else None))
+                                   done.committed_json(sinks.first_hist() if record.index == 0 else None), fence)
         complete(record, done)
 
     try:
@@ -114,6 +119,8 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             pending = (record, output, prepared)
         if pending is not None:
             commit(*pending)
+        if fence is not None:
+            fence()
         return [_write_outputs(out, pid, sinks.mp4(b), rows[b], digest, resumed, names, seeds[b])
                 for b, pid in enumerate(prompt_ids)]
     finally:
