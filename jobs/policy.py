@@ -29,10 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from jobs.markers import done_markers
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
 from pipeline.errors import CorruptStateError, TokentrimError, TransientError
-from pipeline.hashing import digest as config_hash
+from pipeline.hashing import canonical, digest_canonical
 from pipeline.store import KeyNotFound, Store
 
 if TYPE_CHECKING:
@@ -83,7 +84,8 @@ def result_row(row: PromptRow | dict, status: str, error: str | None = None, **v
 
 def row_hash(spec: JobSpec, row: PromptRow) -> str:
     """What a done marker must match for a row to count as finished: the job's render settings and the row's own."""
-    return config_hash(spec.render_settings(), {"prompt": row.prompt, "seed": row.seed, "num_chunks": row.num_chunks})
+    own = canonical({"prompt": row.prompt, "seed": row.seed, "num_chunks": row.num_chunks})
+    return digest_canonical(spec.render_settings_json, own)  # = digest(spec.render_settings(), own values)
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -316,19 +318,21 @@ def drop_state(out: Store, prompt_id: str, *, keep: bool) -> int:
 def finished_rows(spec: JobSpec, rows: list[PromptRow], out: Store) -> tuple[list[dict[str, Any]], list[PromptRow]]:
     """The driver's first pass, before any worker starts: rows already done (or with an unreadable marker) get their
     result row here; the others are returned to be rendered."""
-    present = {k[len("done/"):-len(".json")] for k in out.list("done/") if k.endswith(".json")}
-    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    def reader(store: Store) -> Callable[[str], dict | None]:
+        return Claims(store, lease_s=spec.lease_s, max_attempts=spec.max_attempts).done
+
+    markers = done_markers(out, reader, [row.prompt_id for row in rows])  # concurrent, and from the done-index
     results: list[dict[str, Any]] = []
     todo: list[PromptRow] = []
     for row in rows:
-        if row.prompt_id not in present:
+        if row.prompt_id not in markers:
             todo.append(row)
             continue
-        try:
-            skipped = from_marker(row, spec, claims.done(row.prompt_id))
-        except TokentrimError as exc:
-            results.append(result_row(row, "failed", f"{type(exc).__name__}: {exc}"))
+        marker = markers.pop(row.prompt_id)
+        if isinstance(marker, TokentrimError):
+            results.append(result_row(row, "failed", f"{type(marker).__name__}: {marker}"))
             continue
+        skipped = from_marker(row, spec, marker)
         if skipped is None:
             todo.append(row)
         else:
