@@ -10,6 +10,7 @@ index read and the round trips of new markers divided by the pool size.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ R = TypeVar("R")
 
 INDEX_KEY = "done_index.parquet"
 READ_WORKERS = 32
+LIST_PAGE = 1000  # keys per page of an S3 listing
 DONE_PREFIX, DONE_SUFFIX = "done/", ".json"
 
 Entries = dict[str, tuple[str, bytes]]  # prompt id -> (version tag, marker bytes)
@@ -47,10 +49,29 @@ def marker_key(prompt_id: str) -> str:
     return f"{DONE_PREFIX}{prompt_id}{DONE_SUFFIX}"
 
 
-def marker_versions(out: Store) -> dict[str, str]:
-    """Prompt id -> version tag of every done marker, from one fresh listing."""
-    tags = out.versions(DONE_PREFIX)
-    return {k[len(DONE_PREFIX):-len(DONE_SUFFIX)]: v for k, v in tags.items() if k.endswith(DONE_SUFFIX)}
+def marker_versions(out: Store, ids: Iterable[str], *, workers: int = READ_WORKERS) -> dict[str, str]:
+    """Prompt id -> version tag of the done markers of ``ids``, from a fresh listing: one per key prefix of
+    `name_prefixes`, concurrently (a listing pages sequentially, so one of a large folder is many round trips)."""
+    wanted = set(ids)
+    found: dict[str, str] = {}
+    for tags in concurrent_map(out.versions, [DONE_PREFIX + p for p in name_prefixes(wanted)], workers=workers):
+        found.update((k[len(DONE_PREFIX):-len(DONE_SUFFIX)], v) for k, v in tags.items() if k.endswith(DONE_SUFFIX))
+    return {pid: tag for pid, tag in found.items() if pid in wanted}
+
+
+def name_prefixes(ids: Iterable[str], limit: int = LIST_PAGE) -> list[str]:
+    """Key prefixes that together cover the marker names of ``ids``, each shared by at most ``limit`` of them where
+    the names allow (one listing page each)."""
+    prefixes: list[str] = []
+    stack = [("", sorted(marker_key(pid)[len(DONE_PREFIX):] for pid in set(ids)))]
+    while stack:
+        prefix, names = stack.pop()
+        if len(names) <= limit or all(len(n) <= len(prefix) + 1 for n in names):
+            prefixes.append(prefix)
+            continue
+        depth = len(prefix) + 1
+        stack += [(key, list(group)) for key, group in itertools.groupby(names, key=lambda n: n[:depth])]
+    return sorted(prefixes)
 
 
 def index_schema() -> pa.Schema:
@@ -86,16 +107,16 @@ def save_index(out: Store, entries: Mapping[str, tuple[str, bytes]]) -> None:
                                       schema=index_schema()))
 
 
-def sync_index(out: Store, entries: Entries, versions: Mapping[str, str], ids: Iterable[str] | None = None,
+def sync_index(out: Store, entries: Entries, versions: Mapping[str, str], ids: Iterable[str],
                *, workers: int = READ_WORKERS) -> bool:
-    """Bring ``entries`` in line with a listing: drop markers gone from it, read (concurrently) those it does not
-    hold at the listed tag, among ``ids`` when given. A marker that cannot be read now is left out (its reader
-    reads it again). Returns whether ``entries`` changed."""
-    gone = [pid for pid in entries if pid not in versions]
+    """Bring the entries of ``ids`` in line with a listing of their markers (``versions``): drop those whose marker
+    is gone, read (concurrently) those not held at the listed tag. Entries of other ids are left as they are. A
+    marker that cannot be read now is left out (its reader reads it again). Returns whether ``entries`` changed."""
+    ids = list(dict.fromkeys(ids))
+    gone = [pid for pid in ids if pid in entries and pid not in versions]
     for pid in gone:
         del entries[pid]
-    wanted = versions if ids is None else (pid for pid in ids if pid in versions)
-    stale = [pid for pid in wanted if entries.get(pid, ("",))[0] != versions[pid]]
+    stale = [pid for pid in ids if pid in versions and entries.get(pid, ("",))[0] != versions[pid]]
 
     def fetch(pid: str) -> bytes | None:
         try:
@@ -129,7 +150,7 @@ def done_markers(out: Store, read: Reader, ids: list[str], *, workers: int = REA
 
     One listing; markers the done-index holds at the listed tag come from it, the others are read concurrently and
     the index is rewritten when it changed. Ids without a marker are left out."""
-    versions = marker_versions(out)
+    versions = marker_versions(out, ids, workers=workers)
     entries = load_index(out)
     if sync_index(out, entries, versions, ids, workers=workers):
         try:
@@ -137,7 +158,7 @@ def done_markers(out: Store, read: Reader, ids: list[str], *, workers: int = REA
         except TokentrimError as exc:  # only a cache: the next start reads those markers again
             logger.warning("could not write the done-index: %s", exc)
     reader = read(PrefetchedStore(out, {marker_key(pid): entry[1] for pid, entry in entries.items()}))
-    cached = [pid for pid in ids if pid in entries]
+    cached = [pid for pid in ids if pid in versions and pid in entries]
     uncached = [pid for pid in ids if pid in versions and pid not in entries]  # their reads failed just now
     del entries
 
@@ -152,9 +173,11 @@ def done_markers(out: Store, read: Reader, ids: list[str], *, workers: int = REA
     return found
 
 
-def refresh_index(out: Store, entries: Entries, *, workers: int = READ_WORKERS) -> None:
-    """Add the markers written since ``entries`` was last synced (one listing, concurrent reads) and save it."""
-    if sync_index(out, entries, marker_versions(out), workers=workers):
+def refresh_index(out: Store, entries: Entries, ids: Iterable[str], *, workers: int = READ_WORKERS) -> None:
+    """Add the markers of ``ids`` written since ``entries`` was last synced (a fresh listing, concurrent reads) and
+    save the index; entries of other ids are kept as they are."""
+    ids = list(ids)
+    if sync_index(out, entries, marker_versions(out, ids, workers=workers), ids, workers=workers):
         save_index(out, entries)
 
 

@@ -21,6 +21,7 @@ from pipeline.store import Store
 logger = logging.getLogger(__name__)
 
 RESULTS_KEY = "results.parquet"
+FINISHED = ("ok", "skipped")  # the statuses of rows with a done marker
 
 
 def write_results(out: Store, results: list[dict[str, Any]]) -> None:
@@ -77,7 +78,7 @@ class ResultsWriter:
         try:
             if self._index is None:
                 self._index = load_index(self.out)
-            refresh_index(self.out, self._index)
+            refresh_index(self.out, self._index, [r["prompt_id"] for r in self.rows if r["status"] in FINISHED])
         except TokentrimError as exc:  # only a cache: the next start reads those markers itself
             logger.warning("could not update the done-index: %s", exc)
         self.indexed_at = self.clock()

@@ -147,6 +147,7 @@ def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Stor
     first = len(writer.rows)
     results, todo = finished_rows(spec, rows, out)
     writer.add(results)
+    writer.write()  # what is known before any work: rows done earlier, invalid and excluded rows
     by_id = {r.prompt_id: r for r in rows}
     while todo:
         seen, busy = collect(executor.run(todo), writer)

@@ -333,13 +333,13 @@ class Store:
         S3's ETag, else size, mtime and inode. A rewritten object shows another tag (locally: unless rewritten in
         place within one mtime tick at the same size and inode; `put_bytes` renames a new file into place)."""
         validate_key(prefix, name="prefix", allow_empty=True)
-        folder = prefix.rpartition("/")[0]
+        folder, _, rest = prefix.rpartition("/")
         path = self._path(folder) if folder else self._root
 
         def op() -> dict[str, str]:
             self._fs.invalidate_cache(path)
-            try:
-                found = self._fs.find(path, detail=True)
+            try:  # s3fs filters by `prefix` on the server (others ignore it): pages of matching keys only
+                found = self._fs.find(path, detail=True, prefix=rest)
             except FileNotFoundError:
                 return {}
             strip = len(self._root) + 1
