@@ -242,6 +242,15 @@ def _plant(server: S3Server | None, root: str, objects: list[tuple[str, bytes]])
             f.write(data)
 
 
+def _plant_index(out: Any, planted: list[tuple[str, bytes]]) -> None:
+    """`jobs.results.ResultsWriter`'s last index refresh without its reads (the bytes are the planted ones)."""
+    from jobs.markers import marker_versions, save_index
+
+    data = {key[len("done/"):-len(".json")]: value for key, value in planted}
+    versions = marker_versions(out, list(data))
+    save_index(out, {pid: (versions[pid], data[pid]) for pid in data})
+
+
 def _child(job: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     done = subprocess.run([sys.executable, "-m", "bench.driver_scale", "--one", json.dumps(job)], env=env,
@@ -286,11 +295,15 @@ def bench(backend: str, n: int, args: argparse.Namespace, server: S3Server | Non
         if variant == "fresh":
             for k in out.list():
                 out.delete(k)
-        elif variant == "resume-cold":
-            if not out.list("done/"):  # no fresh run before: plant the done state
+        else:
+            if not out.exists("done/" + "prompt-000000.json"):  # no run before: plant the done state
+                planted = _markers(table_url, out_url, options)
                 _plant(server if backend == "s3" else None, f"{run}/out" if backend == "s3" else f"{tmp}/{run}/out",
-                       _markers(table_url, out_url, options))
-            out.delete("done_index.parquet")
+                       planted)
+                if variant == "resume-warm":  # the index as the job's last results write leaves it
+                    _plant_index(out, planted)
+            if variant == "resume-cold":
+                out.delete("done_index.parquet")
         job = {"variant": variant, "table": table_url, "out": out_url, "storage_options": options,
                "workers": args.workers}
         r = _child(job)
