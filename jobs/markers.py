@@ -54,7 +54,8 @@ def marker_versions(out: Store, ids: Iterable[str], *, workers: int = READ_WORKE
     `name_prefixes`, concurrently (a listing pages sequentially, so one of a large folder is many round trips)."""
     wanted = set(ids)
     found: dict[str, str] = {}
-    for tags in concurrent_map(out.versions, [DONE_PREFIX + p for p in name_prefixes(wanted)], workers=workers):
+    prefixes = name_prefixes(wanted) if out.pages_listings else [""]
+    for tags in concurrent_map(out.versions, [DONE_PREFIX + p for p in prefixes], workers=workers):
         found.update((k[len(DONE_PREFIX):-len(DONE_SUFFIX)], v) for k, v in tags.items() if k.endswith(DONE_SUFFIX))
     return {pid: tag for pid, tag in found.items() if pid in wanted}
 

@@ -328,6 +328,12 @@ class Store:
 
         return self._retry("sizes", prefix, op)
 
+    @property
+    def pages_listings(self) -> bool:
+        """Whether the server pages a listing (S3: 1,000 keys a round trip), so that listings of several key
+        prefixes at once beat one of the whole folder; local folders and memory:// list a folder in one call."""
+        return self._protocol not in ("local", "memory")
+
     def versions(self, prefix: str = "") -> dict[str, str]:
         """A version tag of every object whose key starts with `prefix` (one fresh listing, paged by the backend):
         S3's ETag, else size, mtime and inode. A rewritten object shows another tag (locally: unless rewritten in
