@@ -21,7 +21,7 @@ from pipeline.store import Store
 logger = logging.getLogger(__name__)
 
 RESULTS_KEY = "results.parquet"
-FINISHED = ("ok", "skipped")  # the statuses of rows with a done marker
+RENDERED = "ok"  # the status of a row whose done marker this job wrote
 
 
 def write_results(out: Store, results: list[dict[str, Any]]) -> None:
@@ -50,37 +50,45 @@ class ResultsWriter:
             raise ValueError(f"`every_s` must be > 0, got {every_s!r}")
         self.out, self.every_rows, self.every_s, self.clock = out, every_rows, float(every_s), clock
         self.rows: list[dict[str, Any]] = list(rows)
-        self.pending = 0
+        self.pending, self.written = 0, False
         self.written_at = self.indexed_at = clock()
         self._index: Entries | None = None
+        self._unindexed: list[str] = []  # rows rendered here whose markers the index may not hold yet
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         """Record finished rows; write the table when an interval is over."""
         before = len(self.rows)
         self.rows.extend(rows)
         self.pending += len(self.rows) - before
+        self._unindexed += [r["prompt_id"] for r in self.rows[before:] if r["status"] == RENDERED]
         if self.pending >= self.every_rows or (self.pending and self.clock() - self.written_at >= self.every_s):
             self.write()
 
     def write(self, *, index: bool = False) -> None:
         """Write the table now (and the done-index when ``index`` or its interval is over)."""
         write_results(self.out, self.rows)
-        self.pending, self.written_at = 0, self.clock()
+        self.pending, self.written, self.written_at = 0, True, self.clock()
         if index or self.written_at - self.indexed_at >= self.every_s:
             self._refresh_index()
 
     def close(self) -> list[dict[str, Any]]:
-        """The final write; returns every row collected."""
-        self.write(index=True)
+        """The final write (unless nothing changed since the last one); returns every row collected."""
+        if self.pending or not self.written:
+            self.write(index=True)
+        else:
+            self._refresh_index()
         return self.rows
 
     def _refresh_index(self) -> None:
-        try:
-            if self._index is None:
-                self._index = load_index(self.out)
-            refresh_index(self.out, self._index, [r["prompt_id"] for r in self.rows if r["status"] in FINISHED])
-        except TokentrimError as exc:  # only a cache: the next start reads those markers itself
-            logger.warning("could not update the done-index: %s", exc)
+        """Add the markers of the rows rendered since the last refresh (those answered from markers are in it)."""
+        if self._unindexed:
+            try:
+                if self._index is None:
+                    self._index = load_index(self.out)
+                refresh_index(self.out, self._index, self._unindexed)
+                self._unindexed = []
+            except TokentrimError as exc:  # only a cache: the next start reads those markers itself
+                logger.warning("could not update the done-index: %s", exc)
         self.indexed_at = self.clock()
 
 

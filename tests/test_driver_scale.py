@@ -169,3 +169,17 @@ def test_a_driver_killed_mid_job_leaves_a_results_table(tmp_path):
     assert 1 <= len(rows) < n and {r["status"] for r in rows} == {"ok"}
     for r in rows:  # every row it reports is committed
         assert json.loads((out / "done" / f"{r['prompt_id']}.json").read_text())["attempt"] == r["attempt"]
+
+
+def test_the_index_learns_the_rows_rendered_in_a_run_at_its_end(tmp_path):
+    from jobs.markers import load_index, marker_versions
+    from jobs.results import ResultsWriter
+
+    out = Store(f"file://{tmp_path}/out")
+    for pid in ("a", "b"):
+        out.put_json(marker_key(pid), {"row_hash": pid})
+    writer = ResultsWriter(out, every_rows=10)
+    writer.add([{**result_row({"prompt_id": pid, "row": i}, "ok"), "retry_at": None} for i, pid in enumerate("ab")])
+    writer.close()
+    versions = marker_versions(out, ["a", "b"])
+    assert load_index(out) == {pid: (versions[pid], out.get_bytes(marker_key(pid))) for pid in "ab"}
