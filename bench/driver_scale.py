@@ -201,7 +201,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "base_rss_mb": base_rss / 1024, "counts": report.counts, "dispatched": executor.calls,
-            "marker_reads": counts["get:done"], "results_rows": len(report.results)}
+            "marker_reads": counts["get:done"], "results_rows": len(report.results),
+            "store_calls": sum(counts.values()) - (counts["get:done"] if job["variant"] == "fresh" else 0)}
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -311,7 +312,8 @@ def bench(backend: str, n: int, args: argparse.Namespace, server: S3Server | Non
         rows.append(r)
         print(f"{backend:4s} {n:>7d} {variant:12s} {r['seconds']:8.2f} s  {r['seconds'] / n * 1000:7.3f} s/1k  "
               f"peak RSS {r['peak_rss_mb']:7.0f} MB ({(r['peak_rss_mb'] - r['base_rss_mb']) / n * 1000:6.1f} MB/1k "
-              f"over {r['base_rss_mb']:.0f})  marker reads {r['marker_reads']:>6d}  check: {r['check']}",
+              f"over {r['base_rss_mb']:.0f})  marker reads {r['marker_reads']:>6d}  "
+              f"store calls {r.get('store_calls', 0):>6d}  check: {r['check']}",
               flush=True)
     return rows
 
