@@ -2,7 +2,8 @@
 
 Output layout under the job URL: ``job.json`` (spec, config hash, version), ``videos/<id>.mp4``,
 ``stats/<id>.parquet``, ``rollouts/<id>/`` (latent context, deleted once the prompt is done unless ``keep_state``),
-``claims/`` and ``done/`` (bookkeeping, see `jobs.policy`), ``results.parquet`` (one row per row of the table).
+``claims/`` and ``done/`` (bookkeeping, see `jobs.policy`), ``done_index.parquet`` (a cache of ``done/``, see
+`jobs.markers`), ``results.parquet`` (one row per row of the table, rewritten as rows finish: `jobs.results`).
 """
 
 from __future__ import annotations
