@@ -14,7 +14,7 @@ import shutil
 import socket
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jobs.policy import WORK_FIELDS, Claims, process_row
@@ -31,8 +31,8 @@ TEMP_PREFIX = "tokentrim-worker-"
 
 
 class Executor(Protocol):
-    def run(self, rows: list[PromptRow]) -> list[dict[str, Any]]:
-        """One work row (`jobs.policy.WORK_FIELDS`) per input row, in any order."""
+    def run(self, rows: list[PromptRow]) -> Iterable[dict[str, Any]]:
+        """One work row (`jobs.policy.WORK_FIELDS`) per input row, in any order, as each row finishes."""
         ...
 
 
@@ -90,14 +90,15 @@ class LocalExecutor:
                              max_attempts=spec.max_attempts)
         self.backend: WanBackend | None = None
 
-    def run(self, rows: list[PromptRow]) -> list[dict[str, Any]]:
+    def run(self, rows: list[PromptRow]) -> Iterator[dict[str, Any]]:
         if not rows:
-            return []
+            return
         if self.backend is None:
             self.backend = load_model(self.spec)
         backend = self.backend
         with private_tempdir():
-            return [process_row(backend, self.spec, row, self.claims, force=self.force) for row in rows]
+            for row in rows:
+                yield process_row(backend, self.spec, row, self.claims, force=self.force)
 
 
 class RenderWorker:
@@ -136,9 +137,9 @@ class RayExecutor:
     def __init__(self, spec: JobSpec, *, force: bool = False) -> None:
         self.spec, self.force = spec, force
 
-    def run(self, rows: list[PromptRow]) -> list[dict[str, Any]]:
+    def run(self, rows: list[PromptRow]) -> Iterator[dict[str, Any]]:
         if not rows:
-            return []
+            return
         ray = _import_ray()
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING)  # honours RAY_ADDRESS; a local cluster otherwise
@@ -159,7 +160,8 @@ class RayExecutor:
                 num_gpus=self.spec.gpus_per_worker or None,
                 num_cpus=1,
             )
-        return [{name: row.get(name) for name in WORK_FIELDS} for row in ds.take_all()]
+        for row in ds.iter_rows():  # streamed: each row as its task finishes
+            yield {name: row.get(name) for name in WORK_FIELDS}
 
 
 def _import_ray() -> Any:

@@ -31,11 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from jobs.done_index import done_markers
 from jobs.markers import check_claim, check_done, check_lease
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
 from pipeline.errors import CorruptStateError, LeaseLostError, StoreError, TokentrimError, TransientError
-from pipeline.hashing import digest as config_hash
+from pipeline.hashing import canonical, digest_canonical
 from pipeline.store import KeyNotFound, Store
 
 if TYPE_CHECKING:
@@ -108,7 +109,8 @@ def fit_result(row: dict[str, Any]) -> dict[str, Any]:
 
 def row_hash(spec: JobSpec, row: PromptRow) -> str:
     """What a done marker must match for a row to count as finished: the job's render settings and the row's own."""
-    return config_hash(spec.render_settings(), {"prompt": row.prompt, "seed": row.seed, "num_chunks": row.num_chunks})
+    own = canonical({"prompt": row.prompt, "seed": row.seed, "num_chunks": row.num_chunks})
+    return digest_canonical(spec.render_settings_json, own)  # = digest(spec.render_settings(), own values)
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -411,21 +413,24 @@ def drop_state(out: Store, prompt_id: str, *, keep: bool) -> int:
 
 
 def finished_rows(spec: JobSpec, rows: list[PromptRow], out: Store) -> tuple[list[dict[str, Any]], list[PromptRow]]:
-    """The driver's first pass, before any worker starts: rows already done get their result row here; the others
-    (a corrupt done marker included: the prompt is not finished) are returned to be rendered."""
-    present = {k[len("done/"):-len(".json")] for k in out.list("done/") if k.endswith(".json")}
-    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    """The driver's first pass, before any worker starts: rows already done get their result row here (a marker
+    that cannot be read now: a failed row); the others (a corrupt done marker included: the prompt is not
+    finished) are returned to be rendered."""
+    def reader(store: Store) -> Callable[[str], dict | None]:
+        return Claims(store, lease_s=spec.lease_s, max_attempts=spec.max_attempts).done_or_none
+
+    markers = done_markers(out, reader, [row.prompt_id for row in rows])  # concurrent, and from the done-index
     results: list[dict[str, Any]] = []
     todo: list[PromptRow] = []
     for row in rows:
-        if row.prompt_id not in present:
+        if row.prompt_id not in markers:
             todo.append(row)
             continue
-        try:
-            skipped = from_marker(row, spec, claims.done_or_none(row.prompt_id))
-        except TokentrimError as exc:
-            results.append(result_row(row, "failed", f"{type(exc).__name__}: {exc}"))
+        marker = markers.pop(row.prompt_id)
+        if isinstance(marker, TokentrimError):
+            results.append(result_row(row, "failed", f"{type(marker).__name__}: {marker}"))
             continue
+        skipped = from_marker(row, spec, marker)
         if skipped is None:
             todo.append(row)
         else:

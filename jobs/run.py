@@ -2,7 +2,8 @@
 
 Output layout under the job URL: ``job.json`` (spec, config hash, version), ``videos/<id>.mp4``,
 ``stats/<id>.parquet``, ``rollouts/<id>/`` (latent context, deleted once the prompt is done unless ``keep_state``),
-``claims/`` and ``done/`` (bookkeeping, see `jobs.policy`), ``results.parquet`` (one row per row of the table).
+``claims/`` and ``done/`` (bookkeeping, see `jobs.policy`), ``done_index.parquet`` (a cache of ``done/``, see
+`jobs.done_index`), ``results.parquet`` (one row per row of the table, rewritten as rows finish: `jobs.results`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.executors import Executor, make_executor
-from jobs.policy import RESULT_FIELDS, Claims, finished_rows, fit_result, result_row, results_schema
+from jobs.policy import RESULT_FIELDS, Claims, finished_rows, result_row
+from jobs.results import ResultsWriter, write_results
 from jobs.spec import JOB_FORMAT, JobSpec, absolute_url
 from jobs.table import PromptRow, read_table, validate_rows
 from pipeline.errors import InputError, OutputConflictError, UsageError
@@ -128,28 +131,31 @@ def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = No
     out = Store(spec.output_url, spec.storage_options)
     check_output(out, spec, force=force)
     write_job_json(out, spec)
-    results += run_rows(spec, rows, executor or make_executor(spec, force=force), out)
-    results.sort(key=lambda r: r["row"])
-    write_results(out, results)
+    writer = ResultsWriter(out, results, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
+    run_rows(spec, rows, executor or make_executor(spec, force=force), out, writer)
+    results = sorted(writer.close(), key=lambda r: r["row"])
     counts = dict(Counter(r["status"] for r in results))
     return JobReport(spec.output_url, counts, out.join("results.parquet"), time.perf_counter() - began, results)
 
 
-def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Store) -> list[dict[str, Any]]:
+def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Store,
+             writer: ResultsWriter | None = None) -> list[dict[str, Any]]:
     """Rows already done are answered from their markers; the rest go to the executor in rounds: a row that came
     back ``busy`` (a live lease elsewhere) is handed out again as soon as a holder is done, fails or loses its lease
-    (watched with a short poll), at the latest once that lease could have run out.
+    (watched with a short poll), at the latest once that lease could have run out. Each final row goes to
+    ``writer`` as it comes; returns the final rows of this call.
     """
+    writer = writer or ResultsWriter(out, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
+    first = len(writer.rows)
     results, todo = finished_rows(spec, rows, out)
+    writer.add(results)
+    writer.write()  # what is known before any work: rows done earlier, invalid and excluded rows
     by_id = {r.prompt_id: r for r in rows}
     claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
     while todo:
-        work = executor.run(todo)
-        seen = {w["prompt_id"] for w in work}
-        results += [result_row(r, "failed", "the executor returned no result for this row")
-                    for r in todo if r.prompt_id not in seen]
-        results += [{k: w[k] for k in RESULT_FIELDS} for w in work if w["status"] != "busy"]
-        busy = [w for w in work if w["status"] == "busy"]
+        seen, busy = collect(executor.run(todo), writer)
+        writer.add([result_row(r, "failed", "the executor returned no result for this row")
+                    for r in todo if r.prompt_id not in seen])
         if not busy:
             break
         wake = min(_number(w["retry_at"]) for w in busy)
@@ -157,7 +163,7 @@ def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Stor
                     "in %.1f s)", len(busy), max(wake - time.time(), 0.0))
         wait_for_holders(claims, [w["prompt_id"] for w in busy], wake)
         todo = [by_id[w["prompt_id"]] for w in busy]
-    return results
+    return writer.rows[first:]
 
 
 def wait_for_holders(claims: Claims, prompt_ids: list[str], wake: float) -> float:
@@ -175,11 +181,18 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def write_results(out: Store, results: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-
-    rows = [fit_result(r) for r in results]
-    out.put_table("results.parquet", pa.Table.from_pylist(rows, schema=results_schema()))
+def collect(work: Iterable[dict[str, Any]], writer: ResultsWriter) -> tuple[set[str], list[dict[str, Any]]]:
+    """One round's work rows, as the executor yields them: each final one goes to ``writer`` at once. Returns the
+    ids that came back and the busy rows."""
+    seen: set[str] = set()
+    busy: list[dict[str, Any]] = []
+    for w in work:
+        seen.add(w["prompt_id"])
+        if w["status"] == "busy":
+            busy.append(w)
+        else:
+            writer.add([{k: w[k] for k in RESULT_FIELDS}])
+    return seen, busy
 
 
 def status(output_url: str, storage_options: dict | None = None) -> dict[str, Any]:
@@ -215,4 +228,4 @@ def stored_bytes(out: Store) -> dict[str, int]:
     return {**dict(sizes), "total": sum(sizes.values())}
 
 
-__all__ = ["JobReport", "JobSpec", "load_spec", "run_rows", "status", "submit"]
+__all__ = ["JobReport", "JobSpec", "load_spec", "run_rows", "status", "submit", "write_results"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from pipeline.config import RolloutConfig
-from pipeline.hashing import digest, job_settings
+from pipeline.hashing import canonical, digest, job_settings
 from pipeline.outputs.video import VideoSettings
 from pipeline.rollout.probe import Probe
 from tokentrim import TrimConfig
@@ -39,6 +40,8 @@ class JobSpec:
     keep_state: keep rollouts/<id>/ after a prompt's outputs are committed (default: delete it).
     executor: 'ray' (RAY_ADDRESS or a local Ray) or 'local' (serial, in this process, no Ray).
     probe: a known fault injected into every rollout (`pipeline.rollout.probe`); the regression's probe variant.
+    results_every_rows: rewrite results.parquet once this many rows finished since it was last written.
+    results_every_s: rewrite results.parquet (and the done-index) at least this often while rows finish, in seconds.
 
     ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written.
     """
@@ -61,6 +64,8 @@ class JobSpec:
     keep_state: bool = False
     executor: Executor = "ray"
     probe: Probe | None = None
+    results_every_rows: int = 1000
+    results_every_s: float = 60.0
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,13 +77,14 @@ class JobSpec:
         for name, choices in (("dtype", DTYPES), ("executor", EXECUTORS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}")
-        for name, low in (("workers", 1), ("max_attempts", 1), ("seed", 0)):
+        for name, low in (("workers", 1), ("max_attempts", 1), ("seed", 0), ("results_every_rows", 1)):
             _check_int(name, getattr(self, name), low)
         if self.limit is not None:
             _check_int("limit", self.limit, 1)
         if not isinstance(self.keep_state, bool):
             raise ValueError(f"`keep_state` must be a bool, got {self.keep_state!r}")
-        limits: tuple[tuple[str, float, float], ...] = (("gpus_per_worker", 0.0, 64.0), ("lease_s", 0.1, 86400.0))
+        limits: tuple[tuple[str, float, float], ...] = (("gpus_per_worker", 0.0, 64.0), ("lease_s", 0.1, 86400.0),
+                                                    ("results_every_s", 0.01, 86400.0))
         for name, lowest, high in limits:
             number = getattr(self, name)
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not lowest <= number <= high:
@@ -100,6 +106,11 @@ class JobSpec:
         """The settings that change what is rendered (not where or how fast): their hash names the job's outputs."""
         return job_settings(self.model, self.weights, self.rollout, self.trim, self.dtype, self.seed,
                             video=VideoSettings(), compile=self.compile, probe=self.probe)
+
+    @functools.cached_property
+    def render_settings_json(self) -> str:
+        """`render_settings` as canonical JSON, computed once per spec (part of every row's done-marker hash)."""
+        return canonical(self.render_settings())
 
     def config_hash(self) -> str:
         return digest(self.render_settings())

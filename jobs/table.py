@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import MAX_CHUNKS, check_chunks
@@ -35,7 +35,7 @@ class PromptRow:
     negative_prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))  # the fields, all plain values: `asdict`'s deep copy costs ~0.1 ms a row
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,17 @@ if TYPE_CHECKING:
 
 def digest(*parts: dict[str, Any]) -> str:
     """Stable short hash of JSON-able dicts (sorted keys)."""
-    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest_canonical(*(canonical(p) for p in parts))
+
+
+def canonical(part: dict[str, Any]) -> str:
+    """The canonical JSON of one part of a `digest`: sorted keys, no spaces."""
+    return json.dumps(part, sort_keys=True, separators=(",", ":"))
+
+
+def digest_canonical(*texts: str) -> str:
+    """`digest` of parts already made `canonical` (a part shared by many hashes is serialised once)."""
+    return hashlib.sha256(f"[{','.join(texts)}]".encode()).hexdigest()[:16]
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_CONNECTIONS = 64  # concurrent requests one S3 store may have open (threads share its connection pool)
 _MAX_KEY_BYTES = 1024  # the S3 limit on object key length
 _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # temp siblings that local writes rename into place
 _FINAL_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EROFS}
@@ -157,6 +158,8 @@ class Store:
             except ImportError as e:
                 raise ImportError(f"`url` {self.url!r} needs s3fs: pip install 's3fs>=2024.6'") from e
             options.setdefault("skip_instance_cache", True)  # tests with different endpoints must not share one
+            # botocore's default pool (10) would cap the concurrent reads of the job driver (`jobs.done_index`)
+            options["config_kwargs"] = {"max_pool_connections": MAX_CONNECTIONS, **options.get("config_kwargs", {})}
         fs = fsspec.filesystem(protocol, **options)
         return fs, "local" if protocol in ("file", "local") else protocol
 
@@ -326,6 +329,33 @@ class Store:
 
         return self._retry("sizes", prefix, op)
 
+    @property
+    def pages_listings(self) -> bool:
+        """Whether the server pages a listing (S3: 1,000 keys a round trip), so that listings of several key
+        prefixes at once beat one of the whole folder; local folders and memory:// list a folder in one call."""
+        return self._protocol not in ("local", "memory")
+
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        """A version tag of every object whose key starts with `prefix` (one fresh listing, paged by the backend):
+        S3's ETag, else size, mtime and inode. A rewritten object shows another tag (locally: unless rewritten in
+        place within one mtime tick at the same size and inode; `put_bytes` renames a new file into place)."""
+        validate_key(prefix, name="prefix", allow_empty=True)
+        folder, _, rest = prefix.rpartition("/")
+        path = self._path(folder) if folder else self._root
+
+        def op() -> dict[str, str]:
+            self._fs.invalidate_cache(path)
+            try:  # s3fs filters by `prefix` on the server (others ignore it): pages of matching keys only
+                found = self._fs.find(path, detail=True, prefix=rest)
+            except FileNotFoundError:
+                return {}
+            strip = len(self._root) + 1
+            tags = {p[strip:]: _version_tag(info) for p, info in found.items() if p.startswith(self._root + "/")}
+            return {k: v for k, v in tags.items()
+                    if k.startswith(prefix) and not _TMP_NAME.match(k.rpartition("/")[2])}
+
+        return self._retry("versions", prefix, op)
+
     def delete(self, key: str) -> None:
         """Remove the object at `key`; a missing key is fine."""
         path = self._path(validate_key(key))
@@ -430,6 +460,14 @@ def strict_json(data: bytes | str) -> Any:
 
     text = data.decode("utf-8") if isinstance(data, bytes) else data  # UnicodeDecodeError is a ValueError
     return json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=pairs)
+
+
+def _version_tag(info: dict[str, Any]) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag)
+    stamp = info.get("mtime", info.get("created"))
+    return f"{info.get('size')}:{stamp!r}:{info.get('ino', '')}"
 
 
 def _link_or_create(tmp: str, path: str, data: bytes) -> None:
