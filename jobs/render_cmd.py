@@ -24,7 +24,8 @@ _NOT_RENDER = ("input_url", "output_url", "rollout", "trim", "storage_options", 
 @click.option("--state", "state_url", default=None, help="Commit the latent context here; resume when present.")
 @click.option("--restart", is_flag=True, help="With --state: discard state written under another config.")
 @click.option("--no-trim", is_flag=True, help="Baseline: the same rollout without TokenTrim.")
-@click.option("--storage-options", default=None, help="JSON object for fsspec/s3fs (e.g. an endpoint, keys).")
+@click.option("--storage-options", default=None, help="JSON object for fsspec/s3fs (e.g. an endpoint; no credentials: "
+              "those come from AWS_* variables, a credentials file or a workload identity).")
 @options(JobSpec, "job", exclude=_NOT_RENDER)
 @options(RolloutConfig, "rollout")
 @options(TrimConfig, "trim")

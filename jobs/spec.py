@@ -40,7 +40,7 @@ class JobSpec:
     executor: 'ray' (RAY_ADDRESS or a local Ray) or 'local' (serial, in this process, no Ray).
     probe: a known fault injected into every rollout (`pipeline.rollout.probe`); the regression's probe variant.
 
-    ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written.
+    ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written nor shown in a repr.
     """
 
     input_url: str
@@ -61,7 +61,7 @@ class JobSpec:
     keep_state: bool = False
     executor: Executor = "ray"
     probe: Probe | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("input_url", "output_url", "model", "device"):

@@ -15,6 +15,10 @@ class InputError(TokentrimError, ValueError):
     """A prompt row, argument or file is malformed. Final: retrying gives the same answer."""
 
 
+class UnsupportedURLError(InputError):
+    """A URL names a storage protocol this project does not accept (only the tested ones are)."""
+
+
 class TransientError(TokentrimError):
     """Something that may succeed if tried again (network, store, preempted worker)."""
 
