@@ -3,7 +3,7 @@
 #   TOKENTRIM_IMAGE     the tokentrim image, pinned by digest (REGISTRY/REPO@sha256:<64 hex>; README: build, push)
 #   KUBECTL_IMAGE       the nightly submitter's image (kubectl + sh), pinned by digest
 #   TOKENTRIM_ROLE_ARN  the IAM role the tokentrim-ray ServiceAccount assumes (IRSA)
-# Only the placeholders FILE holds are needed; an image given by tag only (or :latest) is refused.
+# Only the placeholders FILE holds are needed; an image given by a tag alone is refused.
 set -eu
 file=${1:?usage: infra/render.sh FILE}
 script=""

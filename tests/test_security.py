@@ -93,7 +93,7 @@ def backend(request, tmp_path, monkeypatch) -> dict[str, Any]:
         s3 = request.getfixturevalue("s3")
         root, public = f"{s3.url}/security-{uuid.uuid4().hex}", dict(s3.storage_options)
     table = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": ["a lantern"], "num_chunks": [2]}), table)
+    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": ["a lantern"], "num_chunks": [1]}), table)
     return {"root": root, "public": public, "private": {**public, "key": ACCESS, "secret": SECRET},
             "table": str(table)}
 
@@ -116,9 +116,9 @@ def test_credentials_never_reach_an_output_a_log_an_error_a_repr_or_a_ray_actor(
     # the command line: credentials from the environment, only the endpoint as an option
     options = ["--storage-options", json.dumps(backend["public"])] if backend["public"] else []
     job = f"{backend['root']}/cli"
-    runs = [["submit", backend["table"], "--out", job, "--model", "canary", "--num-chunks", "2", "--executor", "local"],
+    runs = [["submit", backend["table"], "--out", job, "--model", "canary", "--num-chunks", "1", "--executor", "local"],
             ["resume", job, "--executor", "local"], ["status", job],
-            ["render", "a lantern", "--out", f"{backend['root']}/one", "--model", "canary", "--num-chunks", "2"],
+            ["render", "a lantern", "--out", f"{backend['root']}/one", "--model", "canary", "--num-chunks", "1"],
             ["regress", "--out", f"{backend['root']}/night", "--model", "canary", "--executor", "local"]]
     for argv in runs:
         result = CliRunner().invoke(main, [*argv, *options])
@@ -155,9 +155,9 @@ def test_a_ray_job_passes_its_workers_no_credential_and_records_none(ray_cluster
     import ray
 
     table = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": ["a lantern"], "num_chunks": [2]}), table)
+    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": ["a lantern"], "num_chunks": [1]}), table)
     spec = JobSpec(input_url=str(table), output_url=f"{s3.url}/ray-security-{uuid.uuid4().hex}", model="canary",
-                   rollout=RolloutConfig(num_chunks=2), storage_options={**s3.storage_options, "secret": SECRET})
+                   rollout=RolloutConfig(num_chunks=1), storage_options={**s3.storage_options, "secret": SECRET})
     assert submit(spec).counts == {"ok": 1}
     from ray._private import state
 
