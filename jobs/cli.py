@@ -57,10 +57,14 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+class RefusedURL(click.ClickException):
+    """A usage error printed as one line (``Error: ...``), exit 2."""
+
+    exit_code = 2
+
+
 def _usage_line(exc: Exception) -> click.ClickException:
-    error = click.ClickException(str(exc))
-    error.exit_code = 2
-    return error
+    return RefusedURL(str(exc))
 
 
 @click.group(cls=LazyGroup)

@@ -36,7 +36,8 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
         raise click.BadParameter(f"not JSON ({exc.__class__.__name__} at character {getattr(exc, 'pos', '?')})",
                                  param_hint="--storage-options") from None
     if not isinstance(value, dict):
-        raise click.BadParameter(f"must be a JSON object, got a {type(value).__name__}", param_hint="--storage-options")
+        raise click.BadParameter(f"must be a JSON object, got a {type(value).__name__}",
+                                 param_hint="--storage-options")
     secrets = secret_option_names(value)
     if secrets:
         raise click.BadParameter(

@@ -53,8 +53,10 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
 
     from pipeline.model.backend import load_backend
     from pipeline.outputs.render import render as render_prompts
-    from pipeline.store import Store
+    from pipeline.store import Store, url_protocol
 
+    url_protocol(spec.output_url)  # a refused URL fails before the model loads
+    state = Store(absolute_url(state_url), spec.storage_options) if state_url else None
     config = spec.rollout
     device = spec.device
     if device == "auto":
@@ -64,7 +66,6 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
                                seed=0, compile=spec.compile)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc
-    state = Store(absolute_url(state_url), spec.storage_options) if state_url else None
     with click.progressbar(length=config.num_chunks, label=f"rendering {prompt_id}", file=None) as bar:
         def on_chunk(index: int, rows: list[dict[str, Any]]) -> None:
             bar.update(1)

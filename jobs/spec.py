@@ -40,7 +40,8 @@ class JobSpec:
     executor: 'ray' (RAY_ADDRESS or a local Ray) or 'local' (serial, in this process, no Ray).
     probe: a known fault injected into every rollout (`pipeline.rollout.probe`); the regression's probe variant.
 
-    ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written nor shown in a repr.
+    ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written
+    nor shown in a repr.
     """
 
     input_url: str

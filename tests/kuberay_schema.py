@@ -77,7 +77,8 @@ CONTAINER = Obj({
 }, required=("name", "image"))
 VOLUME = Obj({"name": NAME, "persistentVolumeClaim": Obj({"claimName": NAME, "readOnly": BOOL}, ("claimName",)),
               "configMap": Obj({"name": NAME, "defaultMode": INT}, ("name",)),
-              "secret": Obj({"secretName": NAME}, ("secretName",)), "emptyDir": Obj({"medium": STR, "sizeLimit": QUANTITY})},
+              "secret": Obj({"secretName": NAME}, ("secretName",)),
+              "emptyDir": Obj({"medium": STR, "sizeLimit": QUANTITY})},
              required=("name",))
 POD_TEMPLATE = Obj({"metadata": OBJECT_META, "spec": Obj({
     "containers": List(CONTAINER), "volumes": List(VOLUME), "serviceAccountName": NAME,

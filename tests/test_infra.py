@@ -298,7 +298,8 @@ def test_images_come_from_one_place_pinned_by_digest():
 
 
 def _render(name: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("TOKENTRIM_IMAGE", "KUBECTL_IMAGE", "TOKENTRIM_ROLE_ARN")}
+    placeholders = ("TOKENTRIM_IMAGE", "KUBECTL_IMAGE", "TOKENTRIM_ROLE_ARN")
+    clean = {k: v for k, v in os.environ.items() if k not in placeholders}
     return subprocess.run(["/bin/sh", str(INFRA / "render.sh"), str(INFRA / name)], env={**clean, **env},
                           capture_output=True, text=True, timeout=30)
 

@@ -5,14 +5,17 @@ missing or foreign baseline before it renders, and Ray token authentication that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -116,7 +119,8 @@ def test_credentials_never_reach_an_output_a_log_an_error_a_repr_or_a_ray_actor(
     # the command line: credentials from the environment, only the endpoint as an option
     options = ["--storage-options", json.dumps(backend["public"])] if backend["public"] else []
     job = f"{backend['root']}/cli"
-    runs = [["submit", backend["table"], "--out", job, "--model", "canary", "--num-chunks", "1", "--executor", "local"],
+    runs = [["submit", backend["table"], "--out", job, "--model", "canary", "--num-chunks", "1",
+             "--executor", "local"],
             ["resume", job, "--executor", "local"], ["status", job],
             ["render", "a lantern", "--out", f"{backend['root']}/one", "--model", "canary", "--num-chunks", "1"],
             ["regress", "--out", f"{backend['root']}/night", "--model", "canary", "--executor", "local"]]
@@ -157,11 +161,12 @@ def test_a_ray_job_passes_its_workers_no_credential_and_records_none(ray_cluster
     table = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": ["a lantern"], "num_chunks": [1]}), table)
     spec = JobSpec(input_url=str(table), output_url=f"{s3.url}/ray-security-{uuid.uuid4().hex}", model="canary",
-                   rollout=RolloutConfig(num_chunks=1), storage_options={**s3.storage_options, "secret": SECRET})
+                   rollout=RolloutConfig(num_chunks=1),
+                   storage_options={**s3.storage_options, "key": ACCESS, "secret": SECRET})
     assert submit(spec).counts == {"ok": 1}
     from ray._private import state
 
-    _no_secret(json.dumps(state.jobs(), default=str))
+    _no_secret(json.dumps(state.jobs(), default=str))  # entrypoints and metadata of every job of this cluster
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for path in logs.rglob("*"):
         if path.is_file():
@@ -187,7 +192,8 @@ def test_regress_refuses_a_missing_or_foreign_baseline_before_rendering_anything
     with pytest.raises(InputError, match="baseline") as info:
         run_regression(spec, baseline_url=str(path))
     assert renders == []
-    assert ("--update-baseline" in str(info.value)) if baseline != "other-settings" else "prompt_ids" in str(info.value)
+    expected = "prompt_ids" if baseline == "other-settings" else "--update-baseline"
+    assert expected in str(info.value)
     assert not (tmp_path / "night").exists()
 
 
@@ -215,8 +221,9 @@ def test_a_token_auth_ray_cluster_refuses_a_client_without_the_token(tmp_path):
     base.update(HOME=str(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     port = _free_port()
     log = (tmp_path / "head.log").open("w")
+    ray_tmp = tempfile.mkdtemp(prefix="tt-ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--temp-dir={tmp_path / 'ray'}",
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--temp-dir={ray_tmp}",
          "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false",
          f"--object-store-memory={80 * 2**20}", "--disable-usage-stats"],
         env=dict(base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token), stdout=log, stderr=subprocess.STDOUT,
@@ -237,9 +244,11 @@ def test_a_token_auth_ray_cluster_refuses_a_client_without_the_token(tmp_path):
                  for name, env in clients.items()}
         outcomes = {name: (p.wait(timeout=180), p.stdout.read() if p.stdout else "") for name, p in procs.items()}
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the head's own process group: its GCS, raylet and workers
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # the head's own process group: its GCS, raylet and workers
         head.wait(timeout=60)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     code, output = outcomes["the token"]
     assert code == 0 and "ANSWER 42" in output, output[-3000:]
     for name in ("no token", "wrong token"):
