@@ -102,6 +102,12 @@ def test_every_manifest_uses_only_known_fields_with_the_right_types(where, doc):
      ["resources"]["requests"].__setitem__("memory", "64 GB"), "does not match"),
     (lambda d: d["metadata"].__setitem__("generateName", "x-"), "exactly one of name and generateName"),
     (lambda d: d["spec"].pop("entrypoint"), "missing required field 'entrypoint'"),
+    (lambda d: d["spec"]["rayClusterSpec"]["authOptions"].__setitem__("mode", "tokens"), "is not one of"),
+    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["securityContext"]
+     .__setitem__("readOnlyRootFileSystem", True), "unknown field 'readOnlyRootFileSystem'"),
+    (lambda d: d["spec"]["submitterPodTemplate"]["spec"]["securityContext"].__setitem__("seccompProfile", {}),
+     "missing required field 'type'"),
+    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].__setitem__("serviceType", "External"), "is not one of"),
 ])
 def test_the_schema_check_rejects_what_the_api_server_would(mutate, expected):
     doc = _docs("rayjob.yaml")[0]

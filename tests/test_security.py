@@ -112,6 +112,21 @@ def _stored_bytes(root: str, options: dict[str, Any]) -> list[bytes]:
     return [store.get_bytes(key) for key in store.list()]
 
 
+def test_no_dataclass_shows_its_storage_options_in_a_repr():
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    found = []
+    for package in ("jobs", "pipeline", "tokentrim"):
+        for info in pkgutil.walk_packages([str(Path(__file__).resolve().parents[1] / package)], f"{package}."):
+            module = importlib.import_module(info.name)
+            for value in vars(module).values():
+                if dataclasses.is_dataclass(value) and isinstance(value, type) and value.__module__ == info.name:
+                    found += [(value, f) for f in dataclasses.fields(value) if "storage_options" in f.name]
+    assert found and all(not f.repr for _, f in found), [(c.__name__, f.name) for c, f in found if f.repr]
+
+
 def test_credentials_never_reach_an_output_a_log_an_error_a_repr_or_a_ray_actor(backend, caplog):
     caplog.set_level(logging.INFO)
     for ours in ("jobs", "pipeline", "tokentrim"):
