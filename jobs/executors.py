@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from jobs.policy import WORK_FIELDS, Claims, process_row
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
-from pipeline.store import Store, secret_option_names, shareable_options
+from pipeline.storage_options import secret_option_names, shareable_options
+from pipeline.store import Store
 
 if TYPE_CHECKING:
     from pipeline.model.backend import WanBackend

@@ -17,7 +17,7 @@ from jobs.options import build, options
 from jobs.spec import Executor, JobSpec
 from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError
-from pipeline.store import secret_option_names
+from pipeline.storage_options import secret_option_names
 from tokentrim.config import TrimConfig
 
 F = TypeVar("F", bound=Callable[..., Any])

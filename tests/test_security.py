@@ -34,7 +34,8 @@ from jobs.run import load_spec, status, submit
 from jobs.spec import JobSpec
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, UnsupportedURLError
-from pipeline.store import Store, shareable_options, split_url
+from pipeline.storage_options import shareable_options
+from pipeline.store import Store, split_url
 
 SECRET = f"FAKE-SECRET-{uuid.uuid4().hex}"
 ACCESS = f"AKIAFAKE{uuid.uuid4().hex[:12].upper()}"
