@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 # the storage protocols the tests cover (local files, S3 incl. S3-compatible stores, in-process memory); a URL with
 # any other scheme (http, ftp, ssh, gs, ...) or a chain of them is refused, never retried
-PROTOCOLS = ("file", "local", "s3", "s3a", "memory")
+PROTOCOLS = ("file", "local", "s3", "memory")
 _MAX_KEY_BYTES = 1024  # the S3 limit on object key length
 _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # temp siblings that local writes rename into place
 _FINAL_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EROFS}
@@ -184,7 +184,7 @@ class Store:
             raise ImportError("pipeline.store needs fsspec: pip install tokentrim (or pip install fsspec)") from e
         protocol = url_protocol(self.url)
         options = dict(self.storage_options)
-        if protocol in ("s3", "s3a"):
+        if protocol == "s3":
             try:
                 import s3fs  # noqa: F401
             except ImportError as e:

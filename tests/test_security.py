@@ -42,9 +42,10 @@ ACCESS = f"AKIAFAKE{uuid.uuid4().hex[:12].upper()}"
 
 
 # ------------------------------------------------------------------------------------------------ protocols
-@pytest.mark.parametrize("url", ["http://example.com/t", "https://example.com/t", "ftp://host/t", "sftp://host/t",
-                                 "ssh://host/t", "gs://bucket/t", "hdfs://n/t", "nosuch://x/t", "simplecache::s3://b/t",
-                                 "memory::file:///tmp/t", "HTTP://example.com/t"])
+@pytest.mark.parametrize("url", [
+    "http://example.com/t", "https://example.com/t", "HTTP://example.com/t", "ftp://host/t", "sftp://host/t",
+    "ssh://host/t", "gs://bucket/t", "az://c/t", "s3a://bucket/t", "hdfs://n/t", "nosuch://x/t",
+    "simplecache::s3://b/t", "memory::file:///tmp/t"])
 def test_a_store_refuses_protocols_that_are_not_tested(url):
     with pytest.raises(UnsupportedURLError) as info:
         Store(url)
