@@ -6,12 +6,13 @@ OUT ?= out/demo
 
 .PHONY: setup demo test lint bench clean
 
-$(BIN)/tokentrim: pyproject.toml
+$(BIN)/tokentrim: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU wheel first, so the torch range below does not pull a CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# The CPU wheel first (the version in constraints.txt, which infra/Dockerfile installs too), so the torch range
+	# below does not pull a CUDA build.
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(BIN)/tokentrim
 
 setup: $(BIN)/tokentrim

@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from pipeline.errors import UnsupportedURLError
+
 # name -> (module:attribute, one-line summary for `tokentrim --help`)
 LAZY_COMMANDS = {
     "render": ("jobs.render_cmd:render", "Render one prompt to an mp4 and a stats table (no cluster)."),
@@ -37,11 +39,32 @@ class LazyGroup(click.Group):
             return command
         return super().get_command(ctx, cmd_name)
 
+    def invoke(self, ctx: click.Context) -> object:
+        """A URL with a refused protocol is a usage error: exit 2 with one line, wherever the command raised it."""
+        try:
+            return super().invoke(ctx)
+        except UnsupportedURLError as exc:
+            raise _usage_line(exc) from None
+        except click.ClickException as exc:
+            if isinstance(exc.__cause__, UnsupportedURLError):
+                raise _usage_line(exc.__cause__) from None
+            raise
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, LAZY_COMMANDS[name][1] if name in LAZY_COMMANDS else self.commands[name].get_short_help_str(80))
                 for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+class RefusedURL(click.ClickException):
+    """A usage error printed as one line (``Error: ...``), exit 2."""
+
+    exit_code = 2
+
+
+def _usage_line(exc: Exception) -> click.ClickException:
+    return RefusedURL(str(exc))
 
 
 @click.group(cls=LazyGroup)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from jobs.policy import WORK_FIELDS, Claims, process_row
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
+from pipeline.storage_options import secret_option_names, shareable_options
 from pipeline.store import Store
 
 if TYPE_CHECKING:
@@ -152,8 +153,7 @@ class RayExecutor:
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ds.map_batches(
                 RenderWorker,
-                fn_constructor_kwargs={"spec": self.spec.to_dict(), "storage_options": self.spec.storage_options,
-                                       "force": self.force},
+                fn_constructor_kwargs=self.worker_kwargs(),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=min(self.spec.workers, len(rows)),
                                                    max_tasks_in_flight_per_actor=1),
@@ -162,6 +162,16 @@ class RayExecutor:
             )
         for row in ds.iter_rows():  # streamed: each row as its task finishes
             yield {name: row.get(name) for name in WORK_FIELDS}
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """`RenderWorker`'s constructor arguments: Ray shows and stores them, so they carry no credential. Workers
+        read theirs from their own environment (workload identity, AWS_* variables, a credentials file)."""
+        dropped = secret_option_names(self.spec.storage_options)
+        if dropped:
+            logger.warning("storage options %s stay in this process: Ray workers read their credentials from their "
+                           "own environment", ", ".join(dropped))
+        return {"spec": self.spec.to_dict(), "storage_options": shareable_options(self.spec.storage_options),
+                "force": self.force}
 
 
 def _import_ray() -> Any:

@@ -18,6 +18,7 @@ from jobs.options import build, options
 from jobs.spec import Executor, JobSpec
 from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError, UsageError
+from pipeline.storage_options import secret_option_names
 from tokentrim.config import TrimConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,22 +37,32 @@ def click_error(exc: TokentrimError) -> click.ClickException:
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
-    """``--storage-options`` as a dict (a JSON object), or a usage error naming the option."""
+    """``--storage-options`` as a dict (a JSON object), or a usage error naming the option. Credentials are refused
+    (a command line is seen by every process on the machine and recorded as a Ray job's entrypoint); no error
+    repeats the text."""
     if text is None:
         return {}
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--storage-options") from exc
+        raise click.BadParameter(f"not JSON ({exc.__class__.__name__} at character {getattr(exc, 'pos', '?')})",
+                                 param_hint="--storage-options") from None
     if not isinstance(value, dict):
-        raise click.BadParameter(f"must be a JSON object, got {text!r}", param_hint="--storage-options")
+        raise click.BadParameter(f"must be a JSON object, got a {type(value).__name__}",
+                                 param_hint="--storage-options")
+    secrets = secret_option_names(value)
+    if secrets:
+        raise click.BadParameter(
+            f"holds credentials ({', '.join(secrets)}); a command line is visible to other processes and to Ray: "
+            "give them as AWS_* environment variables, a credentials file (AWS_PROFILE) or a workload identity",
+            param_hint="--storage-options")
     return value
 
 
 storage_option = click.option(
     "--storage-options", default=None,
-    help='JSON object for fsspec/s3fs, e.g. \'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'; '
-         "AWS_ENDPOINT_URL and the usual AWS_* variables work too.")
+    help='JSON object for fsspec/s3fs without credentials, e.g. \'{"client_kwargs": {"endpoint_url": '
+         '"http://minio:9000"}}\'; credentials come from AWS_* variables, a credentials file or a workload identity.')
 
 
 def job_options(exclude: tuple[str, ...] = ()) -> Callable[[F], F]:

@@ -169,6 +169,9 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
         baseline = None if update_baseline else base_store.get_json(key)
     except KeyNotFound:
         baseline = None
+    if baseline is None and not update_baseline:  # refused before hours of rendering, like a mismatch below
+        raise InputError(f"no baseline at {base_store.join(key)}: seed it once with --update-baseline under "
+                         "tonight's settings (infra/README.md shows how for the nightly)")
     if baseline is not None and (problems := check_baseline(baseline, settings, base_store.join(key))):
         raise InputError(problems[0])  # refused before hours of rendering
     metrics, curves, failures = {}, {}, []

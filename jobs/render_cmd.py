@@ -24,7 +24,8 @@ _NOT_RENDER = ("input_url", "output_url", "rollout", "trim", "storage_options", 
 @click.option("--state", "state_url", default=None, help="Commit the latent context here; resume when present.")
 @click.option("--restart", is_flag=True, help="With --state: discard state written under another config.")
 @click.option("--no-trim", is_flag=True, help="Baseline: the same rollout without TokenTrim.")
-@click.option("--storage-options", default=None, help="JSON object for fsspec/s3fs (e.g. an endpoint, keys).")
+@click.option("--storage-options", default=None, help="JSON object for fsspec/s3fs (e.g. an endpoint; no credentials: "
+              "those come from AWS_* variables, a credentials file or a workload identity).")
 @options(JobSpec, "job", exclude=_NOT_RENDER)
 @options(RolloutConfig, "rollout")
 @options(TrimConfig, "trim")
@@ -52,8 +53,10 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
 
     from pipeline.model.backend import load_backend
     from pipeline.outputs.render import render as render_prompts
-    from pipeline.store import Store
+    from pipeline.store import Store, url_protocol
 
+    url_protocol(spec.output_url)  # a refused URL fails before the model loads
+    state = Store(absolute_url(state_url), spec.storage_options) if state_url else None
     config = spec.rollout
     device = spec.device
     if device == "auto":
@@ -63,7 +66,6 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
                                seed=0, compile=spec.compile)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc
-    state = Store(absolute_url(state_url), spec.storage_options) if state_url else None
     with click.progressbar(length=config.num_chunks, label=f"rendering {prompt_id}", file=None) as bar:
         def on_chunk(index: int, rows: list[dict[str, Any]]) -> None:
             bar.update(1)

@@ -43,7 +43,8 @@ class JobSpec:
     results_every_rows: rewrite results.parquet once this many rows finished since it was last written.
     results_every_s: rewrite results.parquet (and the done-index) at least this often while rows finish, in seconds.
 
-    ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written.
+    ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written
+    nor shown in a repr.
     """
 
     input_url: str
@@ -66,7 +67,7 @@ class JobSpec:
     probe: Probe | None = None
     results_every_rows: int = 1000
     results_every_s: float = 60.0
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("input_url", "output_url", "model", "device"):

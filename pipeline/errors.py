@@ -19,6 +19,10 @@ class UsageError(InputError):
     """A bad option or argument of a command (an unknown model, an output holding another job): the CLI exits 2."""
 
 
+class UnsupportedURLError(UsageError):
+    """A URL names a storage protocol this project does not accept (only the tested ones are)."""
+
+
 class TransientError(TokentrimError):
     """Something that may succeed if tried again (network, store, preempted worker)."""
 

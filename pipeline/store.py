@@ -5,7 +5,8 @@ Keys are '/'-separated relative paths, validated so that no key (a hostile promp
 sees the old object, the new one or nothing, never a partial one. `create_only` is an atomic
 claim on every backend. Calls that fail in a way a retry may fix are retried with exponential
 backoff and then raise `TransientStoreError`; other failures raise `StoreError` (a missing key:
-`KeyNotFound`). Nothing is ever unpickled.
+`KeyNotFound`). Only the protocols in `PROTOCOLS` are accepted (`UnsupportedURLError` otherwise, before any
+filesystem is made); chained URLs (``a::b``) never. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipeline.errors import CorruptStateError, InputError, StoreError, TokentrimError, TransientStoreError
+from pipeline.errors import (
+    CorruptStateError,
+    InputError,
+    StoreError,
+    TokentrimError,
+    TransientStoreError,
+    UnsupportedURLError,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -33,6 +41,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_CONNECTIONS = 64  # concurrent requests one S3 store may have open (threads share its connection pool)
+# the storage protocols the tests cover (local files, S3 incl. S3-compatible stores, in-process memory); a URL with
+# any other scheme (http, ftp, ssh, gs, ...) or a chain of them is refused, never retried
+PROTOCOLS = ("file", "local", "s3", "memory")
 _MAX_KEY_BYTES = 1024  # the S3 limit on object key length
 _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # temp siblings that local writes rename into place
 _FINAL_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EROFS}
@@ -105,6 +116,29 @@ def validate_key(key: str, *, name: str = "key", allow_empty: bool = False) -> s
     return key
 
 
+def url_protocol(url: str) -> str:
+    """The storage protocol of `url` (``file`` for a plain path); `UnsupportedURLError` for a scheme outside
+    `PROTOCOLS` or a chained URL. The message names the scheme, never the rest of the URL's options."""
+    if "::" in url:
+        raise UnsupportedURLError(f"`url` {redact_url(url)!r} chains filesystems ('::'), which is not accepted; "
+                                  f"use {_allowed()}")
+    scheme, sep, _ = url.partition("://")
+    protocol = scheme.lower() if sep else "file"
+    if protocol not in PROTOCOLS:
+        raise UnsupportedURLError(f"`url` {redact_url(url)!r} uses protocol {protocol!r}, which is not accepted; "
+                                  f"use {_allowed()}")
+    return protocol
+
+
+def redact_url(url: str) -> str:
+    """`url` with any ``user:password@`` part replaced by ``***@`` (for messages)."""
+    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
+
+
+def _allowed() -> str:
+    return ", ".join(f"{p}://" for p in PROTOCOLS if p != "local") + " or a local path"
+
+
 def split_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Store, str]:
     """The store holding the object at `url` (its folder) and the object's key: ``s3://b/x/t.parquet`` ->
     ``(Store("s3://b/x"), "t.parquet")``; a bare file name is in the working directory."""
@@ -133,6 +167,7 @@ class Store:
     ) -> None:
         if not isinstance(url, str) or not url.strip("/"):
             raise InputError(f"`url` must name a store root, got {url!r}")
+        url_protocol(url)
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"`retries` must be an int >= 0, got {retries!r}")
         if not backoff_s >= 0:
@@ -147,12 +182,11 @@ class Store:
     def _make_fs(self) -> tuple[AbstractFileSystem, str]:
         try:
             import fsspec
-            from fsspec.core import split_protocol
         except ImportError as e:  # pragma: no cover - fsspec is a core dependency
             raise ImportError("pipeline.store needs fsspec: pip install tokentrim (or pip install fsspec)") from e
-        protocol = split_protocol(self.url)[0] or "file"
+        protocol = url_protocol(self.url)
         options = dict(self.storage_options)
-        if protocol in ("s3", "s3a"):
+        if protocol == "s3":
             try:
                 import s3fs  # noqa: F401
             except ImportError as e:

@@ -16,11 +16,12 @@ S3_BUCKET = "test-bucket"
 
 @dataclass(frozen=True)
 class FakeS3:
-    """A running moto server: `url` is the bucket root, `storage_options` go to `Store`/s3fs."""
+    """A running moto server: `url` is the bucket root, `storage_options` go to `Store`/s3fs (the endpoint only: the
+    credentials are the session's AWS_* variables, as on a cluster)."""
 
     url: str
     endpoint: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class StoreRoot:
 
     kind: str
     url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,7 @@ def s3() -> Iterator[FakeS3]:
         try:
             host, port = server.get_host_and_port()
             endpoint = f"http://{host}:{port}"
-            options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+            options = {"client_kwargs": {"endpoint_url": endpoint}}
             s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir(S3_BUCKET)
             yield FakeS3(url=f"s3://{S3_BUCKET}", endpoint=endpoint, storage_options=options)
         finally:
@@ -83,10 +84,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreR
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the test session (2 CPUs, a small object store), stopped by `ray.shutdown`."""
+    """One local Ray cluster for the test session (2 CPUs, a small object store), stopped by `ray.shutdown`. Its
+    workers read S3 credentials from their environment (the fake S3's), as on a cluster: none is passed to them."""
     import logging
 
     with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_DEFAULT_REGION", "us-east-1")):
+            mp.setenv(name, value)
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         mp.delenv("RAY_ADDRESS", raising=False)

@@ -1,8 +1,9 @@
 """A compact schema of the Kubernetes / KubeRay fields that infra/ uses, and a checker.
 
 Field names and types follow the KubeRay API reference (ray.io/v1: RayCluster, RayJob, HeadGroupSpec,
-WorkerGroupSpec, SubmitterConfig) and the core Kubernetes objects (batch/v1 CronJob and Job, v1 Pod template,
-ConfigMap, ServiceAccount, rbac.authorization.k8s.io/v1 Role and RoleBinding). Only the parts of those APIs that
+WorkerGroupSpec, SubmitterConfig, AuthOptions) and the core Kubernetes objects (batch/v1 CronJob and Job, v1 Pod
+template with its security contexts, ConfigMap, ServiceAccount, PersistentVolumeClaim, networking.k8s.io/v1
+NetworkPolicy, rbac.authorization.k8s.io/v1 Role and RoleBinding). Only the parts of those APIs that
 the manifests here may use are listed: an unknown field, a wrong type or a value outside an enum is an error, as the
 API server's structural-schema validation would report it (KubeRay's CRDs prune or reject unknown fields).
 """
@@ -52,30 +53,43 @@ INT, STR, BOOL, FLOAT = int, str, bool, float
 OBJECT_META = Obj({"name": NAME, "generateName": Pattern(r"^[a-z0-9][-a-z0-9]*-$"), "namespace": NAME,
                    "labels": Map(STR), "annotations": Map(STR)})
 RESOURCES = Obj({"requests": Map(QUANTITY), "limits": Map(QUANTITY)})
+SECCOMP = Obj({"type": Enum(("RuntimeDefault", "Localhost", "Unconfined")), "localhostProfile": STR},
+              required=("type",))
+CONTAINER_SECURITY = Obj({"allowPrivilegeEscalation": BOOL, "readOnlyRootFilesystem": BOOL, "runAsNonRoot": BOOL,
+                          "runAsUser": INT, "runAsGroup": INT, "privileged": BOOL, "seccompProfile": SECCOMP,
+                          "capabilities": Obj({"add": List(STR), "drop": List(STR)})})
+POD_SECURITY = Obj({"runAsNonRoot": BOOL, "runAsUser": INT, "runAsGroup": INT, "fsGroup": INT,
+                    "supplementalGroups": List(INT), "seccompProfile": SECCOMP})
+LABEL_SELECTOR = Obj({"matchLabels": Map(STR), "matchExpressions": List(Obj({
+    "key": STR, "operator": Enum(("In", "NotIn", "Exists", "DoesNotExist")), "values": List(STR)},
+    required=("key", "operator")))})
 CONTAINER = Obj({
     "name": NAME, "image": STR, "imagePullPolicy": Enum(("Always", "IfNotPresent", "Never")),
     "command": List(STR), "args": List(STR),
     "env": List(Obj({"name": STR, "value": STR,
                      "valueFrom": Obj({"secretKeyRef": Obj({"name": NAME, "key": STR}),
                                        "fieldRef": Obj({"fieldPath": STR})})}, required=("name",))),
-    "envFrom": List(Obj({"secretRef": Obj({"name": NAME}, ("name",)), "configMapRef": Obj({"name": NAME}, ("name",)),
-                         "prefix": STR})),
-    "resources": RESOURCES,
+    "envFrom": List(Obj({"secretRef": Obj({"name": NAME, "optional": BOOL}, ("name",)),
+                         "configMapRef": Obj({"name": NAME, "optional": BOOL}, ("name",)), "prefix": STR})),
+    "resources": RESOURCES, "securityContext": CONTAINER_SECURITY,
     "volumeMounts": List(Obj({"name": NAME, "mountPath": STR, "readOnly": BOOL, "subPath": STR},
                              required=("name", "mountPath"))),
 }, required=("name", "image"))
 VOLUME = Obj({"name": NAME, "persistentVolumeClaim": Obj({"claimName": NAME, "readOnly": BOOL}, ("claimName",)),
               "configMap": Obj({"name": NAME, "defaultMode": INT}, ("name",)),
-              "secret": Obj({"secretName": NAME}, ("secretName",)), "emptyDir": Obj({"medium": STR})},
+              "secret": Obj({"secretName": NAME}, ("secretName",)),
+              "emptyDir": Obj({"medium": STR, "sizeLimit": QUANTITY})},
              required=("name",))
 POD_TEMPLATE = Obj({"metadata": OBJECT_META, "spec": Obj({
     "containers": List(CONTAINER), "volumes": List(VOLUME), "serviceAccountName": NAME,
+    "automountServiceAccountToken": BOOL, "securityContext": POD_SECURITY,
     "restartPolicy": Enum(("Always", "OnFailure", "Never")), "nodeSelector": Map(STR),
     "tolerations": List(Map(STR)),
 }, required=("containers",))}, required=("spec",))
 
 # ---- KubeRay ray.io/v1
-HEAD_GROUP = Obj({"template": POD_TEMPLATE, "rayStartParams": Map(STR), "serviceType": STR, "enableIngress": BOOL,
+HEAD_GROUP = Obj({"template": POD_TEMPLATE, "rayStartParams": Map(STR),
+                  "serviceType": Enum(("ClusterIP", "NodePort", "LoadBalancer")), "enableIngress": BOOL,
                   "headService": Map(Any)}, required=("template",))
 WORKER_GROUP = Obj({"groupName": NAME, "replicas": INT, "minReplicas": INT, "maxReplicas": INT,
                     "idleTimeoutSeconds": INT, "rayStartParams": Map(STR), "template": POD_TEMPLATE,
@@ -84,7 +98,10 @@ WORKER_GROUP = Obj({"groupName": NAME, "replicas": INT, "minReplicas": INT, "max
 RAY_CLUSTER_SPEC = Obj({"rayVersion": Pattern(r"^\d+\.\d+\.\d+$"), "headGroupSpec": HEAD_GROUP,
                         "workerGroupSpecs": List(WORKER_GROUP), "enableInTreeAutoscaling": BOOL,
                         "autoscalerOptions": Map(Any), "headServiceAnnotations": Map(STR), "suspend": BOOL,
-                        "managedBy": STR}, required=("headGroupSpec",))
+                        "managedBy": STR,
+                        # KubeRay >= 1.5.1 (mode), >= 1.6.0 (secretName, enableK8sTokenAuth)
+                        "authOptions": Obj({"mode": Enum(("disabled", "token")), "secretName": NAME,
+                                            "enableK8sTokenAuth": BOOL})}, required=("headGroupSpec",))
 RAY_JOB_SPEC = Obj({
     "entrypoint": STR, "rayClusterSpec": RAY_CLUSTER_SPEC, "clusterSelector": Map(STR),
     "shutdownAfterJobFinishes": BOOL, "ttlSecondsAfterFinished": INT, "activeDeadlineSeconds": INT,
@@ -105,12 +122,26 @@ CRON_JOB_SPEC = Obj({"schedule": STR, "timeZone": STR, "concurrencyPolicy": Enum
 POLICY_RULE = Obj({"apiGroups": List(STR), "resources": List(STR), "verbs": List(STR), "resourceNames": List(STR)},
                   required=("verbs",))
 
+NETWORK_PEER = Obj({"podSelector": LABEL_SELECTOR, "namespaceSelector": LABEL_SELECTOR,
+                    "ipBlock": Obj({"cidr": STR, "except": List(STR)}, ("cidr",))})
+NETWORK_PORT = Obj({"protocol": Enum(("TCP", "UDP", "SCTP")), "port": INT, "endPort": INT})
+NETWORK_POLICY_SPEC = Obj({
+    "podSelector": LABEL_SELECTOR, "policyTypes": List(Enum(("Ingress", "Egress"))),
+    "ingress": List(Obj({"from": List(NETWORK_PEER), "ports": List(NETWORK_PORT)})),
+    "egress": List(Obj({"to": List(NETWORK_PEER), "ports": List(NETWORK_PORT)})),
+}, required=("podSelector",))
+PVC_SPEC = Obj({"accessModes": List(Enum(("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"))),
+                "resources": Obj({"requests": Map(QUANTITY), "limits": Map(QUANTITY)}), "storageClassName": STR,
+                "volumeName": STR, "volumeMode": Enum(("Filesystem", "Block"))}, required=("accessModes", "resources"))
+
 KINDS: dict[tuple[str, str], Obj] = {
     ("ray.io/v1", "RayCluster"): Obj({"spec": RAY_CLUSTER_SPEC}, required=("spec",)),
     ("ray.io/v1", "RayJob"): Obj({"spec": RAY_JOB_SPEC}, required=("spec",)),
     ("batch/v1", "CronJob"): Obj({"spec": CRON_JOB_SPEC}, required=("spec",)),
     ("v1", "ConfigMap"): Obj({"data": Map(STR)}),
-    ("v1", "ServiceAccount"): Obj({}),
+    ("v1", "ServiceAccount"): Obj({"automountServiceAccountToken": BOOL}),
+    ("v1", "PersistentVolumeClaim"): Obj({"spec": PVC_SPEC}, required=("spec",)),
+    ("networking.k8s.io/v1", "NetworkPolicy"): Obj({"spec": NETWORK_POLICY_SPEC}, required=("spec",)),
     ("rbac.authorization.k8s.io/v1", "Role"): Obj({"rules": List(POLICY_RULE)}, required=("rules",)),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): Obj({
         "subjects": List(Obj({"kind": Enum(("ServiceAccount", "User", "Group")), "name": STR, "namespace": NAME},
