@@ -34,7 +34,8 @@ class RolloutConfig:
     height_px, width_px: output size (None: the model's default); fps: output frame rate.
     early_stop: self-forcing with TokenTrim: read the verdict at ``measure_step`` and skip the remaining steps of a
         candidate every undecided sample rejects (one more host read per attempt that may retry, fewer passes per
-        regenerated chunk; the results are identical, so it is not part of the config hash).
+        regenerated chunk; on by default, see bench/RESULTS.md; the results are identical, so it is not part of the
+        config hash).
     """
 
     mode: Mode = "self-forcing"
@@ -48,7 +49,7 @@ class RolloutConfig:
     height_px: int | None = None
     width_px: int | None = None
     fps: int = 16
-    early_stop: bool = False
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

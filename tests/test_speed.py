@@ -11,6 +11,7 @@ import torch
 
 from bench.propagation import add_to_tokens
 from bench.speed import switched
+from jobs.spec import JobSpec
 from pipeline.config import RolloutConfig
 from pipeline.hashing import job_hash, output_hash
 from pipeline.model.backend import load_backend
@@ -174,8 +175,9 @@ READ_TRIMS = {"none": None, "never": TrimConfig(lam=1e9, warmup=3), "retry1": Tr
 @pytest.mark.parametrize("trim", list(READ_TRIMS))
 @pytest.mark.parametrize("mode", ["self-forcing", "rolling-forcing"])
 def test_a_chunk_reads_the_device_once_per_candidate(backend, mode, trim):
-    """One host read per chunk, with or without TokenTrim; a regenerated chunk reads once per candidate."""
-    config = RolloutConfig(mode=mode, num_chunks=5, window_frames=6)
+    """One host read per chunk, with or without TokenTrim; a regenerated chunk reads once per candidate (without
+    early_stop, whose extra read is the next test's)."""
+    config = RolloutConfig(mode=mode, num_chunks=5, window_frames=6, early_stop=False)
     rollout = Rollout(backend, config, PROMPTS, SEEDS, READ_TRIMS[trim])
     rollout.perturb = _corrupt
     counts, attempts, _ = _reads_per_chunk(rollout)
@@ -264,3 +266,15 @@ def test_to_host_reads_several_tensors_exactly():
     assert got == {"a": [1.5, -2.0], "n": [3.0, float(2**40)], "ok": [1.0, 0.0]}
     with pytest.raises(ValueError, match="must all be"):
         to_host({"a": torch.ones(2), "b": torch.ones(3)})
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], True), (["--no-early-stop"], False), (["--early-stop"], True)])
+def test_early_stop_is_an_option_of_the_command_line(argv, expected):
+    from jobs.job_cmds import spec_from
+    from jobs.job_cmds import submit as submit_command
+
+    params = submit_command.make_context("submit", ["t.parquet", "--out", "o", *argv]).params
+    spec = spec_from({k: v for k, v in params.items() if "__" in k}, input_url="t.parquet", output_url="o",
+                     no_trim=False, storage_options=None)
+    assert spec.rollout.early_stop is expected
+    assert JobSpec.from_dict(spec.to_dict()).rollout.early_stop is expected  # kept in job.json for resume
