@@ -15,11 +15,12 @@ import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jobs.policy import WORK_FIELDS, Claims, process_row
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
+from pipeline.errors import TokentrimError
 from pipeline.store import Store
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ class LocalExecutor:
 class RenderWorker:
     """Ray Data actor: loads the model once, then renders each batch (one prompt row) into one work row."""
 
+    loads_in_process: ClassVar[int] = 0  # models this process's workers loaded (an actor has a process of its own)
+
     def __init__(self, spec: dict[str, Any], storage_options: dict[str, Any] | None = None,
                  force: bool = False) -> None:
         import ray
@@ -134,14 +137,23 @@ class RenderWorker:
         gpu_ids, visible = list(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES")
         device = worker_device(self.spec, gpu_ids, visible)
         self.backend = load_model(self.spec, device)
+        RenderWorker.loads_in_process += 1
         out = Store(self.spec.output_url, self.spec.storage_options)
         self.claims = Claims(out, lease_s=self.spec.lease_s, max_attempts=self.spec.max_attempts)
         self.record: dict[str, Any] = {
             "host": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(i) for i in gpu_ids],
             "cuda_visible_devices": visible, "device": device, "torch_device": str(self.backend.device),
-            "model_loads": 1, "prompt_ids": []}
+            "model_loads": RenderWorker.loads_in_process, "prompt_ids": []}
         self.record_key, self.out = f"workers/{self.record['host']}-{os.getpid()}.json", out
-        out.put_json(self.record_key, self.record)
+        self._write_record()
+
+    def _write_record(self) -> None:
+        """Which cards this worker holds and which rows it rendered (`workers/` under the job); bookkeeping only: a
+        store error here is logged, never the row's failure."""
+        try:
+            self.out.put_json(self.record_key, self.record)
+        except TokentrimError as exc:
+            logger.warning("could not write %s: %s", self.record_key, exc)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         """``batch``: columns of PromptRow fields -> columns of work fields."""
@@ -150,7 +162,7 @@ class RenderWorker:
                 for i in range(n)]
         results = [process_row(self.backend, self.spec, row, self.claims, force=self.force) for row in rows]
         self.record["prompt_ids"] += [row.prompt_id for row in rows]
-        self.out.put_json(self.record_key, self.record)  # which card rendered which rows (`workers/` under the job)
+        self._write_record()
         return {name: [r[name] for r in results] for name in WORK_FIELDS}
 
 
