@@ -15,8 +15,8 @@ Host reads (device waits on an accelerator): exactly one per attempt, `Rollout._
 the host needs: which samples reject the candidate, the sizes of the prune that would follow, and the chunk's stats
 row figures (used when no sample retries). Verdicts, thresholds, accept masks and the window's choice stay on the
 device. So a chunk that no sample regenerates costs one read, with or without TokenTrim, and each regeneration one
-more. (`RolloutConfig.early_stop` trades one more read per attempt that may retry for skipping the denoising steps
-after ``measure_step`` of a candidate every undecided sample rejects.)
+more. (`RolloutConfig.early_stop`, on by default, adds one read per self-forcing attempt that may retry, to skip the
+denoising steps after ``measure_step`` of a candidate every undecided sample rejects.)
 
 Everything a resumed rollout needs is in the `ChunkRecord` of each accepted chunk (clean latents, prune events,
 controller state, in-flight window): `Rollout.restore` replays the commits and prunes in order.
