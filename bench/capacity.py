@@ -6,14 +6,15 @@ Measures on a local multi-node Ray cluster (``ray.cluster_utils.Cluster`` on 127
   - per prompt: a prompt's wall time less its chunks (claim, prompt encoding, mp4/stats/done writes), and the gap
     between one prompt's done marker and the next claim on the same actor (dispatch);
   - per chunk: the time between consecutive commit markers (the CPU rate), and, in-process, the store calls of one
-    chunk at Wan2.1-1.3B size (0.702 MB checkpoint + its marker + the lease renewal) on a local folder and on a
+    chunk at Wan2.1-1.3B size (0.80 MB checkpoint + its marker + the lease renewal) on a local folder and on a
     loopback S3 server (moto);
   - after a node loss (a second job; the node of a rollout is killed once it has committed chunks, and a replacement
     node is added, as KubeRay recreates a lost pod): node-death detection, kill -> the interrupted prompt claimed again
     (actor restart, model load, lease wait), and that claim -> its next committed chunk (restore + one chunk).
 Then predicts the wall time of ``--prompts`` x ``--video-s`` videos on ``--gpus`` GPUs with one node lost at
-``--fail-at`` of the run, taking the GPU rate as a parameter (default: DESIGN.md's end-to-end target, 24 frames/s on
-one H100) and printing every input. ``--from-json`` re-predicts from a saved measurement without a cluster.
+``--fail-at`` of the run, taking the GPU rate from the FLOP budget of a chunk (`bench.flops`: the end-to-end
+frames/s bound at ``--peak-tflops`` times ``--utilization``; ``--gpu-fps`` sets a measured rate instead) and printing
+every input. ``--from-json`` re-predicts from a saved measurement without a cluster.
 
     python -m bench.capacity [--save bench/capacity-measured.json]       # measure (~3-5 min on 2 cores) + predict
     python -m bench.capacity --from-json FILE --gpu-fps 30 --replace-s 120  # predict only
@@ -34,7 +35,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-WAN_CHECKPOINT_BYTES = 702_000  # bench/RESULTS.md: Wan2.1-1.3B 480x832 self-forcing bf16 checkpoint bytes per chunk
+WAN_CHECKPOINT_BYTES = 801_000  # bench/RESULTS.md: Wan2.1-1.3B 480x832 self-forcing bf16 checkpoint bytes per chunk
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -67,7 +68,8 @@ class Inputs:
 
 
 PARAMETER_NOTES = {
-    "gpu_fps": "end-to-end pixel frames/s per GPU (DESIGN.md target on one H100; bench.gpu measures it)",
+    "gpu_fps": "end-to-end pixel frames/s per GPU (bench.flops bound x --utilization unless given; bench.gpu "
+               "measures it)",
     "detect_s": "Ray's node-death detection (health check 3 s x 5 misses by default)",
     "replace_s": "lost node -> replacement pod ready (Kubernetes evicts pods of an unreachable node after 300 s)",
     "model_load_s": "actor start + Wan2.1-1.3B load on the replacement GPU",
@@ -76,6 +78,25 @@ PARAMETER_NOTES = {
     "queued_per_actor": "rows Ray Data hands an actor at once (one in flight + queued)",
     "fail_at": "fraction of the failure-free render time at which the node is lost",
 }
+
+
+DEFAULT_UTILIZATION = 0.4  # of the peak; typical of bf16 inference, assumed until bench.gpu measures the card
+
+
+def computed_gpu_fps(peak_tflops: float | None, utilization: float) -> float:
+    """End-to-end pixel frames/s per GPU from the FLOP budget of a steady-state self-forcing chunk at Wan2.1-1.3B
+    480x832 (`bench.flops`, 21 latent frames attended, full VAE decode) at ``utilization`` of the peak."""
+    from bench.flops import H100_SXM_DENSE_BF16_TFLOPS, SELF_FORCING_CONTEXT, bound_fps, budget
+    from pipeline.config import RolloutConfig
+    from pipeline.model.vae import TEMPORAL_SCALE
+    from tokentrim import TrimConfig
+
+    if not 0 < utilization <= 1:
+        raise ValueError(f"`utilization` must be in (0, 1], got {utilization}")
+    config = RolloutConfig()
+    flops = sum(budget(config, TrimConfig(), SELF_FORCING_CONTEXT).values())
+    peak = peak_tflops or H100_SXM_DENSE_BF16_TFLOPS
+    return utilization * bound_fps(flops, TEMPORAL_SCALE * config.chunk_frames, peak)
 
 
 def chunks_per_video(inputs: Inputs) -> int:
@@ -273,7 +294,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ids = [f"p{i}" for i in range(args.local_prompts)]
     pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a harbour at dawn, take {i}" for i in ids]}),
                    folder / "prompts.parquet")
-    measured: dict[str, Any] = {"store_chunk": measure_store(args.store_repeats)}
+    measured: dict[str, Any] = {"store_chunk": measure_store(args.store_repeats),
+                                "checkpoint_bytes": WAN_CHECKPOINT_BYTES}
     cluster = start_cluster(args.nodes)
     try:
 
@@ -317,7 +339,8 @@ def print_report(measured: dict[str, Any], inputs: Inputs, command: str) -> None
     for key in ("startup_s", "per_prompt_s", "dispatch_s", "end_s", "cpu_chunk_s"):
         print(f"  {key:<28} {steady[key]:8.3f}")
     print(f"  {'counts':<28} {steady['counts']}")
-    print("  store calls per chunk, Wan2.1-1.3B size (0.702 MB + marker + lease):")
+    print(f"  store calls per chunk, Wan2.1-1.3B size ({measured.get('checkpoint_bytes', 702_000) / 1e6:.3f} MB + "
+          "marker + lease):")
     for kind, seconds in measured["store_chunk"].items():
         print(f"    {kind:<26} {seconds:8.4f} s")
     check = local["health_check"]
@@ -351,10 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Inputs()
     for f in fields(Inputs):
-        if f.name in ("startup_s", "per_prompt_s", "dispatch_s", "end_s", "store_chunk_s", "cpu_chunk_s"):
+        if f.name in ("startup_s", "per_prompt_s", "dispatch_s", "end_s", "store_chunk_s", "cpu_chunk_s", "gpu_fps"):
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                             default=getattr(defaults, f.name), help=PARAMETER_NOTES.get(f.name))
+    parser.add_argument("--gpu-fps", type=float, default=None, help=PARAMETER_NOTES["gpu_fps"])
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the card's peak dense bf16 TFLOP/s (default: H100 SXM, bench.flops)")
+    parser.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION,
+                        help="fraction of the peak a chunk runs at (assumed until bench.gpu measures it)")
     parser.add_argument("--store", choices=["s3", "file"], default="s3", help="whose per-chunk store calls count")
     parser.add_argument("--store-chunk-s", type=float, default=None,
                         help="override the measured per-chunk store seconds (e.g. a real S3 bucket's)")
@@ -366,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", help="a measurement saved with --save: predict only")
     parser.add_argument("--save", help="write the measurement here (JSON)")
     args = parser.parse_args(argv)
+    if args.gpu_fps is None:
+        bound = computed_gpu_fps(args.peak_tflops, 1.0)
+        args.gpu_fps = bound * args.utilization
+        print(f"GPU rate from the FLOP budget (bench.flops): bound {bound:.1f} frames/s end to end at "
+              f"{args.peak_tflops or 'the H100 SXM'} peak, x utilization {args.utilization:g} = {args.gpu_fps:.1f}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     measured = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args)
     if args.save:

@@ -8,6 +8,7 @@ The functions here are also the extra variants of `bench.gpu --all`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,6 +100,7 @@ def host_reads(rep: Reporter, backend: WanBackend, config: RolloutConfig) -> dic
     """Item 3: tensor-to-host reads (each a device wait on CUDA) per chunk, without TokenTrim, with never-prune
     TokenTrim and with TokenTrim regenerating corrupted chunks (``prune``: one read per candidate is the target)."""
     out: dict[str, Any] = {"variant": "host_reads", "mode": config.mode}
+    config = dataclasses.replace(config, early_stop=False)  # the one-read path; bench.early_stop counts its read
     for name, trim in (("none", None), ("never", NEVER), ("prune", PRUNE)):
         rollout = Rollout(backend, config, [PROMPT], [0], trim)
         rollout.perturb = _corrupt_odd_chunks if name == "prune" else None

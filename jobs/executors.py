@@ -15,11 +15,12 @@ import socket
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jobs.policy import WORK_FIELDS, Claims, process_row
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
+from pipeline.errors import TokentrimError
 from pipeline.storage_options import secret_option_names, shareable_options
 from pipeline.store import Store
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = "tokentrim-worker-"
+# Test hook: a worker resolves its card as usual ("cuda:N", recorded) but loads the model on the CPU, so that GPU
+# pinning is tested on a machine that only declares GPUs to Ray (tests/test_gpu_workers.py).
+CUDA_AS_CPU_ENV = "TOKENTRIM_TEST_CUDA_AS_CPU"
 
 
 class Executor(Protocol):
@@ -37,13 +41,31 @@ class Executor(Protocol):
         ...
 
 
-def load_model(spec: JobSpec) -> WanBackend:
+def load_model(spec: JobSpec, device: str | None = None) -> WanBackend:
     import torch
 
     from pipeline.model.backend import load_backend
 
-    return load_backend(spec.model, device=spec.resolved_device, dtype=getattr(torch, spec.dtype),
+    device = device or spec.resolved_device
+    if device.startswith("cuda") and os.environ.get(CUDA_AS_CPU_ENV) == "1":
+        device = "cpu"
+    return load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype),
                         weights=spec.weights, compile=spec.compile)
+
+
+def worker_device(spec: JobSpec, gpu_ids: list[Any], visible: str | None) -> str:
+    """The device of a Ray worker that was given the cards ``gpu_ids`` (`ray.get_gpu_ids()`): plain ``cuda`` (the
+    default with --gpus-per-worker) becomes the worker's own first card, as torch numbers it under
+    CUDA_VISIBLE_DEVICES (``visible``, which Ray sets to the worker's cards); an explicit ``cuda:N`` or ``cpu`` is
+    kept."""
+    device = spec.resolved_device
+    if device != "cuda" or not gpu_ids:
+        return device
+    card = str(gpu_ids[0])
+    if visible is None:
+        return f"cuda:{card}"
+    order = [v.strip() for v in visible.split(",") if v.strip()]
+    return f"cuda:{order.index(card)}" if card in order else "cuda"
 
 
 def worker_tempdir(root: str | None = None) -> str:
@@ -105,14 +127,35 @@ class LocalExecutor:
 class RenderWorker:
     """Ray Data actor: loads the model once, then renders each batch (one prompt row) into one work row."""
 
+    loads_in_process: ClassVar[int] = 0  # models this process's workers loaded (an actor has a process of its own)
+
     def __init__(self, spec: dict[str, Any], storage_options: dict[str, Any] | None = None,
                  force: bool = False) -> None:
+        import ray
+
         self.spec = JobSpec.from_dict(spec, storage_options)
         self.force = force
         tempfile.tempdir = worker_tempdir()  # this actor process's own; a dead actor's is removed by the next one
-        self.backend = load_model(self.spec)
-        self.claims = Claims(Store(self.spec.output_url, self.spec.storage_options), lease_s=self.spec.lease_s,
-                             max_attempts=self.spec.max_attempts)
+        gpu_ids, visible = list(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES")
+        device = worker_device(self.spec, gpu_ids, visible)
+        self.backend = load_model(self.spec, device)
+        RenderWorker.loads_in_process += 1
+        out = Store(self.spec.output_url, self.spec.storage_options)
+        self.claims = Claims(out, lease_s=self.spec.lease_s, max_attempts=self.spec.max_attempts)
+        self.record: dict[str, Any] = {
+            "host": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(i) for i in gpu_ids],
+            "cuda_visible_devices": visible, "device": device, "torch_device": str(self.backend.device),
+            "model_loads": RenderWorker.loads_in_process, "prompt_ids": []}
+        self.record_key, self.out = f"workers/{self.record['host']}-{os.getpid()}.json", out
+        self._write_record()
+
+    def _write_record(self) -> None:
+        """Which cards this worker holds and which rows it rendered (`workers/` under the job); bookkeeping only: a
+        store error here is logged, never the row's failure."""
+        try:
+            self.out.put_json(self.record_key, self.record)
+        except TokentrimError as exc:
+            logger.warning("could not write %s: %s", self.record_key, exc)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         """``batch``: columns of PromptRow fields -> columns of work fields."""
@@ -120,6 +163,8 @@ class RenderWorker:
         rows = [PromptRow(**{f.name: _plain(batch[f.name][i]) for f in dataclasses.fields(PromptRow)})
                 for i in range(n)]
         results = [process_row(self.backend, self.spec, row, self.claims, force=self.force) for row in rows]
+        self.record["prompt_ids"] += [row.prompt_id for row in rows]
+        self._write_record()
         return {name: [r[name] for r in results] for name in WORK_FIELDS}
 
 
@@ -141,9 +186,7 @@ class RayExecutor:
     def run(self, rows: list[PromptRow]) -> Iterator[dict[str, Any]]:
         if not rows:
             return
-        ray = _import_ray()
-        if not ray.is_initialized():
-            ray.init(logging_level=logging.WARNING)  # honours RAY_ADDRESS; a local cluster otherwise
+        ray = connect_ray()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.verbose_progress = False
         # one row is a whole long rollout: do not let Ray Data call that "no progress" after its default 30 min
@@ -172,6 +215,14 @@ class RayExecutor:
                            "own environment", ", ".join(dropped))
         return {"spec": self.spec.to_dict(), "storage_options": shareable_options(self.spec.storage_options),
                 "force": self.force}
+
+
+def connect_ray() -> Any:
+    """The ray module, connected: to RAY_ADDRESS when set, else a local cluster (unless already connected)."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    return ray
 
 
 def _import_ray() -> Any:

@@ -2,7 +2,8 @@
 
 Exit status: 0 when every row that could be rendered was (invalid and excluded rows are reported, not fatal), 1
 when a prompt failed or is poison, when nothing could be rendered, or (regress) on a regression; 2 on a user error
-(a bad option or argument: an unknown model, a missing table, an output holding another job), with one line.
+(a bad option or argument: an unknown model, a missing table, an output holding another job) and when the Ray
+cluster cannot place one worker with the resources asked for (`jobs.resources`), with one line.
 """
 
 from __future__ import annotations
@@ -85,6 +86,16 @@ def spec_from(groups: dict[str, Any], *, input_url: str, output_url: str, no_tri
                  storage_options=parse_storage_options(storage_options), **fixed)
 
 
+def require_cluster(spec: JobSpec) -> None:
+    """Exit 2 with one line when the Ray cluster cannot place one worker of ``spec`` (`jobs.resources`)."""
+    from jobs.resources import ClusterResourceError, check_cluster
+
+    try:
+        check_cluster(spec)
+    except ClusterResourceError as exc:
+        raise UserError(str(exc)) from exc
+
+
 def _report(report: Any) -> None:
     click.echo(f"results: {report.results_url}")
     click.echo("  " + ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) + f" ({report.seconds:.1f} s)")
@@ -117,6 +128,7 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
     from jobs.run import submit as run_submit
 
     spec = spec_from(groups, input_url=table, output_url=out_url, no_trim=no_trim, storage_options=storage_options)
+    require_cluster(spec)
     try:
         _report(run_submit(spec, force=force))
     except TokentrimError as exc:
@@ -148,6 +160,7 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--workers") from exc
     try:
+        require_cluster(spec)
         _report(run_submit(spec))
     except TokentrimError as exc:
         raise click_error(exc) from exc
@@ -197,6 +210,7 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
         raise click.BadParameter("regress renders both variants itself", param_hint="--no-trim")
     spec = spec_from(groups, input_url=table or default_table(groups.get("job__model")), output_url=out_url,
                      no_trim=False, storage_options=storage_options, limit=prompts)
+    require_cluster(spec)
     try:
         result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline,
                                 probe_on=not no_probe)

@@ -14,6 +14,8 @@ MODES: tuple[str, ...] = ("self-forcing", "rolling-forcing")
 # working frames of the joint window (its causal_model.py). The rolling-forcing default window keeps to that cap.
 ROLLING_ATTENTION_FRAMES = 21
 MAX_CHUNKS = 2_000  # the one cap on a rollout's chunks: table rows, --num-chunks, --chunks, stored markers
+# Fields that change the speed of a rollout but never its output (tested: identical latents either way).
+SPEED_FIELDS: tuple[str, ...] = ("early_stop",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class RolloutConfig:
     sink_rope: ``absolute`` keeps the sink at frames 0..; ``adjacent`` re-rotates it right before the oldest cached
         frame, as Rolling Forcing does (None: adjacent for rolling-forcing, absolute for self-forcing).
     height_px, width_px: output size (None: the model's default); fps: output frame rate.
+    early_stop: self-forcing with TokenTrim: read the verdict at ``measure_step`` and skip the remaining steps of a
+        candidate every undecided sample rejects (one more host read per attempt that may retry, fewer passes per
+        regenerated chunk; on by default, see bench/RESULTS.md; the results are identical, so it is not part of the
+        config hash).
     """
 
     mode: Mode = "self-forcing"
@@ -44,6 +50,7 @@ class RolloutConfig:
     height_px: int | None = None
     width_px: int | None = None
     fps: int = 16
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,6 +75,8 @@ class RolloutConfig:
             raise ValueError(f"`sink_rope` must be 'absolute', 'adjacent' or None, got {self.sink_rope!r}")
         if not self.shift > 0:
             raise ValueError(f"`shift` must be > 0, got {self.shift!r}")
+        if not isinstance(self.early_stop, bool):
+            raise ValueError(f"`early_stop` must be a bool, got {self.early_stop!r}")
 
     @property
     def timesteps(self) -> tuple[float, ...]:
@@ -105,6 +114,11 @@ class RolloutConfig:
         d = asdict(self)
         d["steps"] = list(self.steps) if self.steps is not None else None
         return d
+
+    def hashed_dict(self) -> dict[str, Any]:
+        """`to_dict` without the fields that change how fast a rollout runs, not what it renders (`SPEED_FIELDS`):
+        what the config hashes are taken over."""
+        return {k: v for k, v in self.to_dict().items() if k not in SPEED_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RolloutConfig:

@@ -50,7 +50,7 @@ def job_settings(model: str, weights: str | None, rollout: RolloutConfig, trim: 
                  compile: bool = False, probe: Probe | None = None) -> dict[str, Any]:
     """A job's render settings as JSON (``compile`` only when on: compiled kernels round differently; ``probe``
     only when set)."""
-    return {"model": model, "weights": weights, "rollout": rollout.to_dict(),
+    return {"model": model, "weights": weights, "rollout": rollout.hashed_dict(),
             "trim": trim.to_dict() if trim else None, "dtype": dtype_name(dtype), "seed": seed,
             **({"video": video.to_dict()} if video is not None else {}),
             **({"compile": True} if compile else {}), **({"probe": probe.to_dict()} if probe is not None else {})}
@@ -66,6 +66,6 @@ def output_hash(spec: ModelSpec, rollout: RolloutConfig, trim: TrimConfig | None
                 video: VideoSettings | None = None, compiled: bool = False, probe: Probe | None = None) -> str:
     """The hash of what one output was rendered with: model, rollout, TokenTrim and video encoder settings, the
     dtype, whether the transformer was compiled, and an injected fault (`pipeline.rollout.probe`) if any."""
-    return digest(spec.to_dict(), rollout.to_dict(), trim.to_dict() if trim else {"trim": None},
+    return digest(spec.to_dict(), rollout.hashed_dict(), trim.to_dict() if trim else {"trim": None},
                   {"dtype": dtype_name(dtype)}, *([{"video": video.to_dict()}] if video is not None else []),
                   *([{"compiled": True}] if compiled else []), *([{"probe": probe.to_dict()}] if probe else []))

@@ -4,12 +4,16 @@ per candidate of a chunk, with or without TokenTrim)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from bench.propagation import add_to_tokens
 from bench.speed import switched
+from jobs.spec import JobSpec
 from pipeline.config import RolloutConfig
+from pipeline.hashing import job_hash, output_hash
 from pipeline.model.backend import load_backend
 from pipeline.model.host import HostReadCounter, to_host
 from pipeline.rollout.loop import Rollout
@@ -171,8 +175,9 @@ READ_TRIMS = {"none": None, "never": TrimConfig(lam=1e9, warmup=3), "retry1": Tr
 @pytest.mark.parametrize("trim", list(READ_TRIMS))
 @pytest.mark.parametrize("mode", ["self-forcing", "rolling-forcing"])
 def test_a_chunk_reads_the_device_once_per_candidate(backend, mode, trim):
-    """One host read per chunk, with or without TokenTrim; a regenerated chunk reads once per candidate."""
-    config = RolloutConfig(mode=mode, num_chunks=5, window_frames=6)
+    """One host read per chunk, with or without TokenTrim; a regenerated chunk reads once per candidate (without
+    early_stop, whose extra read is the next test's)."""
+    config = RolloutConfig(mode=mode, num_chunks=5, window_frames=6, early_stop=False)
     rollout = Rollout(backend, config, PROMPTS, SEEDS, READ_TRIMS[trim])
     rollout.perturb = _corrupt
     counts, attempts, _ = _reads_per_chunk(rollout)
@@ -183,25 +188,47 @@ def test_a_chunk_reads_the_device_once_per_candidate(backend, mode, trim):
     assert counts == candidates
 
 
-def test_early_stop_reads_once_more_per_attempt_that_may_retry_and_skips_rejected_steps(backend):
-    config, trim = RolloutConfig(num_chunks=5, window_frames=6), TrimConfig(warmup=2)
+def _early_stop_runs(backend, config: RolloutConfig, trim: TrimConfig, perturb,
+                     switches: tuple[bool, ...] = (False, True, False)) -> list[tuple]:
+    """(reads per chunk, candidates per chunk and sample, latents, transformer passes) per early_stop switch."""
     forwards = []
     hook = backend.causal.transformer.blocks[0].register_forward_hook(lambda *a: forwards.append(1))
     try:
         runs = []
-        for early_stop in (False, True, False):
-            rollout = Rollout(backend, config, PROMPTS, SEEDS, trim)
-            rollout.perturb, rollout.early_stop = _corrupt, early_stop
+        for early_stop in switches:
+            rollout = Rollout(backend, dataclasses.replace(config, early_stop=early_stop), PROMPTS, SEEDS, trim)
+            rollout.perturb = perturb
             forwards.clear()
             runs.append((*_reads_per_chunk(rollout), len(forwards)))
     finally:
         hook.remove()
+    return runs
+
+
+def test_early_stop_reads_once_more_per_attempt_that_may_retry_and_skips_rejected_steps(backend):
+    config, trim = RolloutConfig(num_chunks=5, window_frames=6), TrimConfig(warmup=2)
+    runs = _early_stop_runs(backend, config, trim, _corrupt)
     (counts, attempts, latents, passes), (early_counts, early_attempts, early_latents, early_passes) = runs[:2]
     assert attempts == early_attempts and attempts[3] == [2, 2]  # chunk 3: both samples reject their first candidate
     assert early_counts == [c + 1 for c in counts]  # the verdict at measure_step of attempt 0
     all_rejected = sum(min(a) > 1 for a in attempts)  # chunks whose first candidate every sample rejects
     assert passes - early_passes == all_rejected * (len(config.timesteps) - 1 - trim.measure_step)
     assert torch.equal(early_latents, latents) and torch.equal(runs[2][2], latents)
+
+
+@pytest.mark.parametrize("mode", ["self-forcing", "rolling-forcing"])
+def test_early_stop_never_changes_the_latents_nor_the_config_hash(backend, mode):
+    """Without pruning (self-forcing: one read more per chunk, no pass saved) and in rolling-forcing (judged on the
+    finished chunk: nothing to skip, nothing read), early_stop changes no latent; it is not part of the hashes."""
+    config, trim = RolloutConfig(mode=mode, num_chunks=3, window_frames=6), TrimConfig(warmup=2, lam=1e9)
+    (counts, _, latents, passes), (early_counts, _, early_latents, early_passes) = _early_stop_runs(
+        backend, config, trim, None, (False, True))
+    assert torch.equal(early_latents, latents) and early_passes == passes
+    assert early_counts == ([c + 1 for c in counts] if mode == "self-forcing" else counts)
+    early = dataclasses.replace(config, early_stop=True)
+    assert early.to_dict()["early_stop"] and RolloutConfig.from_dict(early.to_dict()) == early
+    assert output_hash(backend.spec, early, trim, "float32") == output_hash(backend.spec, config, trim, "float32")
+    assert job_hash("tiny", None, early, trim, "float32", 0) == job_hash("tiny", None, config, trim, "float32", 0)
 
 
 def test_a_prune_reads_once_and_the_tokens_after_a_commit_are_known_before_it(backend):
@@ -239,3 +266,15 @@ def test_to_host_reads_several_tensors_exactly():
     assert got == {"a": [1.5, -2.0], "n": [3.0, float(2**40)], "ok": [1.0, 0.0]}
     with pytest.raises(ValueError, match="must all be"):
         to_host({"a": torch.ones(2), "b": torch.ones(3)})
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], True), (["--no-early-stop"], False), (["--early-stop"], True)])
+def test_early_stop_is_an_option_of_the_command_line(argv, expected):
+    from jobs.job_cmds import spec_from
+    from jobs.job_cmds import submit as submit_command
+
+    params = submit_command.make_context("submit", ["t.parquet", "--out", "o", *argv]).params
+    spec = spec_from({k: v for k, v in params.items() if "__" in k}, input_url="t.parquet", output_url="o",
+                     no_trim=False, storage_options=None)
+    assert spec.rollout.early_stop is expected
+    assert JobSpec.from_dict(spec.to_dict()).rollout.early_stop is expected  # kept in job.json for resume

@@ -392,6 +392,24 @@ def test_state_dict_round_trip_resumes_bit_exactly(split: int, stats: str) -> No
         assert_rows_equal(a, b)
 
 
+def test_the_previous_summary_is_stored_and_judged_in_16_bits() -> None:
+    """The stored summary is the accepted one rounded to float16 (clamped to its finite range), the drift is taken
+    to that stored value, and a float32 state from elsewhere is refused rather than rounded on load."""
+    z = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0)) * 100
+    z[1, 0, 0] = 1e6  # beyond float16's range
+    controller = TrimController(TrimConfig(), 2)
+    controller.accept(z, controller.judge(z, 0))
+    prev = controller.state_dict()["prev_summary"]
+    max16 = torch.finfo(torch.float16).max
+    assert prev.dtype == torch.float16 and torch.equal(prev, z.clamp(-max16, max16).half())
+    later = z + 0.001
+    drift = controller.judge(later, 0).drift
+    assert torch.isfinite(drift).all()
+    assert torch.equal(drift, (later - prev.float()).norm(dim=-1))
+    with pytest.raises(ValueError, match="prev_summary"):
+        controller.load_state_dict(dict(controller.state_dict(), prev_summary=prev.float()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_summaries_are_judged_like_their_float32_values(dtype: torch.dtype) -> None:
     config = TrimConfig(max_retries=1)

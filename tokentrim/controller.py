@@ -31,6 +31,10 @@ VerdictKind = Literal["warmup", "accepted", "pruned"]
 VERDICT_KINDS: tuple[VerdictKind, ...] = ("warmup", "accepted", "pruned")
 
 _STATS_PREFIX = "stats."
+# The previous accepted summary is kept (and checkpointed) in 16 bits, clamped to the dtype's finite range: half the
+# checkpoint bytes of float32, and judging against the stored value keeps a resumed rollout bit-exact.
+PREV_DTYPE = torch.float16
+_PREV_MAX = torch.finfo(PREV_DTYPE).max
 
 
 @dataclass
@@ -90,7 +94,7 @@ class TrimController:
         self.batch_size = batch_size
         self.host_checks = host_checks
         self._chunks = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B]
-        self._prev: Tensor | None = None  # [B, N, D] float32, allocated on the first accept
+        self._prev: Tensor | None = None  # [B, N, D] PREV_DTYPE, allocated on the first accept
 
     @property
     def chunks_accepted(self) -> Tensor:
@@ -146,7 +150,7 @@ class TrimController:
         if self._prev is None:
             drift = torch.full(z.shape[:2], nan, dtype=torch.float32, device=self.device)  # [B, N]
         else:
-            drift = torch.where(has_prev[:, None], token_drift(z, self._prev), nan)  # [B, N]
+            drift = torch.where(has_prev[:, None], token_drift(z, self._prev.float()), nan)  # [B, N]
         # Samples without a previous summary get in-range placeholder positions (their drift is all zero here).
         positions, severity = unstable_set(torch.nan_to_num(drift, nan=0.0), self.config.p)  # [B, k], [B]
         severity = torch.where(has_prev, severity, nan)
@@ -200,9 +204,10 @@ class TrimController:
         severity = torch.where(over, threshold, severity.double())  # a forced accept counts at its threshold
         # finite by construction (nan_to_num), so the statistics need not check it on the host
         self.stats.update(torch.nan_to_num(severity, nan=0.0), mask & torch.isfinite(severity), check=False)
+        stored = z.clamp(-_PREV_MAX, _PREV_MAX).to(PREV_DTYPE)  # NaN stays NaN (flagged in `finite`)
         if self._prev is None:
-            self._prev = torch.zeros_like(z)
-        self._prev = torch.where(mask[:, None, None], z, self._prev)
+            self._prev = torch.zeros_like(stored)
+        self._prev = torch.where(mask[:, None, None], stored, self._prev)
         self._chunks = self._chunks + mask.long()
         if logger.isEnabledFor(logging.DEBUG):  # .tolist() waits for the device: only when it is logged
             logger.debug("accepted chunk for samples %s", mask.nonzero().flatten().tolist())
@@ -210,10 +215,11 @@ class TrimController:
     def state_dict(self) -> dict[str, Tensor]:
         """Everything needed to resume bit-exactly, as tensors only (safetensors-compatible).
 
-        Keys: `chunks_accepted` [B] long, `prev_summary` [B, N, D] float32 ([B, 0, 0] before the first accept),
+        Keys: `chunks_accepted` [B] long, `prev_summary` [B, N, D] float16 ([B, 0, 0] before the first accept),
         `stats.count` [B] long, `stats.mean` and `stats.m2` [B] float64.
         """
-        prev = self._prev if self._prev is not None else torch.zeros(self.batch_size, 0, 0, device=self.device)
+        prev = self._prev if self._prev is not None else torch.zeros(self.batch_size, 0, 0, dtype=PREV_DTYPE,
+                                                                     device=self.device)
         state = {"chunks_accepted": self._chunks.clone(), "prev_summary": prev.clone()}
         state.update({_STATS_PREFIX + key: value for key, value in self.stats.state_dict().items()})
         return state
@@ -226,8 +232,9 @@ class TrimController:
         chunks, prev = d["chunks_accepted"], d["prev_summary"]
         if chunks.dtype != torch.long or tuple(chunks.shape) != (self.batch_size,):
             raise ValueError(f"state `chunks_accepted` must be long of shape ({self.batch_size},), got {chunks.dtype}")
-        if prev.dtype != torch.float32 or prev.ndim != 3 or prev.shape[0] != self.batch_size:
-            raise ValueError(f"state `prev_summary` must be float32 [{self.batch_size}, N, D], got {prev.dtype}")
+        if prev.dtype != PREV_DTYPE or prev.ndim != 3 or prev.shape[0] != self.batch_size:
+            raise ValueError(f"state `prev_summary` must be {PREV_DTYPE} [{self.batch_size}, N, D], got {prev.dtype} "
+                             f"{tuple(prev.shape)}")
         if prev.numel() == 0 and bool((chunks > 0).any()):
             raise ValueError("state `prev_summary` is empty but `chunks_accepted` says chunks were accepted")
         stats = {key[len(_STATS_PREFIX) :]: value for key, value in d.items() if key.startswith(_STATS_PREFIX)}

@@ -15,8 +15,8 @@ Host reads (device waits on an accelerator): exactly one per attempt, `Rollout._
 the host needs: which samples reject the candidate, the sizes of the prune that would follow, and the chunk's stats
 row figures (used when no sample retries). Verdicts, thresholds, accept masks and the window's choice stay on the
 device. So a chunk that no sample regenerates costs one read, with or without TokenTrim, and each regeneration one
-more. (`early_stop` trades one more read per attempt that may retry for skipping the denoising steps after
-``measure_step`` of a candidate every undecided sample rejects.)
+more. (`RolloutConfig.early_stop`, on by default, adds one read per self-forcing attempt that may retry, to skip the
+denoising steps after ``measure_step`` of a candidate every undecided sample rejects.)
 
 Everything a resumed rollout needs is in the `ChunkRecord` of each accepted chunk (clean latents, prune events,
 controller state, in-flight window): `Rollout.restore` replays the commits and prunes in order.
@@ -123,9 +123,6 @@ class Rollout:
         self._prev: torch.Tensor | None = None  # same, of the previous chunk
         # fault injection for tests and drift studies: (chunk, attempt, x0 [B, C, F, h, w]) -> x0
         self.perturb: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
-        # self-forcing: read the verdict at ``measure_step`` and skip the rest of a candidate that every undecided
-        # sample rejects (one more host read per attempt that may retry; the results are the same)
-        self.early_stop = False
 
     def _check_trim(self, trim: TrimConfig | None) -> None:
         if trim is None:
@@ -187,7 +184,7 @@ class Rollout:
 
     def _self_forcing_candidate(self, c: int, attempt: int, done: torch.Tensor) -> _Judged:
         """Denoise chunk ``c`` from its noise step by step over the cache, judging x0 at ``measure_step``. With
-        `early_stop`, stops there when every undecided sample's candidate is rejected (a host read)."""
+        `RolloutConfig.early_stop`, stops there when every undecided sample's candidate is rejected (a host read)."""
         x = self.noise(c, 0, attempt)  # 1. noise
         x0, verdict = x, None
         for i, t in enumerate(self.timesteps):  # 2. denoise
@@ -198,7 +195,7 @@ class Rollout:
             x0 = self._perturbed(c, attempt, x0)
             if self.trim is not None and i == self.trim.measure_step:
                 verdict = self._judge(x0, attempt)  # 3. judge
-                if self.early_stop and attempt < self.trim.max_retries and verdict.rejects_all(done):
+                if self.config.early_stop and attempt < self.trim.max_retries and verdict.rejects_all(done):
                     return verdict
             if i + 1 < len(self.timesteps):
                 x = renoise(x0, self.noise(c, i + 1, attempt), self.timesteps[i + 1] / 1000.0)
