@@ -3,7 +3,7 @@ compared with a stored baseline, a markdown report with SVG curves, and a failin
 
 Drift of a metric over a video: ``delta = mean(last quarter of chunks) - mean(first quarter)``. The metrics are
 model-free (REFERENCE: drift proxies): latent distance to the first chunk, colour-histogram distance to the first
-chunk, luma, and VBench's flicker score. A run regresses when a variant's mean |delta| of a metric grows beyond
+chunk, luma, and steadiness (VBench's temporal-flickering score, higher = steadier). A run regresses when a variant's mean |delta| of a metric grows beyond
 ``tolerance`` (relative) + ``slack`` (absolute) over the baseline, or when any prompt fails to render.
 """
 
@@ -26,7 +26,7 @@ from pipeline.store import KeyNotFound, Store, split_url
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("latent_dist_first", "hist_dist_first", "luma", "flicker")
+METRICS = ("latent_dist_first", "hist_dist_first", "luma", "steadiness")
 VARIANTS = ("tokentrim", "baseline")
 PROBE_VARIANT = "probe"  # TokenTrim on, a known corruption injected (`pipeline.rollout.probe`)
 BASELINE_FORMAT = 3

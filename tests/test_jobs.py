@@ -196,7 +196,7 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
     assert fresh["resumed_from"] == 0
     assert out.get_bytes("videos/p0.mp4") == Store(reference.output_url).get_bytes("videos/p0.mp4")
     again = process_row(backend, spec, row, claims)
-    assert again["status"] == "skipped" and again["chunks"] == 4 and again["resumed_from"] == result["resumed_from"]
+    assert again["status"] == "ok" and again["reused"] and again["chunks"] == 4 and again["resumed_from"] == result["resumed_from"]
 
 
 def test_a_poison_prompt_is_not_tried_again(backend, tmp_path):
@@ -220,7 +220,7 @@ def test_a_prompt_finished_while_it_was_claimed_is_given_back_unspent(backend, t
             return None if self.calls == 1 else {"row_hash": row_hash(spec, row), "chunks": 2, "attempt": 0}
 
     result = process_row(backend, spec, row, Racy(Store(spec.output_url), lease_s=60, max_attempts=1))
-    assert (result["status"], result["chunks"], result["attempt"]) == ("skipped", 2, 0)
+    assert (result["status"], result["reused"], result["chunks"], result["attempt"]) == ("ok", True, 2, 0)
     assert _leases(spec.output_url, "p") == ["yielded"]
     again = Claims(Store(spec.output_url), lease_s=60, max_attempts=1).acquire("p")
     assert not isinstance(again, (str, Busy)) and again.attempt == 1  # max_attempts 1, and still not poison
@@ -258,12 +258,12 @@ def test_a_local_job_records_seeds_keeps_numbers_on_rerun_and_skips_in_the_drive
             raise AssertionError(f"the driver should have skipped {rows}")
 
     again = submit(spec, executor=NoWork())  # finished prompts are decided from done/ before any worker starts
-    assert again.counts == {"skipped": 2}
+    assert again.counts == {"ok": 2}
     rerun = _results(tmp_path / "out")
     for before, after in zip(rows, rerun):
-        assert after["status"] == "skipped"
-        assert {k: after[k] for k in RESULT_FIELDS if k not in ("status", "seconds")} == \
-            {k: before[k] for k in RESULT_FIELDS if k not in ("status", "seconds")}
+        assert (before["reused"], after["reused"]) == (False, True)
+        assert {k: after[k] for k in RESULT_FIELDS if k != "reused"} == \
+            {k: before[k] for k in RESULT_FIELDS if k != "reused"}
 
 
 def test_a_corrupt_done_marker_or_a_failing_claim_is_one_rows_result(tmp_path, monkeypatch):
@@ -341,7 +341,8 @@ def test_a_dead_workers_lease_is_outwaited_while_a_live_one_is_left_for_other_ro
     thread.join()
     assert order == ["p1 done while p0 was held"]
     rows = {r["prompt_id"]: r for r in _results(out)}
-    assert rows["p0"]["status"] == "skipped" and rows["p0"]["chunks"] == 2  # rendered once, by the other job
+    # rendered once, by the other job
+    assert rows["p0"]["status"] == "ok" and rows["p0"]["reused"] and rows["p0"]["chunks"] == 2
     assert rows["p1"]["status"] == "ok" and rows["p1"]["attempt"] == 1 and report.succeeded
     assert _leases(out, "p0") == ["done"]
 
@@ -559,11 +560,11 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     assert store.get_table("stats/dog.parquet").num_rows == 3
     assert not any(k.startswith("../") or "escape" in k for k in store.list())
     assert not store.list("rollouts/")  # retention: state deleted once each prompt was committed
-    result = CliRunner().invoke(main, ["status", out, "--storage-options", json.dumps(s3.storage_options)])
+    result = CliRunner().invoke(main, ["status", out, "--json", "--storage-options", json.dumps(s3.storage_options)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["rows"]["done"] == 3
     again = submit(load_spec(out, s3.storage_options))
-    assert again.counts == {"skipped": 3, "invalid": 1}
+    assert again.counts == {"ok": 3, "invalid": 1}
     other = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
                     storage_options=s3.storage_options)
     with pytest.raises(ConfigMismatchError, match="--force"):
