@@ -71,7 +71,7 @@ RESULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("render_hash", "string", "hash of what was rendered (model spec, dtype, rollout, TokenTrim, video settings, "
                               "probe): the stats rows' and checkpoints' render_hash; job.json's config_hash is the "
                               "job's, a different hash"),
-    ("reused", "bool", "true when this run answered the row from its done marker (rendered by an earlier run or "
+    ("reused", "bool_", "true when this run answered the row from its done marker (rendered by an earlier run or "
                        "another job) instead of rendering it; the numbers are that render's"),
 )
 RESULT_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in RESULT_COLUMNS)
