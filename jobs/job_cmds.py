@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from jobs.options import build, options
-from jobs.spec import Executor, JobSpec
+from jobs.spec import Executor, JobSpec, OptionError
 from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError
 from tokentrim.config import TrimConfig
@@ -34,6 +34,12 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise click.BadParameter(f"must be a JSON object, got {text!r}", param_hint="--storage-options")
     return value
+
+
+class OptionLine(click.ClickException):
+    """An option this machine or model cannot honour (`jobs.spec.OptionError`): one line, exit status 2."""
+
+    exit_code = 2
 
 
 storage_option = click.option(
@@ -96,6 +102,8 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
     spec = spec_from(groups, input_url=table, output_url=out_url, no_trim=no_trim, storage_options=storage_options)
     try:
         _report(run_submit(spec, force=force))
+    except OptionError as exc:
+        raise OptionLine(str(exc)) from exc
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -118,6 +126,8 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
         if executor is not None:
             spec = dataclasses.replace(spec, executor=cast(Executor, executor))
         _report(run_submit(spec))
+    except OptionError as exc:
+        raise OptionLine(str(exc)) from exc
     except (TokentrimError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -169,6 +179,8 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
     try:
         result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline,
                                 probe_on=not no_probe)
+    except OptionError as exc:
+        raise OptionLine(str(exc)) from exc
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"report: {result.report_url}")

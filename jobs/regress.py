@@ -3,8 +3,9 @@ compared with a stored baseline, a markdown report with SVG curves, and a failin
 
 Drift of a metric over a video: ``delta = mean(last quarter of chunks) - mean(first quarter)``. The metrics are
 model-free (REFERENCE: drift proxies): latent distance to the first chunk, colour-histogram distance to the first
-chunk, luma, and steadiness (VBench's temporal-flickering score, higher = steadier). A run regresses when a variant's mean |delta| of a metric grows beyond
-``tolerance`` (relative) + ``slack`` (absolute) over the baseline, or when any prompt fails to render.
+chunk, luma, and steadiness (VBench's temporal-flickering score, higher = steadier). A run regresses when a
+variant's mean |delta| of a metric grows beyond ``tolerance`` (relative) + ``slack`` (absolute) over the baseline, or
+when any prompt fails to render.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from jobs.quality import CANARY_METRICS, canary_measures, failed_rows, mean_measures, ok_ids, probe_leak, video_frames
 from jobs.run import plan, submit
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, OptionError
 from pipeline.errors import InputError
 from pipeline.hashing import digest as config_hash
 from pipeline.rollout.probe import Probe
@@ -162,7 +163,9 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     out = Store(spec.output_url, spec.storage_options)
     base_store, key = ((out, "baseline.json") if baseline_url is None
                        else split_url(baseline_url, spec.storage_options))
-    rows = plan(spec)[1]
+    rows, refused = plan(spec)[1:]
+    if invalid := [r for r in refused if r["status"] == "invalid"]:  # a regression judges every prompt it names
+        raise OptionError(f"the regression's prompt table has invalid rows: {invalid[0]['error']}")
     probe = default_probe(spec.rollout.num_chunks) if probe_on else None
     settings = settings_of(spec, [row.prompt_id for row in rows], probe)
     try:

@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
+from jobs.job_cmds import OptionLine
 from jobs.options import build, options
-from jobs.spec import JobSpec, absolute_url
+from jobs.spec import JobSpec, OptionError, absolute_url, check_device, check_prompt
 from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError
 from tokentrim.config import TrimConfig
@@ -58,6 +59,12 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
     device = spec.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # before the model loads: a wrong device or prompt is one line, at once
+        check_device(device)
+        if (refused := check_prompt(spec, prompt)) is not None:
+            raise OptionError(refused)
+    except OptionError as exc:
+        raise OptionLine(str(exc)) from exc
     try:
         backend = load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype), weights=spec.weights,
                                seed=0, compile=spec.compile)

@@ -17,8 +17,8 @@ from typing import Any
 
 from jobs.executors import Executor, make_executor
 from jobs.policy import RESULT_FIELDS, Claims, finished_rows, result_row, results_schema
-from jobs.spec import JOB_FORMAT, JobSpec, absolute_url
-from jobs.table import PromptRow, read_table, validate_rows
+from jobs.spec import JOB_FORMAT, JobSpec, absolute_url, check_device, check_prompt, settings_differ
+from jobs.table import BadRow, PromptRow, read_table, validate_rows
 from pipeline.errors import ConfigMismatchError, InputError
 from pipeline.store import KeyNotFound, Store
 
@@ -59,6 +59,8 @@ def check_model(spec: JobSpec) -> None:
     from pipeline.model.backend import PRESETS
 
     remote = spec.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
+    if not remote:  # the workers run on this machine: it must have the device they will ask for
+        check_device(spec.resolved_device)
     if spec.model not in PRESETS:
         if os.path.isdir(spec.model):
             if not os.path.isdir(os.path.join(spec.model, "transformer")):
@@ -80,7 +82,17 @@ def check_output(out: Store, spec: JobSpec, *, force: bool) -> None:
     if isinstance(old, dict) and old.get("config_hash") != spec.config_hash() and not force:
         raise ConfigMismatchError(
             f"{out.url} holds job {old.get('config_hash')} with other render settings than this one "
-            f"({spec.config_hash()}); use another output or --force to re-render under the new settings")
+            f"({spec.config_hash()}; {_differ(old, spec)} differ); use another output or --force to re-render under "
+            "the new settings")
+
+
+def _differ(old: dict[str, Any], spec: JobSpec) -> str:
+    """Which render settings a recorded job.json has other than ``spec``, as dotted names."""
+    try:
+        recorded = JobSpec.from_dict(old["spec"]).render_settings()
+    except (KeyError, TypeError, ValueError):
+        return "unreadable recorded settings"
+    return ", ".join(settings_differ(recorded, spec.render_settings())) or "no named setting"
 
 
 def write_job_json(out: Store, spec: JobSpec) -> None:
@@ -107,6 +119,9 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
                                output_url=absolute_url(spec.output_url))
     good, bad = validate_rows(read_table(spec.input_url, spec.storage_options),
                               default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
+    refused = {r.row: error for r in good if (error := check_prompt(spec, r.prompt)) is not None}
+    bad += [BadRow(r.row, r.prompt_id, f"row {r.row}: {refused[r.row]}") for r in good if r.row in refused]
+    good = [r for r in good if r.row not in refused]
     if not good:
         first = "; ".join(b.error for b in bad[:3])
         raise InputError(f"prompt table {spec.input_url!r} has no valid row ({len(bad)} invalid): {first}")

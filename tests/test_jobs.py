@@ -44,6 +44,7 @@ def _prompts(path, n: int = 3, chunks: int = 2) -> str:
 
 def _local(table: str, out, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=2))
+    kw.setdefault("allow_any_prompt", True)  # prompts outside the canary grammar
     return JobSpec(input_url=table, output_url=str(out), executor="local", **kw)
 
 
@@ -168,6 +169,7 @@ def backend():
 
 def _spec(tmp_path, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=3))
+    kw.setdefault("allow_any_prompt", True)
     return JobSpec(input_url=str(tmp_path / "p.parquet"), output_url=str(tmp_path / "out"), **kw)
 
 
@@ -196,7 +198,8 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
     assert fresh["resumed_from"] == 0
     assert out.get_bytes("videos/p0.mp4") == Store(reference.output_url).get_bytes("videos/p0.mp4")
     again = process_row(backend, spec, row, claims)
-    assert again["status"] == "ok" and again["reused"] and again["chunks"] == 4 and again["resumed_from"] == result["resumed_from"]
+    assert again["status"] == "ok" and again["reused"] and again["chunks"] == 4
+    assert again["resumed_from"] == result["resumed_from"]
 
 
 def test_a_poison_prompt_is_not_tried_again(backend, tmp_path):
@@ -361,7 +364,7 @@ def test_a_killed_job_and_two_concurrent_submits_render_every_prompt_exactly_onc
     # 8 chunks: chunk 1's marker (written once its segment is encoded, during chunk 2) lives for 6 more chunks
     # before retention deletes the rollout; with 3 a fast model could finish p0 between two polls
     argv = [sys.executable, "-m", "jobs.cli", "submit", table, "--out", str(out), "--executor", "local",
-            "--lease-s", "1", "--num-chunks", "8"]
+            "--lease-s", "1", "--num-chunks", "8", "--allow-any-prompt"]
     killed = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (out / "rollouts" / "p0" / "chunk-000001.json").exists():
@@ -411,7 +414,7 @@ def test_failed_starts_write_nothing(tmp_path):
 def test_cli_exit_codes_limit_and_its_record(tmp_path):
     table = _table(tmp_path / "p.parquet", prompt_id=["a", "b", "c"], prompt=["x", "y", "z"], num_chunks=[2, 2, 2])
     invalid = _table(tmp_path / "i.parquet", prompt_id=["../a"], prompt=["x"])
-    base = ["submit", "--executor", "local", "--num-chunks", "2"]
+    base = ["submit", "--executor", "local", "--num-chunks", "2", "--allow-any-prompt"]
     assert CliRunner().invoke(main, [*base, invalid, "--out", str(tmp_path / "o1")]).exit_code == 1
     result = CliRunner().invoke(main, [*base, table, "--out", str(tmp_path / "o2"), "--limit", "-1"])
     assert result.exit_code == 2 and "limit" in result.output
@@ -435,7 +438,7 @@ def test_resume_writes_only_under_the_given_url(tmp_path, monkeypatch):
     _prompts(first / "p.parquet", n=2)
     monkeypatch.chdir(first)
     result = CliRunner().invoke(main, ["submit", "p.parquet", "--out", "out", "--executor", "local",
-                                       "--num-chunks", "2"])
+                                       "--num-chunks", "2", "--allow-any-prompt"])
     assert result.exit_code == 0, result.output
     shutil.copytree(first / "out", tmp_path / "copy")
     for key in ("done/p1.json", "videos/p1.mp4", "stats/p1.parquet"):
@@ -524,7 +527,7 @@ def test_regression_passes_against_its_own_baseline_and_refuses_other_settings(t
     assert first.exit_code == 0, first.output
     assert first.output.rstrip().endswith("PASS")
     report = (night / "report.md").read_text()
-    assert "**PASS**" in report and "plots/flicker.svg" in report
+    assert "**PASS**" in report and "plots/steadiness.svg" in report
     assert (night / "plots" / "luma.svg").read_text().startswith("<svg")
     baseline = json.loads((night / "baseline.json").read_text())
     assert set(baseline["metrics"]) == {"tokentrim", "baseline", "probe"}
@@ -548,7 +551,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
                  prompt=["a cat", "a dog", "hostile", "an owl at night"], num_chunks=[2, 3, 2, 2])
     out = f"{s3.url}/jobs/{tmp_path.name}"
     spec = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), workers=2,
-                   storage_options=s3.storage_options)
+                   storage_options=s3.storage_options, allow_any_prompt=True)
     report = submit(spec)
     assert report.counts == {"ok": 3, "invalid": 1}
     store = Store(out, s3.storage_options)
@@ -566,7 +569,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     again = submit(load_spec(out, s3.storage_options))
     assert again.counts == {"ok": 3, "invalid": 1}
     other = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
-                    storage_options=s3.storage_options)
+                    storage_options=s3.storage_options, allow_any_prompt=True)
     with pytest.raises(ConfigMismatchError, match="--force"):
         submit(other)
 
@@ -583,7 +586,7 @@ def test_a_worker_killed_mid_rollout_is_retried_and_resumes(ray_cluster, tmp_pat
 
     def spec(out):
         return JobSpec(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
-                       lease_s=2.0, workers=1)
+                       lease_s=2.0, workers=1, allow_any_prompt=True)
 
     reports = {}
     job = threading.Thread(target=lambda: reports.setdefault("killed", submit(spec("killed"))))

@@ -104,8 +104,8 @@ STATS_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("saturation", "float64", "mean HSV saturation, [0, 1]"),
     ("clipped", "float64", "fraction of pixels with a channel <= 2 or >= 253, [0, 1]"),
     ("steadiness", "float64", "VBench's temporal-flickering score (255 - mean |frame_t - frame_t-1|) / 255 over the "
-                              "chunk's consecutive frames (with the previous chunk's last), [0, 1]: higher = steadier, "
-                              "1 = static"),
+                              "chunk's consecutive frames (with the previous chunk's last), [0, 1]: higher = "
+                              "steadier, 1 = static"),
     ("hist_dist_first", "float64", "colour-histogram total-variation distance to the first chunk, [0, 1]"),
     ("t_encode_s", "float64", "seconds spent encoding the chunk's video segments and pixel proxies (null: restored "
                               "from a checkpoint)"),
