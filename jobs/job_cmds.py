@@ -97,11 +97,12 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
           --workers 8 --gpus-per-worker 1 --dtype bfloat16
       tokentrim submit jobs/data/vbench_prompts.parquet --out out/job --model tiny --num-chunks 3 --limit 4
     """
+    from jobs.cli_progress import JobBar
     from jobs.run import submit as run_submit
 
     spec = spec_from(groups, input_url=table, output_url=out_url, no_trim=no_trim, storage_options=storage_options)
     try:
-        _report(run_submit(spec, force=force))
+        _report(run_submit(spec, force=force, progress=JobBar(spec.model)))
     except OptionError as exc:
         raise OptionLine(str(exc)) from exc
     except TokentrimError as exc:
@@ -116,6 +117,7 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
 def resume(out_url: str, workers: int | None, executor: str | None, storage_options: str | None) -> None:
     """Run the job recorded in OUT_URL/job.json again, writing under OUT_URL (wherever the job was first written):
     finished prompts are skipped, the rest continue."""
+    from jobs.cli_progress import JobBar
     from jobs.run import load_spec
     from jobs.run import submit as run_submit
 
@@ -125,7 +127,7 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
             spec = dataclasses.replace(spec, workers=workers)
         if executor is not None:
             spec = dataclasses.replace(spec, executor=cast(Executor, executor))
-        _report(run_submit(spec))
+        _report(run_submit(spec, progress=JobBar(spec.model)))
     except OptionError as exc:
         raise OptionLine(str(exc)) from exc
     except (TokentrimError, ValueError) as exc:
@@ -134,15 +136,62 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
 
 @click.command()
 @click.argument("out_url")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @storage_option
-def status(out_url: str, storage_options: str | None) -> None:
-    """Progress of the job under OUT_URL: rows done and remaining, live leases, last results, stored bytes."""
+def status(out_url: str, as_json: bool, storage_options: str | None) -> None:
+    """Progress of the job under OUT_URL: rows by status, live and stale leases with their chunk, last results,
+    stored bytes, an ETA."""
     from jobs.run import status as job_status
 
     try:
-        click.echo(json.dumps(job_status(out_url, parse_storage_options(storage_options)), indent=2, sort_keys=True))
+        report = job_status(out_url, parse_storage_options(storage_options))
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else status_text(report))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _span(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(abs(seconds) + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def status_text(report: dict[str, Any]) -> str:
+    """`status` for people: rows, leases (live and stale), last results, stored bytes, ETA."""
+    rows = report["rows"]
+    lines = [f"job     {report['output']}  (config {report['config_hash']})",
+             "rows    " + ("  ".join(f"{k} {v}" for k, v in rows.items()) if "error" not in rows else rows["error"])]
+    results = report.get("results")
+    lines.append("results " + ("  ".join(f"{k} {v}" for k, v in sorted(results.items())) if results
+                               else "none yet (written when a run ends)"))
+    leases = report.get("leases") or []
+    lines.append(f"leases  {sum(x['state'] == 'live' for x in leases)} live, "
+                 f"{sum(x['state'] == 'stale' for x in leases)} stale")
+    if leases:
+        lines.append(f"  {'prompt':24} {'attempt':>7} {'state':6} {'chunk':>9} {'age':>9}  lease")
+        for x in leases:
+            chunk = f"{x['chunk']}/{x['num_chunks'] if x['num_chunks'] is not None else '?'}"
+            lease = (f"ends in {_span(x['expires_in_s'])}" if x["state"] == "live"
+                     else f"STALE: ran out {_span(x['expires_in_s'])} ago")
+            lines.append(f"  {x['prompt_id'][:24]:24} {x['attempt']:>7} {x['state']:6} {chunk:>9} "
+                         f"{_span(x['age_s']):>9}  {lease}")
+    stored = report["stored_bytes"]
+    lines.append("stored  " + "  ".join(f"{k} {_size(v)}" for k, v in sorted(stored.items()) if k != "total")
+                 + f"  (total {_size(stored['total'])})")
+    eta = report.get("eta_s")
+    lines.append("ETA     " + ("done" if eta == 0 else _span(eta) + " (mean time of finished prompts x remaining "
+                               "/ workers)" if eta is not None else "unknown (no finished prompt yet)"))
+    return "\n".join(lines)
 
 
 @click.command()
@@ -170,6 +219,7 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
       tokentrim regress --out s3://bucket/nightly/2026-11-26 --baseline s3://bucket/nightly/baseline.json \\
           --model /models/wan --weights /models/sf.pt --dtype bfloat16 --gpus-per-worker 1 --workers 4
     """
+    from jobs.cli_progress import JobBar
     from jobs.regress import default_table, run_regression
 
     if no_trim:
@@ -178,7 +228,7 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
                      no_trim=False, storage_options=storage_options, limit=prompts)
     try:
         result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline,
-                                probe_on=not no_probe)
+                                probe_on=not no_probe, progress=JobBar(spec.model))
     except OptionError as exc:
         raise OptionLine(str(exc)) from exc
     except TokentrimError as exc:

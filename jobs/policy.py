@@ -201,6 +201,18 @@ class Claims:
             claimed_at = 0.0
         return {"state": "held", "expires_at": claimed_at}
 
+    def last_lease(self, prompt_id: str) -> tuple[int, dict[str, Any], float | None] | None:
+        """The latest attempt on a prompt: its number, its lease and when it was claimed (None: never claimed)."""
+        attempts = self.attempts(prompt_id)
+        if not attempts:
+            return None
+        try:
+            claim = self.store.get_json(f"claims/{prompt_id}/{attempts[-1]}.json")
+            claimed_at = float(claim["claimed_at"]) if isinstance(claim, dict) else None
+        except (KeyNotFound, CorruptStateError, KeyError, TypeError, ValueError):
+            claimed_at = None
+        return attempts[-1], self._lease(prompt_id, attempts[-1]), claimed_at
+
     def held(self, prompt_id: str) -> bool:
         """Whether a live lease holds the prompt now."""
         attempts = self.attempts(prompt_id)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+from jobs.progress import JobProgress
 from jobs.quality import CANARY_METRICS, canary_measures, failed_rows, mean_measures, ok_ids, probe_leak, video_frames
 from jobs.run import plan, submit
 from jobs.spec import JobSpec, OptionError
@@ -138,10 +139,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store,
-                   metrics: dict[str, dict[str, float]]) -> list[str]:
+                   metrics: dict[str, dict[str, float]], progress: JobProgress | None = None) -> list[str]:
     """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]["probe_leak"]``."""
     vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe)
-    report = submit(vspec)
+    report = submit(vspec, progress=progress)
     probed = Store(vspec.output_url, spec.storage_options)
     leaks = [probe_leak(video_frames(probed, f"videos/{pid}.mp4"), video_frames(clean, f"videos/{pid}.mp4"),
                         probe.chunk, spec.rollout.chunk_frames)
@@ -151,7 +152,8 @@ def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store,
 
 
 def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance: float = 0.10, slack: float = 1e-4,
-                   update_baseline: bool = False, probe_on: bool = True) -> Regression:
+                   update_baseline: bool = False, probe_on: bool = True,
+                   progress: JobProgress | None = None) -> Regression:
     """Render the spec's first ``limit`` prompts with TokenTrim, without it, and (``probe_on``) with TokenTrim and
     a known corruption (`default_probe`) under ``spec.output_url``; compare with the baseline (refused when made
     under other settings); write ``report.md``. On the canary, the videos are also judged by the detector
@@ -180,7 +182,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     for variant in VARIANTS:
         vspec = dataclasses.replace(spec, output_url=out.join(variant),
                                     trim=spec.trim if variant == "tokentrim" else None)
-        report = submit(vspec)
+        report = submit(vspec, progress=progress)
         stores[variant] = Store(vspec.output_url, spec.storage_options)
         metrics[variant], curves[variant], failed = measure(stores[variant], report.results)
         failures += [f"{variant}: {f}" for f in failed]
@@ -189,7 +191,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
                          for pid in ok_ids(report.results)]
             metrics[variant].update(mean_measures(per_video, CANARY_METRICS))
     if probe is not None:
-        failures += _probe_variant(spec, out, probe, stores["tokentrim"], metrics)
+        failures += _probe_variant(spec, out, probe, stores["tokentrim"], metrics, progress)
     if update_baseline and not failures:
         baseline = {"format": BASELINE_FORMAT, "settings": settings, "config_hash": config_hash(settings),
                     "metrics": metrics}

@@ -51,6 +51,7 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
                restart: bool) -> None:
     import torch
 
+    from jobs.cli_progress import RenderBar, say
     from pipeline.model.backend import load_backend
     from pipeline.outputs.render import render as render_prompts
     from pipeline.store import Store
@@ -65,22 +66,22 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
             raise OptionError(refused)
     except OptionError as exc:
         raise OptionLine(str(exc)) from exc
+    say(f"loading model {spec.model} on {device} ...")
     try:
         backend = load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype), weights=spec.weights,
                                seed=0, compile=spec.compile)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc
     state = Store(absolute_url(state_url), spec.storage_options) if state_url else None
-    with click.progressbar(length=config.num_chunks, label=f"rendering {prompt_id}", file=None) as bar:
-        def on_chunk(index: int, rows: list[dict[str, Any]]) -> None:
-            bar.update(1)
-
-        try:
-            results = render_prompts(backend, [prompt], [prompt_id], spec.output_url, config=config, trim=spec.trim,
-                                     seeds=[seed], state_url=state, storage_options=spec.storage_options,
-                                     force_restart=restart, on_chunk=on_chunk)
-        except TokentrimError as exc:
-            raise click.ClickException(str(exc)) from exc
+    bar = RenderBar(prompt_id, config.num_chunks)
+    try:
+        results = render_prompts(backend, [prompt], [prompt_id], spec.output_url, config=config, trim=spec.trim,
+                                 seeds=[seed], state_url=state, storage_options=spec.storage_options,
+                                 force_restart=restart, on_chunk=bar.on_chunk)
+    except TokentrimError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
     result = results[0]
     verdicts = [r["verdict"] for r in result.rows]
     click.echo(f"video: {result.video_url}")
