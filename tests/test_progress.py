@@ -3,12 +3,15 @@ per finished prompt without one, and `status` as a table; the bar is fed from wh
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -39,6 +42,7 @@ def _table(path: Path, n: int = 1) -> str:
 def _in_pty(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
     """Run ``tokentrim ARGS`` with stdout and stderr on a pseudo-terminal; its exit status and what it showed."""
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env or ENV,
                             stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)
