@@ -1,5 +1,8 @@
 """The command line's progress display (tqdm), fed by hooks from the layers below, which never print.
 
+Under Ray on a terminal, without ``-v``, `native_stderr_diverted` keeps Ray's own output (its C++ logs, its loggers)
+in a log file.
+
 On a terminal: a live bar of chunks committed with prompts done / total, the chunk position of the prompts being
 rendered, chunks pruned so far and tqdm's ETA; "loading model ..." until the first chunk lands. Without a terminal
 (CI, logs): one line per prompt finished.
@@ -7,14 +10,40 @@ rendered, chunks pruned so far and tqdm's ETA; "loading model ..." until the fir
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 import click
 from tqdm import tqdm
 
 from jobs.progress import JobSnapshot, eta_seconds
+
+
+@contextmanager
+def native_stderr_diverted() -> Iterator[tuple[str, TextIO]]:
+    """While the block runs, whatever writes to stderr (Ray's C++ core worker, the handlers of its loggers, this
+    process's loggers) goes to a log file; yields its path and a stream on the terminal for the bar. Afterwards
+    ``sys.stderr`` is that terminal stream, so errors and the report are seen; Ray's handlers keep the log file."""
+    fd, path = tempfile.mkstemp(prefix="tokentrim-ray-", suffix=".log")
+    sys.stderr.flush()
+    old = sys.stderr
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                         errors="replace")
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield path, terminal
+    finally:
+        sys.stderr = terminal
+        for handler in logging.getLogger().handlers:  # `tokentrim`'s own handler: back on the terminal
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(terminal)
 
 
 def is_tty(stream: TextIO | None = None) -> bool:
@@ -39,8 +68,8 @@ class JobBar:
     """A `jobs.progress.JobProgress` for `submit`, `resume` and `regress`."""
 
     def __init__(self, model: str, stream: TextIO | None = None) -> None:
-        self.model, self.stream = model, stream or sys.stderr
-        self.tty = is_tty(self.stream)
+        self.model, self.stream = model, stream
+        self.tty = is_tty(self.stream or sys.stderr)
         self.bar: Any = None
         self.began = time.monotonic()
         self.chunks_at_start = 0
@@ -52,7 +81,8 @@ class JobBar:
         self.began, self.chunks_at_start = time.monotonic(), snap.done_chunks + _running(snap)
         todo = snap.total_prompts - snap.done_prompts
         if self.tty:
-            self.bar = tqdm(total=snap.total_chunks, initial=self.chunks_at_start, unit="chunk", file=self.stream,
+            self.bar = tqdm(total=snap.total_chunks, initial=self.chunks_at_start, unit="chunk",
+                            file=self.stream or sys.stderr,
                             dynamic_ncols=True, desc=self._label(snap))
             self.update(snap)
         else:

@@ -6,9 +6,10 @@ when a prompt failed or is poison, when nothing could be rendered, or (regress) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import click
@@ -68,6 +69,22 @@ def spec_from(groups: dict[str, Any], *, input_url: str, output_url: str, no_tri
                  storage_options=parse_storage_options(storage_options), **fixed)
 
 
+@contextlib.contextmanager
+def job_progress(spec: JobSpec) -> Iterator[Any]:
+    """The progress display of a job (`jobs.cli_progress.JobBar`); under Ray on a terminal without ``-v``, Ray's own
+    log lines go to a file meanwhile, whose path is printed first."""
+    import logging
+
+    from jobs.cli_progress import JobBar, is_tty, native_stderr_diverted
+
+    if spec.executor != "ray" or not is_tty() or logging.getLogger().isEnabledFor(logging.INFO):
+        yield JobBar(spec.model)
+        return
+    with native_stderr_diverted() as (path, terminal):
+        click.echo(f"Ray's own log lines: {path} (tokentrim -v shows them here)", file=terminal)
+        yield JobBar(spec.model, terminal)
+
+
 def _report(report: Any) -> None:
     click.echo(f"results: {report.results_url}")
     click.echo("  " + ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) + f" ({report.seconds:.1f} s)")
@@ -97,12 +114,13 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
           --workers 8 --gpus-per-worker 1 --dtype bfloat16
       tokentrim submit jobs/data/vbench_prompts.parquet --out out/job --model tiny --num-chunks 3 --limit 4
     """
-    from jobs.cli_progress import JobBar
     from jobs.run import submit as run_submit
 
     spec = spec_from(groups, input_url=table, output_url=out_url, no_trim=no_trim, storage_options=storage_options)
     try:
-        _report(run_submit(spec, force=force, progress=JobBar(spec.model)))
+        with job_progress(spec) as bar:
+            report = run_submit(spec, force=force, progress=bar)
+        _report(report)
     except OptionError as exc:
         raise OptionLine(str(exc)) from exc
     except TokentrimError as exc:
@@ -117,7 +135,6 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
 def resume(out_url: str, workers: int | None, executor: str | None, storage_options: str | None) -> None:
     """Run the job recorded in OUT_URL/job.json again, writing under OUT_URL (wherever the job was first written):
     finished prompts are skipped, the rest continue."""
-    from jobs.cli_progress import JobBar
     from jobs.run import load_spec
     from jobs.run import submit as run_submit
 
@@ -127,7 +144,9 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
             spec = dataclasses.replace(spec, workers=workers)
         if executor is not None:
             spec = dataclasses.replace(spec, executor=cast(Executor, executor))
-        _report(run_submit(spec, progress=JobBar(spec.model)))
+        with job_progress(spec) as bar:
+            report = run_submit(spec, progress=bar)
+        _report(report)
     except OptionError as exc:
         raise OptionLine(str(exc)) from exc
     except (TokentrimError, ValueError) as exc:
@@ -219,7 +238,6 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
       tokentrim regress --out s3://bucket/nightly/2026-11-26 --baseline s3://bucket/nightly/baseline.json \\
           --model /models/wan --weights /models/sf.pt --dtype bfloat16 --gpus-per-worker 1 --workers 4
     """
-    from jobs.cli_progress import JobBar
     from jobs.regress import default_table, run_regression
 
     if no_trim:
@@ -227,8 +245,9 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
     spec = spec_from(groups, input_url=table or default_table(groups.get("job__model")), output_url=out_url,
                      no_trim=False, storage_options=storage_options, limit=prompts)
     try:
-        result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline,
-                                probe_on=not no_probe, progress=JobBar(spec.model))
+        with job_progress(spec) as bar:
+            result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance,
+                                    update_baseline=update_baseline, probe_on=not no_probe, progress=bar)
     except OptionError as exc:
         raise OptionLine(str(exc)) from exc
     except TokentrimError as exc:

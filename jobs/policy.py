@@ -84,6 +84,9 @@ _DONE_VALUES = ("attempt", "seed", "num_chunks", "video", "stats", "chunks", "re
                 "tokens_pruned", "mean_severity", "latent_dist_first", "hist_dist_first", "steadiness", "seconds",
                 "render_hash")
 
+# done markers written before the columns were renamed
+_RENAMED = {"config_hash": "render_hash", "flicker": "steadiness"}
+
 
 def results_schema() -> pa.Schema:
     import pyarrow as pa
@@ -252,6 +255,7 @@ def from_marker(row: PromptRow, spec: JobSpec, marker: dict | None) -> dict[str,
     records (``reused``), or None."""
     if marker is None or marker.get("row_hash") != row_hash(spec, row):
         return None
+    marker = {_RENAMED.get(k, k): v for k, v in marker.items()}
     return result_row(row, "ok", None, reused=True, **{k: marker.get(k) for k in _DONE_VALUES if k in marker})
 
 
