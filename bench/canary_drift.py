@@ -10,7 +10,7 @@ the real rollout (`--model canary`), decodes every chunk, and measures per chunk
   ``traj_err`` (|displacement - the named motion's velocity| px/frame), and ``motion_ok`` (the detector reads the
   named colour and motion in the chunk's frames);
 - model-free: ``latent_dist_first`` (stats rows) and the pixel proxies of `pipeline.outputs.pixel_stats`
-  (``hist_dist_first``, ``saturation``, ``flicker``).
+  (``hist_dist_first``, ``saturation``, ``steadiness``).
 
 Each figure is reported as Δ = mean over the last trained-horizon of chunks - mean over the first, median over the
 samples with its min..max spread. The noise floor is the same run with only the seeds changed (no TokenTrim): a
@@ -45,7 +45,7 @@ PROMPTS = [str(r["prompt"]) for r in _ROWS]
 SEEDS_A = [int(r["seed"]) for r in _ROWS]
 SEEDS_B = [s + 100_000 for s in SEEDS_A]  # the noise floor: the same prompts, only the random draw changed
 METRICS = ("motion_ok", "mass_ratio", "background_err", "objects", "traj_err", "latent_dist_first",
-           "hist_dist_first", "saturation", "flicker")
+           "hist_dist_first", "saturation", "steadiness")
 SWEEP_P, SWEEP_LAM, SWEEP_SCOPE = (0.05, 0.2), (1.0, 2.0, 3.0), ("last", "window")
 
 
@@ -74,7 +74,7 @@ def per_chunk_metrics(videos: torch.Tensor, rows: list[list[dict[str, Any]]], pr
                       **{k: float(v.float().nanmean()) for k, v in m.items()},
                       "latent_dist_first": rows[c][b]["latent_dist_first"],
                       "hist_dist_first": pix["hist_dist_first"], "saturation": pix["saturation"],
-                      "flicker": pix["flicker"], "pruned": float(rows[c][b]["tokens_pruned"] > 0)}
+                      "steadiness": pix["steadiness"], "pruned": float(rows[c][b]["tokens_pruned"] > 0)}
             for k, v in values.items():
                 out[k][b].append(v)
     return out

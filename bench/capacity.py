@@ -302,7 +302,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         def spec(name: str, chunks: int, lease_s: float) -> JobSpec:
             return JobSpec(input_url=str(folder / "prompts.parquet"), output_url=str(folder / name),
                            rollout=RolloutConfig(num_chunks=chunks), workers=args.nodes, lease_s=lease_s,
-                           device="cpu")
+                           device="cpu", allow_any_prompt=True)
 
         submitted = time.time()
         thread, outcome = _submit_in_thread(spec("steady", args.local_chunks, 60.0))

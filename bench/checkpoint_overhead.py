@@ -89,12 +89,12 @@ def bench_render(rep: Reporter, backend: WanBackend, config: RolloutConfig, trim
     # chunk i of the two renders of a round: same context length, seconds apart
     ratios = [a / b for sa, sn in zip(gaps["state"], gaps["none"]) for a, b in zip(sa, sn)]
     rows = last["state"][1][1:]
-    phases = {k: median(float(r.get(f"t_{k}", 0.0)) for r in rows)
+    phases = {k: median(float(r.get(f"t_{k}_s", 0.0)) for r in rows)
               for k in ("denoise", "trim", "commit", "decode", "encode", "checkpoint")}
     print("    per chunk with state: " + "  ".join(f"t_{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
     rep.report("render per chunk, --state file:// / none", median(ratios), 1.05,
                note=f"VAE decode + mp4 encode in both; median of per-chunk ratios, {spread(ratios)}")
-    write = median(float(r["t_checkpoint"]) for r in rows)
+    write = median(float(r["t_checkpoint_s"]) for r in rows)
     base = median(g for run in gaps["none"] for g in run)
     rep.report("render per chunk, --state estimate from t_checkpoint", 1.0 + write / base, None,
                note="1 + checkpoint write seconds / per-chunk seconds without state: the same cost without the noise")

@@ -218,7 +218,7 @@ def base_parser(description: str, threads: int = 1,
 
 def step_seconds(row: dict[str, Any]) -> float:
     """Rollout seconds of a chunk from its stats row (denoise + trim + commit)."""
-    return sum(float(row.get(f"t_{k}", 0.0)) for k in ("denoise", "trim", "commit"))
+    return sum(float(row.get(f"t_{k}_s", 0.0)) for k in ("denoise", "trim", "commit"))
 
 
 def verdict_counts(records: list[ChunkRecord]) -> dict[str, int]:

@@ -147,7 +147,7 @@ def render_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, na
         "fps_steady": steady, "fps_whole": pixel_frames_for(config.num_frames) / wall,
         "fps_rollout": new_frames / median(step_seconds(r) for r in later),
         "per_chunk_s": median(per_chunk) if per_chunk else float("nan"), "peak_gib": peak_gib(backend.device),
-        "phases_ms": {k: 1e3 * median(float(r.get(f"t_{k}", 0.0)) for r in later) for k in PHASES},
+        "phases_ms": {k: 1e3 * median(float(r.get(f"t_{k}_s", 0.0)) for r in later) for k in PHASES},
     }
     phases = "  ".join(f"t_{k} {v:.1f}" for k, v in figures["phases_ms"].items())
     peak = f"{figures['peak_gib']:.2f} GiB" if backend.device.type == "cuda" else "n/a on a CPU"

@@ -112,7 +112,7 @@ def bookkeeping_ratio(seconds: dict[str, list[list[float]]], records: dict[str, 
     """``1 + (extra_never - extra_none) / step_none`` where extra = step wall seconds minus the timed model passes
     (t_denoise + t_commit): everything TokenTrim adds outside the forwards, without the forwards' noise."""
     def extras(name: str) -> list[float]:
-        return [sec[i] - float(run[i].rows[0]["t_denoise"]) - float(run[i].rows[0]["t_commit"])
+        return [sec[i] - float(run[i].rows[0]["t_denoise_s"]) - float(run[i].rows[0]["t_commit_s"])
                 for sec, run in zip(seconds[name], records[name]) for i in range(1, len(sec))]
 
     base = median(s for run in seconds["none"] for s in run[1:])
@@ -123,7 +123,7 @@ def report_phases(records: dict[str, list[list[ChunkRecord]]]) -> None:
     """Median per-phase seconds of each variant (chunks 1..N-1), to see where time goes."""
     for name, runs in records.items():
         rows = [rec.rows[0] for run in runs for rec in run[1:]]
-        phases = {k: median(float(r[f"t_{k}"]) for r in rows) for k in ("denoise", "trim", "commit")}
+        phases = {k: median(float(r[f"t_{k}_s"]) for r in rows) for k in ("denoise", "trim", "commit")}
         total = median(step_seconds(r) for r in rows)
         parts = "  ".join(f"t_{k} {v * 1e3:7.1f} ms" for k, v in phases.items())
         print(f"    {name:<6} per chunk {total * 1e3:7.1f} ms   {parts}")

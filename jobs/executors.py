@@ -189,6 +189,8 @@ class RayExecutor:
         ray = connect_ray()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.verbose_progress = False
+        # the driver's own bar (`jobs.progress`) shows what the job commits; Ray Data's bars only with -v
+        ctx.enable_progress_bars = logger.isEnabledFor(logging.INFO)
         # one row is a whole long rollout: do not let Ray Data call that "no progress" after its default 30 min
         ctx.execution_no_progress_timeout_s = max(ctx.execution_no_progress_timeout_s, 6 * 3600.0)
         ds = ray.data.from_items([r.to_dict() for r in rows], override_num_blocks=len(rows))
@@ -220,8 +222,12 @@ class RayExecutor:
 def connect_ray() -> Any:
     """The ray module, connected: to RAY_ADDRESS when set, else a local cluster (unless already connected)."""
     ray = _import_ray()
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    verbose = logger.isEnabledFor(logging.INFO)  # `tokentrim -v`: Ray's own INFO lines and worker logs too
+    if not ray.is_initialized():  # honours RAY_ADDRESS; a local cluster otherwise
+        ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=verbose)
+    if not verbose:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return ray
 
 

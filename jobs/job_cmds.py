@@ -8,15 +8,16 @@ cluster cannot place one worker with the resources asked for (`jobs.resources`),
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import click
 
 from jobs.options import build, options
-from jobs.spec import Executor, JobSpec
+from jobs.spec import Executor, JobSpec, OptionError
 from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError, UsageError
 from pipeline.storage_options import secret_option_names
@@ -96,6 +97,22 @@ def require_cluster(spec: JobSpec) -> None:
         raise UserError(str(exc)) from exc
 
 
+@contextlib.contextmanager
+def job_progress(spec: JobSpec) -> Iterator[Any]:
+    """The progress display of a job (`jobs.cli_progress.JobBar`); under Ray on a terminal without ``-v``, Ray's own
+    log lines go to a file meanwhile, whose path is printed first."""
+    import logging
+
+    from jobs.cli_progress import JobBar, is_tty, native_stderr_diverted
+
+    if spec.executor != "ray" or not is_tty() or logging.getLogger().isEnabledFor(logging.INFO):
+        yield JobBar(spec.model)
+        return
+    with native_stderr_diverted() as (path, terminal):
+        click.echo(f"Ray's own log lines: {path} (tokentrim -v shows them here)", file=terminal)
+        yield JobBar(spec.model, terminal)
+
+
 def _report(report: Any) -> None:
     click.echo(f"results: {report.results_url}")
     click.echo("  " + ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) + f" ({report.seconds:.1f} s)")
@@ -130,7 +147,11 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
     spec = spec_from(groups, input_url=table, output_url=out_url, no_trim=no_trim, storage_options=storage_options)
     require_cluster(spec)
     try:
-        _report(run_submit(spec, force=force))
+        with job_progress(spec) as bar:
+            report = run_submit(spec, force=force, progress=bar)
+        _report(report)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
     except TokentrimError as exc:
         raise click_error(exc) from exc
 
@@ -161,22 +182,73 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
         raise click.BadParameter(str(exc), param_hint="--workers") from exc
     try:
         require_cluster(spec)
-        _report(run_submit(spec))
+        with job_progress(spec) as bar:
+            report = run_submit(spec, progress=bar)
+        _report(report)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
     except TokentrimError as exc:
         raise click_error(exc) from exc
 
 
 @click.command()
 @click.argument("out_url")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @storage_option
-def status(out_url: str, storage_options: str | None) -> None:
-    """Progress of the job under OUT_URL: rows done and remaining, live leases, last results, stored bytes."""
+def status(out_url: str, as_json: bool, storage_options: str | None) -> None:
+    """Progress of the job under OUT_URL: rows by status, live and stale leases with their chunk, last results,
+    stored bytes, an ETA."""
     from jobs.run import status as job_status
 
     try:
-        click.echo(json.dumps(job_status(out_url, parse_storage_options(storage_options)), indent=2, sort_keys=True))
+        report = job_status(out_url, parse_storage_options(storage_options))
     except TokentrimError as exc:
         raise click_error(exc) from exc
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else status_text(report))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _span(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(abs(seconds) + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def status_text(report: dict[str, Any]) -> str:
+    """`status` for people: rows, leases (live and stale), last results, stored bytes, ETA."""
+    rows = report["rows"]
+    lines = [f"job     {report['output']}  (config {report['config_hash']})",
+             "rows    " + ("  ".join(f"{k} {v}" for k, v in rows.items()) if "error" not in rows else rows["error"])]
+    results = report.get("results")
+    lines.append("results " + ("  ".join(f"{k} {v}" for k, v in sorted(results.items())) if results
+                               else "none yet (written when a run ends)"))
+    leases = report.get("leases") or []
+    lines.append(f"leases  {sum(x['state'] == 'live' for x in leases)} live, "
+                 f"{sum(x['state'] == 'stale' for x in leases)} stale")
+    if leases:
+        lines.append(f"  {'prompt':24} {'attempt':>7} {'state':6} {'chunk':>9} {'age':>9}  lease")
+        for x in leases:
+            chunk = f"{x['chunk']}/{x['num_chunks'] if x['num_chunks'] is not None else '?'}"
+            lease = (f"ends in {_span(x['expires_in_s'])}" if x["state"] == "live"
+                     else f"STALE: ran out {_span(x['expires_in_s'])} ago")
+            lines.append(f"  {x['prompt_id'][:24]:24} {x['attempt']:>7} {x['state']:6} {chunk:>9} "
+                         f"{_span(x['age_s']):>9}  {lease}")
+    stored = report["stored_bytes"]
+    lines.append("stored  " + "  ".join(f"{k} {_size(v)}" for k, v in sorted(stored.items()) if k != "total")
+                 + f"  (total {_size(stored['total'])})")
+    eta = report.get("eta_s")
+    lines.append("ETA     " + ("done" if eta == 0 else _span(eta) + " (mean time of finished prompts x remaining "
+                               "/ workers)" if eta is not None else "unknown (no finished prompt yet)"))
+    return "\n".join(lines)
 
 
 @click.command()
@@ -212,8 +284,11 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
                      no_trim=False, storage_options=storage_options, limit=prompts)
     require_cluster(spec)
     try:
-        result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance, update_baseline=update_baseline,
-                                probe_on=not no_probe)
+        with job_progress(spec) as bar:
+            result = run_regression(spec, baseline_url=baseline_url, tolerance=tolerance,
+                                    update_baseline=update_baseline, probe_on=not no_probe, progress=bar)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
     except TokentrimError as exc:
         raise click_error(exc) from exc
     click.echo(f"report: {result.report_url}")

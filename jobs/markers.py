@@ -44,8 +44,9 @@ DONE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "row_hash": _text, "attempt": _int(0, MAX_ATTEMPT), "seed": _int(0, 2**63 - 1),
     "num_chunks": _int(1, MAX_CHUNKS), "chunks": _int(0, MAX_CHUNKS), "resumed_from": _int(0, MAX_CHUNKS),
     "pruned_chunks": _int(0, MAX_CHUNKS), "tokens_pruned": _int(0, 2**63 - 1), "video": _text, "stats": _text,
-    "config_hash": _text, "owner": _text, "mean_severity": _optional_float, "latent_dist_first": _optional_float,
-    "hist_dist_first": _optional_float, "flicker": _optional_float,
+    "render_hash": _text, "owner": _text, "mean_severity": _optional_float, "latent_dist_first": _optional_float,
+    "hist_dist_first": _optional_float, "steadiness": _optional_float, "seconds": _optional_float,
+    "config_hash": _text, "flicker": _optional_float,  # the names of markers written before the columns were renamed
 }
 
 

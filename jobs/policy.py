@@ -49,27 +49,54 @@ logger = logging.getLogger(__name__)
 
 VIDEO_KEY, STATS_KEY = "videos/{id}.mp4", "stats/{id}.parquet"
 
-# The one definition of a results row: name and Arrow type. `result_row` and `results_schema` are built from it.
-RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("prompt_id", "string"), ("row", "int64"), ("status", "string"), ("error", "string"), ("attempt", "int64"),
-    ("seed", "int64"), ("num_chunks", "int64"), ("video", "string"), ("stats", "string"), ("chunks", "int64"),
-    ("resumed_from", "int64"), ("pruned_chunks", "int64"), ("tokens_pruned", "int64"), ("mean_severity", "float64"),
-    ("latent_dist_first", "float64"), ("hist_dist_first", "float64"), ("flicker", "float64"),
-    ("seconds", "float64"), ("config_hash", "string"),
+# The one definition of a results row: name, Arrow type and what it holds (the Parquet field's "description").
+# `result_row` and `results_schema` are built from it.
+RESULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("prompt_id", "string", "the row's id in the prompt table (names videos/<id>.mp4, stats/<id>.parquet)"),
+    ("row", "int64", "0-based row number in the prompt table"),
+    ("status", "string", "ok (rendered, now or by an earlier run: see reused), failed, poison (max attempts spent), "
+                         "invalid (bad row, see error), excluded (beyond --limit)"),
+    ("error", "string", "why the row is not ok (null when ok)"),
+    ("attempt", "int64", "0-based claim attempt that rendered the prompt"),
+    ("seed", "int64", "the rollout's seed"),
+    ("num_chunks", "int64", "chunks asked for (the row's own, else --num-chunks)"),
+    ("video", "string", "URL of the mp4"),
+    ("stats", "string", "URL of the per-chunk stats table"),
+    ("chunks", "int64", "chunks rendered"),
+    ("resumed_from", "int64", "chunks restored from a checkpoint instead of rendered (0: rendered from the start)"),
+    ("pruned_chunks", "int64", "chunks TokenTrim regenerated on a pruned cache (verdict pruned)"),
+    ("tokens_pruned", "int64", "KV-cache token positions TokenTrim removed, over all chunks"),
+    ("mean_severity", "float64", "mean TokenTrim severity over the judged chunks (null: none judged)"),
+    ("latent_dist_first", "float64", "RMS distance of the last chunk's frame-averaged latents to the first chunk's"),
+    ("hist_dist_first", "float64", "colour-histogram total-variation distance of the last chunk to the first, [0, 1]"),
+    ("steadiness", "float64", "mean over chunks of VBench's temporal-flickering score (255 - mean |frame_t - "
+                              "frame_t-1|) / 255, [0, 1]: higher = steadier, 1 = static"),
+    ("seconds", "float64", "wall seconds the render of this prompt took (claim to done marker)"),
+    ("render_hash", "string", "hash of what was rendered (model spec, dtype, rollout, TokenTrim, video settings, "
+                              "probe): the stats rows' and checkpoints' render_hash; job.json's config_hash is the "
+                              "job's, a different hash"),
+    ("reused", "bool_", "true when this run answered the row from its done marker (rendered by an earlier run or "
+                       "another job) instead of rendering it; the numbers are that render's"),
 )
-RESULT_FIELDS: tuple[str, ...] = tuple(name for name, _ in RESULT_COLUMNS)
+RESULT_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in RESULT_COLUMNS)
 # what an executor hands back per row: the result fields and, for a busy row, when to try it again
 WORK_FIELDS: tuple[str, ...] = (*RESULT_FIELDS, "retry_at")
 # final statuses; "busy" is never final (the driver hands such a row out again)
-STATUSES = ("ok", "skipped", "failed", "poison", "invalid", "excluded")
+STATUSES = ("ok", "failed", "poison", "invalid", "excluded")
+# what a done marker keeps of a render, so that a rerun answers the row with the same numbers
 _DONE_VALUES = ("attempt", "seed", "num_chunks", "video", "stats", "chunks", "resumed_from", "pruned_chunks",
-                "tokens_pruned", "mean_severity", "latent_dist_first", "hist_dist_first", "flicker", "config_hash")
+                "tokens_pruned", "mean_severity", "latent_dist_first", "hist_dist_first", "steadiness", "seconds",
+                "render_hash")
+
+# done markers written before the columns were renamed
+_RENAMED = {"config_hash": "render_hash", "flicker": "steadiness"}
 
 
 def results_schema() -> pa.Schema:
     import pyarrow as pa
 
-    return pa.schema([(name, getattr(pa, kind)()) for name, kind in RESULT_COLUMNS])
+    return pa.schema([pa.field(name, getattr(pa, kind)(), metadata={"description": text})
+                      for name, kind, text in RESULT_COLUMNS])
 
 
 def result_row(row: PromptRow | dict, status: str, error: str | None = None, **values: Any) -> dict[str, Any]:
@@ -91,10 +118,11 @@ def fit_result(row: dict[str, Any]) -> dict[str, Any]:
     ``results.parquet`` from being written."""
     out: dict[str, Any] = {}
     dropped: list[str] = []
-    for name, kind in RESULT_COLUMNS:
+    for name, kind, _ in RESULT_COLUMNS:
         value = row.get(name)
         fits = value is None or (
             (kind == "string" and isinstance(value, str))
+            or (kind == "bool_" and isinstance(value, bool))
             or (kind == "int64" and isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63)
             or (kind == "float64" and isinstance(value, (int, float)) and not isinstance(value, bool)
                 and math.isfinite(value)))
@@ -249,6 +277,18 @@ class Claims:
                      "expires_at": float(claim["claimed_at"]) + float(claim["lease_s"])}
         return check_lease(lease, f"{key}.lease", claim, self.clock())
 
+    def last_lease(self, prompt_id: str) -> tuple[int, dict[str, Any], float | None] | None:
+        """The latest attempt on a prompt: its number, its lease and when it was claimed (None: never claimed)."""
+        attempts = self.attempts(prompt_id)
+        if not attempts:
+            return None
+        try:
+            claim = self.store.get_json(f"claims/{prompt_id}/{attempts[-1]}.json")
+            claimed_at = float(claim["claimed_at"]) if isinstance(claim, dict) else None
+        except (KeyNotFound, CorruptStateError, KeyError, TypeError, ValueError):
+            claimed_at = None
+        return attempts[-1], self._lease(prompt_id, attempts[-1]), claimed_at
+
     def held(self, prompt_id: str) -> bool:
         """Whether a live lease holds the prompt now (a corrupt one does not: the row fails with it)."""
         attempts = self.attempts(prompt_id)
@@ -298,10 +338,12 @@ class Heartbeat:
 
 # ------------------------------------------------------------------------------------------- one prompt
 def from_marker(row: PromptRow, spec: JobSpec, marker: dict | None) -> dict[str, Any] | None:
-    """The ``skipped`` result of a row whose done marker matches this job, with the values the marker holds."""
+    """The result of a row whose done marker matches this job: ``ok`` with the numbers of the render the marker
+    records (``reused``), or None."""
     if marker is None or marker.get("row_hash") != row_hash(spec, row):
         return None
-    return result_row(row, "skipped", None, **{k: marker.get(k) for k in _DONE_VALUES if k in marker})
+    marker = {_RENAMED.get(k, k): v for k, v in marker.items()}
+    return result_row(row, "ok", None, reused=True, **{k: marker.get(k) for k in _DONE_VALUES if k in marker})
 
 
 def process_row(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims, *, force: bool = False
@@ -365,7 +407,7 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
                     probe=spec.probe, fence=lambda: claims.fence(claim))[0]
     values = {**drift_summary(result), "video": result.video_url, "stats": result.stats_url,
               "attempt": claim.attempt, "seed": row.seed, "num_chunks": row.num_chunks,
-              "config_hash": result.config_hash}
+              "render_hash": result.config_hash, "seconds": time.perf_counter() - began}
     claims.fence(claim)
     if not claims.mark_done(row.prompt_id, {**values, "row_hash": row_hash(spec, row), "owner": claim.token}):
         logger.warning("prompt %s: another attempt committed its done marker first", row.prompt_id)
@@ -373,7 +415,7 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
         if skipped is None:
             raise StoreError(f"done/{row.prompt_id}.json could not be created (replaced three times)")
         return skipped
-    return result_row(row, "ok", None, seconds=time.perf_counter() - began, **values)
+    return result_row(row, "ok", None, reused=False, **values)
 
 
 def drift_summary(result: RenderResult) -> dict[str, Any]:
@@ -387,7 +429,7 @@ def drift_summary(result: RenderResult) -> dict[str, Any]:
         "mean_severity": sum(severities) / len(severities) if severities else None,
         "latent_dist_first": _finite(rows[-1]["latent_dist_first"]),
         "hist_dist_first": _finite(rows[-1]["hist_dist_first"]),
-        "flicker": _finite(sum(r["flicker"] for r in rows) / len(rows)),
+        "steadiness": _finite(sum(r["steadiness"] for r in rows) / len(rows)),
     }
 
 

@@ -3,8 +3,9 @@ compared with a stored baseline, a markdown report with SVG curves, and a failin
 
 Drift of a metric over a video: ``delta = mean(last quarter of chunks) - mean(first quarter)``. The metrics are
 model-free (REFERENCE: drift proxies): latent distance to the first chunk, colour-histogram distance to the first
-chunk, luma, and VBench's flicker score. A run regresses when a variant's mean |delta| of a metric grows beyond
-``tolerance`` (relative) + ``slack`` (absolute) over the baseline, or when any prompt fails to render.
+chunk, luma, and steadiness (VBench's temporal-flickering score, higher = steadier). A run regresses when a
+variant's mean |delta| of a metric grows beyond ``tolerance`` (relative) + ``slack`` (absolute) over the baseline, or
+when any prompt fails to render.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+from jobs.progress import JobProgress
 from jobs.quality import CANARY_METRICS, canary_measures, failed_rows, mean_measures, ok_ids, probe_leak, video_frames
 from jobs.run import plan, submit
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, OptionError
 from pipeline.errors import InputError
 from pipeline.hashing import digest as config_hash
 from pipeline.rollout.probe import Probe
@@ -26,7 +28,7 @@ from pipeline.store import KeyNotFound, Store, split_url
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("latent_dist_first", "hist_dist_first", "luma", "flicker")
+METRICS = ("latent_dist_first", "hist_dist_first", "luma", "steadiness")
 VARIANTS = ("tokentrim", "baseline")
 PROBE_VARIANT = "probe"  # TokenTrim on, a known corruption injected (`pipeline.rollout.probe`)
 BASELINE_FORMAT = 3
@@ -137,10 +139,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store,
-                   metrics: dict[str, dict[str, float]]) -> list[str]:
+                   metrics: dict[str, dict[str, float]], progress: JobProgress | None = None) -> list[str]:
     """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]["probe_leak"]``."""
     vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe)
-    report = submit(vspec)
+    report = submit(vspec, progress=progress)
     probed = Store(vspec.output_url, spec.storage_options)
     leaks = [probe_leak(video_frames(probed, f"videos/{pid}.mp4"), video_frames(clean, f"videos/{pid}.mp4"),
                         probe.chunk, spec.rollout.chunk_frames)
@@ -150,7 +152,8 @@ def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store,
 
 
 def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance: float = 0.10, slack: float = 1e-4,
-                   update_baseline: bool = False, probe_on: bool = True) -> Regression:
+                   update_baseline: bool = False, probe_on: bool = True,
+                   progress: JobProgress | None = None) -> Regression:
     """Render the spec's first ``limit`` prompts with TokenTrim, without it, and (``probe_on``) with TokenTrim and
     a known corruption (`default_probe`) under ``spec.output_url``; compare with the baseline (refused when made
     under other settings); write ``report.md``. On the canary, the videos are also judged by the detector
@@ -162,7 +165,9 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     out = Store(spec.output_url, spec.storage_options)
     base_store, key = ((out, "baseline.json") if baseline_url is None
                        else split_url(baseline_url, spec.storage_options))
-    rows = plan(spec)[1]
+    rows, refused = plan(spec)[1:]
+    if invalid := [r for r in refused if r["status"] == "invalid"]:  # a regression judges every prompt it names
+        raise OptionError(f"the regression's prompt table has invalid rows: {invalid[0]['error']}")
     probe = default_probe(spec.rollout.num_chunks) if probe_on else None
     settings = settings_of(spec, [row.prompt_id for row in rows], probe)
     try:
@@ -180,7 +185,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     for variant in VARIANTS:
         vspec = dataclasses.replace(spec, output_url=out.join(variant),
                                     trim=spec.trim if variant == "tokentrim" else None)
-        report = submit(vspec)
+        report = submit(vspec, progress=progress)
         stores[variant] = Store(vspec.output_url, spec.storage_options)
         metrics[variant], curves[variant], failed = measure(stores[variant], report.results)
         failures += [f"{variant}: {f}" for f in failed]
@@ -189,7 +194,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
                          for pid in ok_ids(report.results)]
             metrics[variant].update(mean_measures(per_video, CANARY_METRICS))
     if probe is not None:
-        failures += _probe_variant(spec, out, probe, stores["tokentrim"], metrics)
+        failures += _probe_variant(spec, out, probe, stores["tokentrim"], metrics, progress)
     if update_baseline and not failures:
         baseline = {"format": BASELINE_FORMAT, "settings": settings, "config_hash": config_hash(settings),
                     "metrics": metrics}

@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
+from jobs.job_cmds import UserError
 from jobs.options import build, options
-from jobs.spec import JobSpec, absolute_url
+from jobs.spec import JobSpec, OptionError, absolute_url, check_device, check_prompt
 from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError
 from tokentrim.config import TrimConfig
@@ -51,6 +52,7 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
                restart: bool) -> None:
     import torch
 
+    from jobs.cli_progress import RenderBar, say
     from pipeline.model.backend import load_backend
     from pipeline.outputs.render import render as render_prompts
     from pipeline.store import Store, url_protocol
@@ -61,23 +63,29 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
     device = spec.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # before the model loads: a wrong device or prompt is one line, at once
+        check_device(device)
+        if (refused := check_prompt(spec, prompt)) is not None:
+            raise OptionError(refused)
+    except OptionError as exc:
+        raise UserError(str(exc)) from exc
+    say(f"loading model {spec.model} on {device} ...")
     try:
         backend = load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype), weights=spec.weights,
                                seed=0, compile=spec.compile)
     except (ValueError, TokentrimError) as exc:
         raise click.UsageError(str(exc)) from exc
-    with click.progressbar(length=config.num_chunks, label=f"rendering {prompt_id}", file=None) as bar:
-        def on_chunk(index: int, rows: list[dict[str, Any]]) -> None:
-            bar.update(1)
+    bar = RenderBar(prompt_id, config.num_chunks)
+    try:
+        results = render_prompts(backend, [prompt], [prompt_id], spec.output_url, config=config, trim=spec.trim,
+                                 seeds=[seed], state_url=state, storage_options=spec.storage_options,
+                                 force_restart=restart, on_chunk=bar.on_chunk)
+    except TokentrimError as exc:
+        from jobs.job_cmds import click_error
 
-        try:
-            results = render_prompts(backend, [prompt], [prompt_id], spec.output_url, config=config, trim=spec.trim,
-                                     seeds=[seed], state_url=state, storage_options=spec.storage_options,
-                                     force_restart=restart, on_chunk=on_chunk)
-        except TokentrimError as exc:
-            from jobs.job_cmds import click_error
-
-            raise click_error(exc) from exc
+        raise click_error(exc) from exc
+    finally:
+        bar.close()
     result = results[0]
     verdicts = [r["verdict"] for r in result.rows]
     click.echo(f"video: {result.video_url}")

@@ -19,10 +19,11 @@ from typing import Any
 
 from jobs.executors import Executor, make_executor
 from jobs.policy import RESULT_FIELDS, Claims, finished_rows, result_row
+from jobs.progress import JobProgress, watching
 from jobs.results import ResultsWriter, write_results
-from jobs.spec import JOB_FORMAT, JobSpec, absolute_url
-from jobs.table import PromptRow, read_table, validate_rows
-from pipeline.errors import InputError, OutputConflictError, UsageError
+from jobs.spec import JOB_FORMAT, JobSpec, absolute_url, check_device, check_prompt, settings_differ
+from jobs.table import BadRow, PromptRow, read_table, validate_rows
+from pipeline.errors import CorruptStateError, InputError, OutputConflictError, UsageError
 from pipeline.store import KeyNotFound, Store
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ def check_model(spec: JobSpec) -> None:
     from pipeline.model.backend import PRESETS
 
     remote = spec.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
+    if not remote:  # the workers run on this machine: it must have the device they will ask for
+        check_device(spec.resolved_device)
     if spec.model not in PRESETS:
         if os.path.isdir(spec.model):
             if not os.path.isdir(os.path.join(spec.model, "transformer")):
@@ -83,7 +86,17 @@ def check_output(out: Store, spec: JobSpec, *, force: bool) -> None:
     if isinstance(old, dict) and old.get("config_hash") != spec.config_hash() and not force:
         raise OutputConflictError(
             f"{out.url} holds job {old.get('config_hash')} with other render settings than this one "
-            f"({spec.config_hash()}); use another output or --force to re-render under the new settings")
+            f"({spec.config_hash()}; {_differ(old, spec)} differ); use another output or --force to re-render under "
+            "the new settings")
+
+
+def _differ(old: dict[str, Any], spec: JobSpec) -> str:
+    """Which render settings a recorded job.json has other than ``spec``, as dotted names."""
+    try:
+        recorded = JobSpec.from_dict(old["spec"]).render_settings()
+    except (KeyError, TypeError, ValueError):
+        return "unreadable recorded settings"
+    return ", ".join(settings_differ(recorded, spec.render_settings())) or "no named setting"
 
 
 def write_job_json(out: Store, spec: JobSpec) -> None:
@@ -110,6 +123,9 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
                                output_url=absolute_url(spec.output_url))
     good, bad = validate_rows(read_table(spec.input_url, spec.storage_options),
                               default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
+    refused = {r.row: error for r in good if (error := check_prompt(spec, r.prompt)) is not None}
+    bad += [BadRow(r.row, r.prompt_id, f"row {r.row}: {refused[r.row]}") for r in good if r.row in refused]
+    good = [r for r in good if r.row not in refused]
     if not good:
         first = "; ".join(b.error for b in bad[:3])
         raise InputError(f"prompt table {spec.input_url!r} has no valid row ({len(bad)} invalid): {first}")
@@ -122,9 +138,11 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
     return spec, good, other
 
 
-def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = None) -> JobReport:
+def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = None,
+           progress: JobProgress | None = None) -> JobReport:
     """Render every valid row of the spec's prompt table; finished prompts are skipped (decided here, before any
-    worker starts), unfinished rollouts continue from their last committed chunk. Writes ``results.parquet``."""
+    worker starts), unfinished rollouts continue from their last committed chunk. Writes ``results.parquet``.
+    ``progress`` is told what the job commits while it runs (`jobs.progress`)."""
     began = time.perf_counter()
     check_model(spec)
     spec, rows, results = plan(spec)
@@ -132,7 +150,8 @@ def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = No
     check_output(out, spec, force=force)
     write_job_json(out, spec)
     writer = ResultsWriter(out, results, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
-    run_rows(spec, rows, executor or make_executor(spec, force=force), out, writer)
+    with watching(out, rows, progress, label=spec.output_url.rstrip("/").rsplit("/", 1)[-1]):
+        run_rows(spec, rows, executor or make_executor(spec, force=force), out, writer)
     results = sorted(writer.close(), key=lambda r: r["row"])
     counts = dict(Counter(r["status"] for r in results))
     return JobReport(spec.output_url, counts, out.join("results.parquet"), time.perf_counter() - began, results)
@@ -201,8 +220,10 @@ def status(output_url: str, storage_options: dict | None = None) -> dict[str, An
     spec = load_spec(output_url, storage_options)
     done = {k[len("done/"):-len(".json")] for k in out.list("done/") if k.endswith(".json")}
     report: dict[str, Any] = {"output": out.url, "config_hash": spec.config_hash(), "input": spec.input_url}
+    chunks_asked: dict[str, int] = {}
     try:
         _, rows, other = plan(spec)
+        chunks_asked = {r.prompt_id: r.num_chunks for r in rows}
         counts = Counter(r["status"] for r in other)
         finished = sum(r.prompt_id in done for r in rows)
         report["rows"] = {"to_render": len(rows), "done": finished, "remaining": len(rows) - finished,
@@ -210,14 +231,51 @@ def status(output_url: str, storage_options: dict | None = None) -> dict[str, An
     except InputError as exc:
         report["rows"] = {"error": str(exc)}
     claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
-    report["in_progress"] = sorted(pid for pid in {k.split("/")[1] for k in out.list("claims/")}
-                                   if pid not in done and claims.held(pid))
+    report["leases"] = leases(out, claims, done, chunks_asked)
+    report["in_progress"] = [lease["prompt_id"] for lease in report["leases"] if lease["state"] == "live"]
     try:
         report["results"] = dict(Counter(out.get_table("results.parquet").column("status").to_pylist()))
     except KeyNotFound:
         report["results"] = None
     report["stored_bytes"] = stored_bytes(out)
+    report["eta_s"] = _eta(out, sorted(done), report["rows"].get("remaining"), spec.workers)
     return report
+
+
+def leases(out: Store, claims: Claims, done: set[str], chunks_asked: dict[str, int]) -> list[dict[str, Any]]:
+    """The latest lease of every unfinished prompt that has one: ``live`` (held, not run out) or ``stale`` (held,
+    but run out: its worker died or hangs), with its age and the chunks its rollout has committed."""
+    committed: Counter[str] = Counter()
+    for key in out.list("rollouts/"):
+        if key.endswith(".json") and key.rsplit("/", 1)[-1].startswith("chunk-"):
+            committed[key.split("/")[1]] += 1
+    now, found = time.time(), []
+    for pid in sorted({k.split("/")[1] for k in out.list("claims/")} - done):
+        last = claims.last_lease(pid)
+        if last is None or last[1].get("state") != "held":
+            continue
+        attempt, lease, claimed_at = last
+        expires_in = float(lease["expires_at"]) - now
+        found.append({"prompt_id": pid, "attempt": attempt, "state": "live" if expires_in > 0 else "stale",
+                      "age_s": None if claimed_at is None else now - claimed_at, "expires_in_s": expires_in,
+                      "chunk": committed[pid], "num_chunks": chunks_asked.get(pid)})
+    return found
+
+
+def _eta(out: Store, done: list[str], remaining: int | None, workers: int, sample: int = 32) -> float | None:
+    """Seconds left: the mean render time of (up to ``sample``) finished prompts times the prompts left, over the
+    workers; None when nothing is left or no finished prompt records its time."""
+    if not remaining:
+        return None if remaining is None else 0.0
+    seconds = []
+    for pid in done[-sample:]:
+        try:
+            marker = out.get_json(f"done/{pid}.json")
+        except (KeyNotFound, CorruptStateError):
+            continue
+        if isinstance(marker, dict) and isinstance(marker.get("seconds"), (int, float)):
+            seconds.append(float(marker["seconds"]))
+    return sum(seconds) / len(seconds) * remaining / workers if seconds else None
 
 
 def stored_bytes(out: Store) -> dict[str, int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from pipeline.config import RolloutConfig
+from pipeline.errors import InputError
 from pipeline.hashing import canonical, digest, job_settings
 from pipeline.outputs.video import VideoSettings
 from pipeline.rollout.probe import Probe
@@ -42,6 +43,8 @@ class JobSpec:
     probe: a known fault injected into every rollout (`pipeline.rollout.probe`); the regression's probe variant.
     results_every_rows: rewrite results.parquet once this many rows finished since it was last written.
     results_every_s: rewrite results.parquet (and the done-index) at least this often while rows finish, in seconds.
+    allow_any_prompt: with the canary model, render prompts outside its grammar too (the detector cannot judge them;
+        by default such a prompt is refused, a table row outside it is invalid).
 
     ``rollout.num_chunks`` is the default for rows without ``num_chunks``. ``storage_options`` are never written
     nor shown in a repr.
@@ -67,6 +70,7 @@ class JobSpec:
     probe: Probe | None = None
     results_every_rows: int = 1000
     results_every_s: float = 60.0
+    allow_any_prompt: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,8 +86,9 @@ class JobSpec:
             _check_int(name, getattr(self, name), low)
         if self.limit is not None:
             _check_int("limit", self.limit, 1)
-        if not isinstance(self.keep_state, bool):
-            raise ValueError(f"`keep_state` must be a bool, got {self.keep_state!r}")
+        for name in ("keep_state", "allow_any_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         limits: tuple[tuple[str, float, float], ...] = (("gpus_per_worker", 0.0, 64.0), ("lease_s", 0.1, 86400.0),
                                                     ("results_every_s", 0.01, 86400.0))
         for name, lowest, high in limits:
@@ -137,6 +142,52 @@ class JobSpec:
         d["trim"] = TrimConfig.from_dict(d["trim"]) if d.get("trim") is not None else None
         d["probe"] = Probe.from_dict(d["probe"]) if d.get("probe") is not None else None
         return cls(**d, storage_options=storage_options or {})
+
+
+class OptionError(InputError):
+    """An option this machine or model cannot honour, found before any work: the command line exits 2."""
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have, in well under a second (before any model loads)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise OptionError(f"`device` {device!r}: this machine has no CUDA device (torch {torch.__version__}, CUDA "
+                          f"build {torch.version.cuda}); use --device cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise OptionError(f"`device` {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_prompt(spec: JobSpec, prompt: str) -> str | None:
+    """Why ``prompt`` cannot be rendered under ``spec`` (None when it can): the canary model draws only captions of
+    its grammar, unless ``allow_any_prompt``."""
+    if spec.model != "canary" or spec.allow_any_prompt:
+        return None
+    from pipeline.canary.grammar import grammar_text, parse_caption
+
+    try:
+        parse_caption(prompt)
+    except ValueError:
+        return (f"`prompt` {prompt!r} is outside the canary grammar ({grammar_text()}); --allow-any-prompt renders "
+                "it anyway")
+    return None
+
+
+def settings_differ(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted names of the settings whose values differ between two nested settings dicts."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

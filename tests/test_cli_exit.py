@@ -81,14 +81,14 @@ def test_submit_status_resume_exit_0_with_every_video(tmp_path: Path) -> None:
     for row in ok:
         assert_video(store.get_bytes(f"videos/{row['prompt_id']}.mp4"), chunks)
         assert store.get_table(f"stats/{row['prompt_id']}.parquet").num_rows == chunks
-    report = json.loads(tokentrim("status", str(out)).stdout)
+    report = json.loads(tokentrim("status", str(out), "--json").stdout)
     assert report["rows"] == {"to_render": limit, "done": limit, "remaining": 0, "invalid": 0, "excluded": 0}
     assert report["results"] == {"ok": limit} and report["in_progress"] == []
     assert report["stored_bytes"]["videos"] > 0 and "rollouts" not in report["stored_bytes"]  # state deleted
     videos = {r["prompt_id"]: store.get_bytes(f"videos/{r['prompt_id']}.mp4") for r in ok}
     tokentrim("resume", str(out))
     again = store.get_table("results.parquet").to_pylist()
-    assert [r["status"] for r in again if r["prompt_id"] in videos] == ["skipped"] * limit
+    assert [(r["status"], r["reused"]) for r in again if r["prompt_id"] in videos] == [("ok", True)] * limit
     assert {pid: store.get_bytes(f"videos/{pid}.mp4") for pid in videos} == videos
 
 

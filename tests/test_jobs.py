@@ -44,6 +44,7 @@ def _prompts(path, n: int = 3, chunks: int = 2) -> str:
 
 def _local(table: str, out, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=2))
+    kw.setdefault("allow_any_prompt", True)  # prompts outside the canary grammar
     return JobSpec(input_url=table, output_url=str(out), executor="local", **kw)
 
 
@@ -168,6 +169,7 @@ def backend():
 
 def _spec(tmp_path, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=3))
+    kw.setdefault("allow_any_prompt", True)
     return JobSpec(input_url=str(tmp_path / "p.parquet"), output_url=str(tmp_path / "out"), **kw)
 
 
@@ -196,7 +198,8 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
     assert fresh["resumed_from"] == 0
     assert out.get_bytes("videos/p0.mp4") == Store(reference.output_url).get_bytes("videos/p0.mp4")
     again = process_row(backend, spec, row, claims)
-    assert again["status"] == "skipped" and again["chunks"] == 4 and again["resumed_from"] == result["resumed_from"]
+    assert again["status"] == "ok" and again["reused"] and again["chunks"] == 4
+    assert again["resumed_from"] == result["resumed_from"]
 
 
 def test_a_poison_prompt_is_not_tried_again(backend, tmp_path):
@@ -220,7 +223,7 @@ def test_a_prompt_finished_while_it_was_claimed_is_given_back_unspent(backend, t
             return None if self.calls == 1 else {"row_hash": row_hash(spec, row), "chunks": 2, "attempt": 0}
 
     result = process_row(backend, spec, row, Racy(Store(spec.output_url), lease_s=60, max_attempts=1))
-    assert (result["status"], result["chunks"], result["attempt"]) == ("skipped", 2, 0)
+    assert (result["status"], result["reused"], result["chunks"], result["attempt"]) == ("ok", True, 2, 0)
     assert _leases(spec.output_url, "p") == ["yielded"]
     again = Claims(Store(spec.output_url), lease_s=60, max_attempts=1).acquire("p")
     assert not isinstance(again, (str, Busy)) and again.attempt == 1  # max_attempts 1, and still not poison
@@ -258,12 +261,12 @@ def test_a_local_job_records_seeds_keeps_numbers_on_rerun_and_skips_in_the_drive
             raise AssertionError(f"the driver should have skipped {rows}")
 
     again = submit(spec, executor=NoWork())  # finished prompts are decided from done/ before any worker starts
-    assert again.counts == {"skipped": 2}
+    assert again.counts == {"ok": 2}
     rerun = _results(tmp_path / "out")
     for before, after in zip(rows, rerun):
-        assert after["status"] == "skipped"
-        assert {k: after[k] for k in RESULT_FIELDS if k not in ("status", "seconds")} == \
-            {k: before[k] for k in RESULT_FIELDS if k not in ("status", "seconds")}
+        assert (before["reused"], after["reused"]) == (False, True)
+        assert {k: after[k] for k in RESULT_FIELDS if k != "reused"} == \
+            {k: before[k] for k in RESULT_FIELDS if k != "reused"}
 
 
 def test_a_corrupt_done_marker_renders_again_and_a_failing_claim_is_one_rows_result(tmp_path, monkeypatch):
@@ -342,7 +345,8 @@ def test_a_dead_workers_lease_is_outwaited_while_a_live_one_is_left_for_other_ro
     thread.join()
     assert order == ["p1 done while p0 was held"]
     rows = {r["prompt_id"]: r for r in _results(out)}
-    assert rows["p0"]["status"] == "skipped" and rows["p0"]["chunks"] == 2  # rendered once, by the other job
+    # rendered once, by the other job
+    assert rows["p0"]["status"] == "ok" and rows["p0"]["reused"] and rows["p0"]["chunks"] == 2
     assert rows["p1"]["status"] == "ok" and rows["p1"]["attempt"] == 1 and report.succeeded
     assert _leases(out, "p0") == ["done"]
 
@@ -361,7 +365,7 @@ def test_a_killed_job_and_two_concurrent_submits_render_every_prompt_exactly_onc
     # 8 chunks: chunk 1's marker (written once its segment is encoded, during chunk 2) lives for 6 more chunks
     # before retention deletes the rollout; with 3 a fast model could finish p0 between two polls
     argv = [sys.executable, "-m", "jobs.cli", "submit", table, "--out", str(out), "--executor", "local",
-            "--lease-s", "1", "--num-chunks", "8"]
+            "--lease-s", "1", "--num-chunks", "8", "--allow-any-prompt"]
     killed = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (out / "rollouts" / "p0" / "chunk-000001.json").exists():
@@ -411,7 +415,7 @@ def test_failed_starts_write_nothing(tmp_path):
 def test_cli_exit_codes_limit_and_its_record(tmp_path):
     table = _table(tmp_path / "p.parquet", prompt_id=["a", "b", "c"], prompt=["x", "y", "z"], num_chunks=[2, 2, 2])
     invalid = _table(tmp_path / "i.parquet", prompt_id=["../a"], prompt=["x"])
-    base = ["submit", "--executor", "local", "--num-chunks", "2"]
+    base = ["submit", "--executor", "local", "--num-chunks", "2", "--allow-any-prompt"]
     assert CliRunner().invoke(main, [*base, invalid, "--out", str(tmp_path / "o1")]).exit_code == 1
     result = CliRunner().invoke(main, [*base, table, "--out", str(tmp_path / "o2"), "--limit", "-1"])
     assert result.exit_code == 2 and "limit" in result.output
@@ -435,7 +439,7 @@ def test_resume_writes_only_under_the_given_url(tmp_path, monkeypatch):
     _prompts(first / "p.parquet", n=2)
     monkeypatch.chdir(first)
     result = CliRunner().invoke(main, ["submit", "p.parquet", "--out", "out", "--executor", "local",
-                                       "--num-chunks", "2"])
+                                       "--num-chunks", "2", "--allow-any-prompt"])
     assert result.exit_code == 0, result.output
     shutil.copytree(first / "out", tmp_path / "copy")
     for key in ("done/p1.json", "videos/p1.mp4", "stats/p1.parquet"):
@@ -524,7 +528,7 @@ def test_regression_passes_against_its_own_baseline_and_refuses_other_settings(t
     assert first.exit_code == 0, first.output
     assert first.output.rstrip().endswith("PASS")
     report = (night / "report.md").read_text()
-    assert "**PASS**" in report and "plots/flicker.svg" in report
+    assert "**PASS**" in report and "plots/steadiness.svg" in report
     assert (night / "plots" / "luma.svg").read_text().startswith("<svg")
     baseline = json.loads((night / "baseline.json").read_text())
     assert set(baseline["metrics"]) == {"tokentrim", "baseline", "probe"}
@@ -548,7 +552,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
                  prompt=["a cat", "a dog", "hostile", "an owl at night"], num_chunks=[2, 3, 2, 2])
     out = f"{s3.url}/jobs/{tmp_path.name}"
     spec = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), workers=2,
-                   storage_options=s3.storage_options)
+                   storage_options=s3.storage_options, allow_any_prompt=True)
     report = submit(spec)
     assert report.counts == {"ok": 3, "invalid": 1}
     store = Store(out, s3.storage_options)
@@ -560,13 +564,13 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     assert store.get_table("stats/dog.parquet").num_rows == 3
     assert not any(k.startswith("../") or "escape" in k for k in store.list())
     assert not store.list("rollouts/")  # retention: state deleted once each prompt was committed
-    result = CliRunner().invoke(main, ["status", out, "--storage-options", json.dumps(s3.storage_options)])
+    result = CliRunner().invoke(main, ["status", out, "--json", "--storage-options", json.dumps(s3.storage_options)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["rows"]["done"] == 3
     again = submit(load_spec(out, s3.storage_options))
-    assert again.counts == {"skipped": 3, "invalid": 1}
+    assert again.counts == {"ok": 3, "invalid": 1}
     other = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
-                    storage_options=s3.storage_options)
+                    storage_options=s3.storage_options, allow_any_prompt=True)
     with pytest.raises(ConfigMismatchError, match="--force"):
         submit(other)
 
@@ -583,7 +587,7 @@ def test_a_worker_killed_mid_rollout_is_retried_and_resumes(ray_cluster, tmp_pat
 
     def spec(out):
         return JobSpec(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
-                       lease_s=2.0, workers=1)
+                       lease_s=2.0, workers=1, allow_any_prompt=True)
 
     reports = {}
     job = threading.Thread(target=lambda: reports.setdefault("killed", submit(spec("killed"))))

@@ -78,9 +78,9 @@ def test_stats_match_the_reference_on_seeded_random_chunks() -> None:
 def test_identical_frames_do_not_flicker() -> None:
     frame = np.random.default_rng(1).integers(0, 256, size=(1, 8, 8, 3), dtype=np.uint8)
     tracker = PixelTracker()
-    assert tracker.update(frame).flicker == 1.0  # one frame, nothing before it
-    assert tracker.update(np.repeat(frame, 4, axis=0)).flicker == 1.0
-    assert tracker.update(255 - frame).flicker < 1.0  # the jump from the previous chunk counts
+    assert tracker.update(frame).steadiness == 1.0  # one frame, nothing before it
+    assert tracker.update(np.repeat(frame, 4, axis=0)).steadiness == 1.0
+    assert tracker.update(255 - frame).steadiness < 1.0  # the jump from the previous chunk counts
 
 
 def test_flicker_counts_the_pair_across_the_chunk_boundary() -> None:
@@ -88,7 +88,7 @@ def test_flicker_counts_the_pair_across_the_chunk_boundary() -> None:
     white = np.full((2, 4, 4, 3), 255, dtype=np.uint8)
     tracker = PixelTracker()
     tracker.update(black)
-    assert tracker.update(white).flicker == pytest.approx(0.5)  # pairs: black->white (0), white->white (1)
+    assert tracker.update(white).steadiness == pytest.approx(0.5)  # pairs: black->white (0), white->white (1)
 
 
 def test_histogram_distance_is_zero_for_the_first_chunk_and_grows_with_recolouring() -> None:

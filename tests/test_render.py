@@ -9,10 +9,10 @@ from jobs.cli import main, slug
 from pipeline.model.backend import PRESETS
 from pipeline.store import Store
 
-STAT_COLUMNS = {"prompt_id", "config_hash", "chunk", "frames", "severity", "mu", "sigma", "threshold", "verdict",
-                "attempts", "tokens_pruned", "cache_tokens", "cache_bytes", "latent_dist_prev", "latent_dist_first",
-                "luma", "saturation", "clipped", "flicker", "hist_dist_first", "t_denoise", "t_trim", "t_commit",
-                "t_decode", "t_encode"}
+STAT_COLUMNS = {"prompt_id", "render_hash", "chunk", "latent_frames", "severity", "mu", "sigma", "threshold",
+                "verdict", "attempts", "tokens_pruned", "cache_tokens", "cache_bytes", "latent_dist_prev",
+                "latent_dist_first", "pixel_frames", "luma", "saturation", "clipped", "steadiness", "hist_dist_first",
+                "t_denoise_s", "t_trim_s", "t_commit_s", "t_decode_s", "t_encode_s"}
 
 
 def test_render_writes_a_playable_video_and_one_stats_row_per_chunk(tmp_path):

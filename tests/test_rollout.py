@@ -24,7 +24,7 @@ from pipeline.rollout.probe import add_to_tokens
 from pipeline.store import Store
 from tokentrim import TrimConfig
 
-TIMING = ("t_denoise", "t_trim", "t_commit")
+TIMING = ("t_denoise_s", "t_trim_s", "t_commit_s")
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +172,10 @@ def test_checkpoint_markers_are_strict_json_and_give_back_the_stats(backend, tmp
 
 def test_a_stats_row_is_the_chunk_stats_then_timings_then_pixels(backend):
     record = _run(backend, RolloutConfig(num_chunks=1))[0]
-    row = stats_row(record.stats[0], {"denoise": 1.5}, {"luma": 0.25, "t_encode": 0.5})
+    row = stats_row(record.stats[0], {"denoise": 1.5}, {"luma": 0.25, "t_encode_s": 0.5})
     names = [f.name for f in dataclasses.fields(ChunkStats)]
-    assert list(row) == names + [f"t_{p}" for p in TIMED_PHASES] + ["luma", "t_encode"]
-    assert row["t_denoise"] == 1.5 and row["t_trim"] == 0.0 and row["luma"] == 0.25
+    assert list(row) == names + [f"t_{p}_s" for p in TIMED_PHASES] + ["luma", "t_encode_s"]
+    assert row["t_denoise_s"] == 1.5 and row["t_trim_s"] == 0.0 and row["luma"] == 0.25
     assert [row[n] for n in names] == list(dataclasses.astuple(record.stats[0]))
 
 

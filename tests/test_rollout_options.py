@@ -21,7 +21,7 @@ from pipeline.rollout.records import ChunkRecord
 from tokentrim import TrimConfig
 from tokentrim.stats import RunningStats
 
-TIMING = ("t_denoise", "t_trim", "t_commit")
+TIMING = ("t_denoise_s", "t_trim_s", "t_commit_s")
 CORRUPT = [3, 10, 17]  # patch-grid tokens of the corrupted chunk
 
 

@@ -75,6 +75,13 @@ def caption(colour: str, shape: str, motion: str, background: str = "plain") -> 
     return f"a {colour} {shape} {verb} on a {background} background"
 
 
+def grammar_text() -> str:
+    """The grammar in one line, for an error message."""
+    motions = "|".join(m if m == "bouncing" else f"moving {m}" for m in MOTIONS)
+    return (f"a <colour> <shape> <motion> on a <background> background, colour {'|'.join(COLOURS)}, shape "
+            f"{'|'.join(SHAPES)}, motion {motions}, background {'|'.join(BACKGROUNDS)}")
+
+
 def parse_caption(text: str) -> tuple[str, str, str, str]:
     """``(colour, shape, motion, background)`` of a grammar caption; ValueError for anything else."""
     words = text.strip().split()

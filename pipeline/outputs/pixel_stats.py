@@ -4,9 +4,9 @@ Per chunk:
 - `luma`: mean Rec.601 luma Y = 0.299 R + 0.587 G + 0.114 B, in [0, 255].
 - `saturation`: mean HSV saturation (max - min) / max per pixel (0 where max is 0), in [0, 1].
 - `clipped`: fraction of pixels with any channel <= 2 or >= 253, in [0, 1].
-- `flicker`: VBench's temporal-flickering score, the mean over consecutive frame pairs of
-  (255 - mean |f_t - f_{t-1}|) / 255, in [0, 1], 1 = static. The pair (last frame of the
-  previous chunk, first frame of this one) counts; a single frame with no previous one scores 1.
+- `steadiness`: VBench's temporal-flickering score, the mean over consecutive frame pairs of
+  (255 - mean |f_t - f_{t-1}|) / 255, in [0, 1], 1 = static (higher = steadier, despite VBench's name). The pair
+  (last frame of the previous chunk, first frame of this one) counts; a single frame with no previous one scores 1.
 - `hist_dist_first`: total-variation distance between this chunk's colour histogram and the
   first chunk's, in [0, 1] (0 for the first chunk). A histogram is 16 bins per R, G, B channel,
   each channel normalised to sum to 1; the distance is half the L1 distance per channel,
@@ -40,7 +40,7 @@ class PixelStats:
     luma: float
     saturation: float
     clipped: float
-    flicker: float
+    steadiness: float
     hist_dist_first: float
 
     def to_dict(self) -> dict[str, float]:
@@ -99,7 +99,7 @@ class PixelTracker:
                 f"got {list(frames.shape)}"
             )
         luma, saturation, clipped = _luma_saturation_clipped(frames)
-        flicker = _flicker(frames, self.last_frame)
+        steadiness = _flicker(frames, self.last_frame)
         hist = colour_histogram(frames)
         if self.first_hist is None:
             self.first_hist = hist
@@ -107,7 +107,7 @@ class PixelTracker:
             luma=luma,
             saturation=saturation,
             clipped=clipped,
-            flicker=flicker,
+            steadiness=steadiness,
             hist_dist_first=histogram_distance(hist, self.first_hist),
         )
         self.last_frame = frames[-1].copy()

@@ -23,7 +23,7 @@ from pipeline.hashing import output_hash
 from pipeline.model.backend import WanBackend
 from pipeline.outputs.sinks import ChunkOutput, Sinks
 from pipeline.outputs.video import VideoSettings
-from pipeline.rollout.chunk_stats import stats_row
+from pipeline.rollout.chunk_stats import STATS_FIELDS, stats_row, stats_schema
 from pipeline.rollout.loop import Rollout
 from pipeline.rollout.probe import Probe
 from pipeline.rollout.records import ChunkRecord
@@ -156,7 +156,8 @@ def _resume(rollout: Rollout, sinks: Sinks, checkpoints, complete: Callable[[Chu
         redecoded = sinks.warm_up([r.latents.to(rollout.backend.device) for r in records],
                                   rollout.config.chunk_frames, checkpoints.outputs(0)["first_hist"])
     for record in records:
-        complete(record, ChunkOutput(checkpoints.segments(record.index), checkpoints.outputs(record.index)["pixels"]))
+        pixels = [_renamed(p) for p in checkpoints.outputs(record.index)["pixels"]]
+        complete(record, ChunkOutput(checkpoints.segments(record.index), pixels))
     rollout.timer.collect()
     logger.info("resumed after %d committed chunks (%d re-decoded)", len(records), redecoded)
     return len(records)
@@ -168,11 +169,18 @@ def _write_outputs(out: Store, pid: str, video: bytes, rows: list[dict[str, Any]
 
     video_key, stats_key = (name.format(id=pid) for name in names)
     out.put_bytes(video_key, video)
-    columns = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
-    table = pa.Table.from_pylist([{"prompt_id": pid, "seed": seed, "config_hash": digest,
-                                   **{k: _clean(r.get(k)) for k in columns}} for r in rows])
+    unknown = sorted({k for r in rows for k in r} - set(STATS_FIELDS))
+    if unknown:
+        raise ValueError(f"stats rows hold columns outside `STATS_COLUMNS`: {unknown}")
+    table = pa.Table.from_pylist([{"prompt_id": pid, "seed": seed, "render_hash": digest,
+                                   **{k: _clean(v) for k, v in r.items()}} for r in rows], schema=stats_schema())
     out.put_table(stats_key, table)
     return RenderResult(pid, out.join(video_key), out.join(stats_key), digest, rows, resumed)
+
+
+def _renamed(pixels: dict[str, Any]) -> dict[str, Any]:
+    """Pixel proxies as a checkpoint written before the column rename holds them (``flicker``) -> today's names."""
+    return {("steadiness" if k == "flicker" else k): v for k, v in pixels.items()}
 
 
 def _clean(value: Any) -> Any:

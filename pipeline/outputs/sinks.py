@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ChunkOutput:
-    """One chunk's outputs, per sample: its video segment and its pixel proxies (with ``t_encode``)."""
+    """One chunk's outputs, per sample: its video segment and its pixel proxies (with ``t_encode_s``)."""
 
     segments: list[bytes]
     pixels: list[dict[str, float]]
@@ -71,7 +71,7 @@ class Sinks:
         segments = [encode_segment(frames[b], self.fps, self.video) for b in range(len(self.trackers))]
         stats = [tracker.update(frames[b]).to_dict() for b, tracker in enumerate(self.trackers)]
         seconds = time.perf_counter() - began
-        return ChunkOutput(segments, [{**s, "t_encode": seconds} for s in stats])
+        return ChunkOutput(segments, [{"pixel_frames": frames.shape[1], **s, "t_encode_s": seconds} for s in stats])
 
     def first_hist(self) -> list[Any]:
         """The first chunk's colour histogram per sample, as JSON (after the first chunk was encoded)."""

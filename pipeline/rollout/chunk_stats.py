@@ -1,8 +1,10 @@
 """The per-chunk stats row: one typed record per sample and chunk, and the one function that builds the row.
 
-A row (DESIGN §3) is the sample's `ChunkStats`, then ``t_<phase>`` seconds for each of `TIMED_PHASES`, then the
-pixel proxies of the decoded frames (with ``t_encode``) when there are any. `stats_row` is the only place a row is
-assembled; `Rollout` fills the `ChunkStats`, `render` adds timings and pixel proxies through it.
+A row (DESIGN §3) is the sample's `ChunkStats`, then ``t_<phase>_s`` seconds for each of `TIMED_PHASES`, then the
+pixel proxies of the decoded frames (with ``t_encode_s``) when there are any. `stats_row` is the only place a row is
+assembled; `Rollout` fills the `ChunkStats`, `render` adds timings and pixel proxies through it. `STATS_COLUMNS` is
+the stats table's fixed schema (every column typed, so a table of warm-up chunks only has no null-typed column),
+with each column's description, written into the Parquet field metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ TIMED_PHASES: tuple[str, ...] = ("denoise", "trim", "commit", "decode", "checkpo
 
 @dataclass(frozen=True)
 class ChunkStats:
-    """What the rollout measured for one sample's accepted chunk.
+    """What the rollout measured for one sample's accepted chunk (``latent_frames``: the chunk's latent frames).
 
     severity, mu, sigma, threshold: TokenTrim's judgement of the accepted candidate (NaN when not judged).
     verdict: ``warmup`` (only fed the statistics), ``accepted`` or ``pruned`` (at least one regeneration on a
@@ -28,7 +30,7 @@ class ChunkStats:
     """
 
     chunk: int
-    frames: int
+    latent_frames: int
     severity: float
     mu: float
     sigma: float
@@ -53,10 +55,11 @@ class ChunkStats:
     def from_json(cls, d: dict[str, Any]) -> ChunkStats:
         """Inverse of `to_json` (None becomes NaN in the float fields)."""
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
+        unknown = sorted(set(d) - set(known) - {"frames"})
         if unknown:
             raise ValueError(f"unknown ChunkStats fields {unknown}")
         floats = {"severity", "mu", "sigma", "threshold", "latent_dist_prev", "latent_dist_first"}
+        d = {("latent_frames" if k == "frames" else k): v for k, v in d.items()}  # markers written before the rename
         values: dict[str, Any] = {k: (math.nan if v is None and k in floats else v) for k, v in d.items()}
         return cls(**values)
 
@@ -64,9 +67,55 @@ class ChunkStats:
 def stats_row(stats: ChunkStats, timings: dict[str, float] | None,
               pixels: dict[str, float] | None = None) -> dict[str, Any]:
     """The row of one sample and chunk. ``timings``: seconds per phase (a phase that did not run counts 0; None:
-    not measured in this process, every ``t_<phase>`` is None); ``pixels``: the decoded frames' proxies."""
+    not measured in this process, every ``t_<phase>_s`` is None); ``pixels``: the decoded frames' proxies."""
     row: dict[str, Any] = asdict(stats)
     for phase in TIMED_PHASES:
-        row[f"t_{phase}"] = None if timings is None else timings.get(phase, 0.0)
+        row[f"t_{phase}_s"] = None if timings is None else timings.get(phase, 0.0)
     row.update(pixels or {})
     return row
+
+
+# The stats table, one row per sample and chunk: name, Arrow type, description (`pipeline.outputs.render` writes it).
+STATS_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("prompt_id", "string", "the prompt's id"),
+    ("seed", "int64", "the rollout's seed"),
+    ("render_hash", "string", "hash of what was rendered (model spec, dtype, rollout, TokenTrim, video settings, "
+                              "probe); checkpoints carry the same"),
+    ("chunk", "int64", "0-based chunk index"),
+    ("latent_frames", "int64", "latent frames in the chunk (Wan VAE: 4 pixel frames per latent frame after the "
+                               "first)"),
+    ("severity", "float64", "TokenTrim severity of the accepted candidate: mean drift of the top-p tokens (null: "
+                            "not judged, warm-up or no TokenTrim)"),
+    ("mu", "float64", "running mean of accepted severities before this chunk (null: not judged)"),
+    ("sigma", "float64", "running std of accepted severities before this chunk (null: not judged)"),
+    ("threshold", "float64", "prune threshold mu + lam * max(sigma, sigma_floor * mu) (null: not judged)"),
+    ("verdict", "string", "warmup (only fed the statistics), accepted, or pruned (regenerated on a pruned cache)"),
+    ("attempts", "int64", "candidates generated for the chunk (1 + regenerations)"),
+    ("tokens_pruned", "int64", "KV-cache token positions removed while generating the chunk"),
+    ("cache_tokens", "int64", "tokens in the sample's KV cache after the commit"),
+    ("cache_bytes", "int64", "bytes of the sample's KV cache after the commit"),
+    ("latent_dist_prev", "float64", "RMS distance of the frame-averaged latents to the previous chunk's"),
+    ("latent_dist_first", "float64", "RMS distance of the frame-averaged latents to the first chunk's"),
+    *((f"t_{phase}_s", "float64", f"seconds spent in the {phase} phase for this chunk (null: restored from a "
+                                  "checkpoint, not timed in this process)") for phase in TIMED_PHASES),
+    ("pixel_frames", "int64", "decoded RGB frames in the chunk (null: restored from a checkpoint written before "
+                              "this column existed)"),
+    ("luma", "float64", "mean Rec.601 luma of the chunk's frames, 0-255"),
+    ("saturation", "float64", "mean HSV saturation, [0, 1]"),
+    ("clipped", "float64", "fraction of pixels with a channel <= 2 or >= 253, [0, 1]"),
+    ("steadiness", "float64", "VBench's temporal-flickering score (255 - mean |frame_t - frame_t-1|) / 255 over the "
+                              "chunk's consecutive frames (with the previous chunk's last), [0, 1]: higher = "
+                              "steadier, 1 = static"),
+    ("hist_dist_first", "float64", "colour-histogram total-variation distance to the first chunk, [0, 1]"),
+    ("t_encode_s", "float64", "seconds spent encoding the chunk's video segments and pixel proxies (null: restored "
+                              "from a checkpoint)"),
+)
+STATS_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in STATS_COLUMNS)
+
+
+def stats_schema() -> Any:
+    """The stats table's `pyarrow.Schema`: fixed types, each field's ``description`` in its metadata."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, getattr(pa, kind)(), metadata={"description": text})
+                      for name, kind, text in STATS_COLUMNS])

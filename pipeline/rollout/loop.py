@@ -324,8 +324,8 @@ class Rollout:
         severity, mu, sigma, threshold = host["severity"], host["mu"], host["sigma"], host["threshold"]
         pruned, attempts, codes = host["pruned"], host["attempts"], host["codes"]
         cache_bytes = self.cache.nbytes() // self.batch
-        return [ChunkStats(chunk=c, frames=self.config.chunk_frames, severity=severity[b], mu=mu[b], sigma=sigma[b],
-                           threshold=threshold[b],
+        return [ChunkStats(chunk=c, latent_frames=self.config.chunk_frames, severity=severity[b], mu=mu[b],
+                           sigma=sigma[b], threshold=threshold[b],
                            verdict="pruned" if pruned[b] else ("warmup" if codes[b] == 0 else "accepted"),
                            attempts=int(attempts[b]), tokens_pruned=int(pruned[b]), cache_tokens=int(tokens[b]),
                            cache_bytes=cache_bytes, latent_dist_prev=dist_prev[b], latent_dist_first=dist_first[b])
