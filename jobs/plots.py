@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def _legend_below(fig: Figure, ax: Axes, *others: Axes) -> None:
 def to_svg(fig: Figure) -> str:
     """The figure as an ``<svg>`` element (no XML prolog), to inline in a page or write as a file."""
     buf = io.StringIO()
-    fig.savefig(buf, format="svg")
+    fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
@@ -82,7 +82,7 @@ def severity_chart(chunks: Sequence[int], severity: Sequence[float], threshold: 
     return to_svg(fig)
 
 
-def curves_chart(title: str, unit: str, curves: dict[str, Sequence[float]]) -> str:
+def curves_chart(title: str, unit: str, curves: Mapping[str, Sequence[float]]) -> str:
     """A regression metric per chunk, one line per variant (mean over the prompts)."""
     fig = _figure()
     ax = fig.add_subplot()

@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 METRICS = ("latent_dist_first", "hist_dist_first", "luma", "flicker")
 VARIANTS = ("tokentrim", "no-trim")
 # the y axis of each curve on the report
-METRIC_UNITS = {"latent_dist_first": "latent RMS distance to chunk 0", "hist_dist_first": "colour-histogram TV "
-                "distance to chunk 0 (0-1)", "luma": "mean luma (0-255)", "flicker": "VBench flicker (higher = steadier)"}
+METRIC_UNITS = {"latent_dist_first": "latent RMS distance to chunk 0",
+                "hist_dist_first": "colour-histogram TV distance to chunk 0 (0-1)", "luma": "mean luma (0-255)",
+                "flicker": "VBench flicker (higher = steadier)"}
 PROBE_VARIANT = "probe"  # TokenTrim on, a known corruption injected (`pipeline.rollout.probe`)
 BASELINE_FORMAT = 3
 # absolute slack per metric beyond `tolerance` (relative); others use `run_regression`'s `slack`
@@ -192,8 +193,8 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
                    update_baseline: bool = False, probe_on: bool = True) -> Regression:
     """Render the spec's first ``limit`` prompts with TokenTrim, without it, and (``probe_on``) with TokenTrim and
     a known corruption (`default_probe`) under ``spec.output_url``; compare with the baseline (refused when made
-    under other settings); write ``report.html`` and ``report.md``. On the canary, the videos are also judged by the detector
-    (`jobs.quality`)."""
+    under other settings); write ``report.html`` and ``report.md``. On the canary, the videos are also judged by the
+    detector (`jobs.quality`)."""
     if not tolerance >= 0 or not slack >= 0:
         raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
     if spec.trim is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from jobs.policy import STATUSES, STATS_KEY, VIDEO_KEY
+from jobs.policy import STATS_KEY, STATUSES, VIDEO_KEY
 from jobs.run import load_spec
 from pipeline.errors import CorruptStateError
 from pipeline.rollout.chunk_stats import VERDICTS

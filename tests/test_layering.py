@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DESIGN = {
     "tokentrim": {"torch"},
     "pipeline": {"tokentrim", "torch", "diffusers", "transformers", "av", "safetensors", "fsspec", "pyarrow"},
-    "jobs": {"pipeline", "tokentrim", "torch", "ray", "pyarrow", "fsspec", "s3fs", "click"},
+    "jobs": {"pipeline", "tokentrim", "torch", "ray", "pyarrow", "fsspec", "s3fs", "click",
+             "matplotlib", "jinja2"},  # the report pages' plots and templates (DESIGN §5, STYLE §2.20)
 }
 # Packages that come with one DESIGN names and are its API: torch's and PyAV's arrays are numpy; transformers'
 # tokenizers are `tokenizers`; fsspec's S3 backend is s3fs (on botocore).
