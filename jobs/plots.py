@@ -49,8 +49,11 @@ def _legend_below(fig: Figure, ax: Axes, *others: Axes) -> None:
 
 def to_svg(fig: Figure) -> str:
     """The figure as an ``<svg>`` element (no XML prolog), to inline in a page or write as a file."""
+    import matplotlib
+
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: smaller, selectable, searchable
+        fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]
 

@@ -115,19 +115,20 @@ class Check:
 
 
 def _check(variant: str, metric: str, base: float, now: float | None, tolerance: float, allowed: float) -> Check:
-    name = f"{variant}/{metric}"
+    name, upper = f"{variant}/{metric}", base * (1.0 + tolerance) + allowed
+    limit = f"<= {upper:.5g} ({tolerance:.0%} + {allowed})"
+    within = abs(base) * TWO_SIDED.get(metric, 0.0) + allowed
     if metric in TWO_SIDED:
-        within = abs(base) * TWO_SIDED[metric] + allowed
-        limit = f"|change| <= {within:.5g} ({TWO_SIDED[metric]:.0%} + {allowed})"
-        failed = now is not None and abs(now - base) > within
-        failure = (f"{name}: {now:.5f} differs from baseline {base:.5f} (by more than {TWO_SIDED[metric]:.0%} + "
-                   f"{allowed})") if failed else ""
-    else:
-        limit = f"<= {base * (1.0 + tolerance) + allowed:.5g} ({tolerance:.0%} + {allowed})"
-        failed = now is not None and now > base * (1.0 + tolerance) + allowed
-        failure = f"{name}: {now:.5f} > baseline {base:.5f} (tolerance {tolerance:.0%} + {allowed})" if failed else ""
+        limit = f"|change| <= {within:.5g} ({TWO_SIDED[metric]:.0%} + {allowed})" + (
+            f" and {limit}" if upper < base + within else "")
+    failure = ""
     if now is None:
         failure = f"{name}: missing from this run"
+    elif metric in TWO_SIDED and abs(now - base) > within:
+        failure = (f"{name}: {now:.5f} differs from baseline {base:.5f} "
+                   f"(by more than {TWO_SIDED[metric]:.0%} + {allowed})")
+    elif now > upper:
+        failure = f"{name}: {now:.5f} > baseline {base:.5f} (tolerance {tolerance:.0%} + {allowed})"
     return Check(variant, metric, base, now, limit, failure)
 
 
