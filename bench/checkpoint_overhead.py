@@ -36,6 +36,7 @@ from bench.common import (
     interleaved,
     median,
     paired_ratio,
+    require,
     set_threads,
     spread,
     step_seconds,
@@ -86,6 +87,10 @@ def bench_render(rep: Reporter, backend: WanBackend, config: RolloutConfig, trim
         last[variant] = (state, rows)
 
     interleaved({"none": lambda: run("none"), "state": lambda: run("state")}, repeats)
+    written = [float(r["t_checkpoint"] or 0.0) > 0 for r in last["state"][1]]
+    require(all(written) and bool(os.listdir(last["state"][0])),
+            f"the --state variant did not checkpoint every chunk ({sum(written)} of {len(written)} wrote)")
+    require(not any(float(r["t_checkpoint"] or 0.0) for r in last["none"][1]), "the no-state variant checkpointed")
     # chunk i of the two renders of a round: same context length, seconds apart
     ratios = [a / b for sa, sn in zip(gaps["state"], gaps["none"]) for a, b in zip(sa, sn)]
     rows = last["state"][1][1:]

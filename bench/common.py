@@ -221,6 +221,20 @@ def step_seconds(row: dict[str, Any]) -> float:
     return sum(float(row.get(f"t_{k}_s", 0.0)) for k in ("denoise", "trim", "commit"))
 
 
+class BenchCheckError(SystemExit):
+    """A variant did not do what it names (a prune variant that never pruned): its figures would measure nothing.
+    Raised as SystemExit so the bench exits non-zero with this one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"bench check failed: {message}")
+
+
+def require(condition: bool, message: str) -> None:
+    """Stop the bench (`BenchCheckError`, exit status 1) unless ``condition``: a variant must do what it names."""
+    if not condition:
+        raise BenchCheckError(message)
+
+
 def verdict_counts(records: list[ChunkRecord]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for record in records:

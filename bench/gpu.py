@@ -48,12 +48,13 @@ from bench.common import (
     chunk_gaps,
     command_line,
     median,
+    require,
     set_threads,
     spread,
     step_seconds,
     sync,
 )
-from bench.trim_overhead import VARIANTS, chunk_ratios, measure, pruned_mask
+from bench.trim_overhead import VARIANTS, chunk_ratios, first_judged, measure, pruned_mask
 from pipeline.config import MODES, RolloutConfig
 from pipeline.model.backend import WanBackend, load_backend
 from pipeline.model.vae import pixel_frames_for
@@ -139,6 +140,8 @@ def render_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, na
     timed_render(backend, replace(config, num_chunks=1), trim, seed)
     reset_peak(backend.device)
     wall, per_chunk, rows = timed_render(backend, config, trim, seed)
+    pruned = sum(r["verdict"] == "pruned" for r in rows)
+    require(name != "never" or not pruned, f"{config.mode} render {name} pruned {pruned} chunks")
     new_frames = pixel_frames_for(2 * config.chunk_frames) - pixel_frames_for(config.chunk_frames)
     steady = new_frames / median(per_chunk) if per_chunk else float("nan")
     later = rows[1:] or rows
@@ -165,18 +168,19 @@ def render_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, na
 def overhead_variant(rep: Reporter, backend: WanBackend, config: RolloutConfig, seed: int, target: float | None
                      ) -> dict[str, Any]:
     """Lockstep none / never / prune rollouts; never/none against ``target``, prune/none as information."""
-    measure(backend, replace(config, num_chunks=2), seed, 1)  # warm-up
+    measure(backend, replace(config, num_chunks=2), seed, 1, check=False)  # warm-up: no chunk is judged yet
     reset_peak(backend.device)
     seconds, records = measure(backend, config, seed, 1, VARIANTS)
     peak = peak_gib(backend.device)
     never = chunk_ratios(seconds, "never", "none")
     prune = chunk_ratios(seconds, "prune", "none")
-    mask = pruned_mask(records["prune"])
+    mask = pruned_mask(records["prune"])  # `measure` checked: every judged chunk pruned
     pruned = sum(sum(run[1:]) for run in mask)
+    judged = config.num_chunks - first_judged(VARIANTS["prune"])
     rep.report(f"{config.mode}: TokenTrim never-prune / no-trim, per chunk", median(never), target,
                note=f"lockstep, no decode, {spread(never)}" + (f"; peak {peak:.2f} GiB" if peak == peak else ""))
     rep.report(f"{config.mode}: TokenTrim prune / no-trim, per chunk", median(prune), None,
-               note=f"{pruned} of {config.num_chunks - 1} chunks pruned and regenerated")
+               note=f"{pruned} of {judged} judged chunks pruned and regenerated")
     return {"mode": config.mode, "variant": "overhead", "never_over_none": median(never),
             "prune_over_none": median(prune), "pruned_chunks": pruned, "peak_gib": peak,
             "step_ms": {n: 1e3 * median(s for run in v for s in run[1:]) for n, v in seconds.items()}}

@@ -16,7 +16,17 @@ from typing import Any
 
 import torch
 
-from bench.common import PROMPT, Reporter, base_parser, build_mid_backend, command_line, median, set_threads, spread
+from bench.common import (
+    PROMPT,
+    Reporter,
+    base_parser,
+    build_mid_backend,
+    command_line,
+    median,
+    require,
+    set_threads,
+    spread,
+)
 from pipeline.config import Mode, RolloutConfig
 from pipeline.model.backend import WanBackend, load_backend
 from pipeline.model.host import HostReadCounter
@@ -111,6 +121,9 @@ def host_reads(rep: Reporter, backend: WanBackend, config: RolloutConfig) -> dic
             counts.append(counter.count)
             attempts.append(max(s.attempts for s in record.stats))
         out[name], out[f"{name}_attempts"] = counts, attempts
+        regenerated = sum(a > 1 for a in attempts)
+        require(regenerated > 0 if name == "prune" else regenerated == 0,
+                f"host reads, trim {name}: {regenerated} chunks regenerated (candidates per chunk {attempts})")
         extra = max(n - a for n, a in zip(counts, attempts, strict=True))
         rep.report(f"{config.mode}: host reads per chunk, trim {name}", max(counts), None, unit="reads",
                    note=f"per chunk {counts}, candidates per chunk {attempts}")

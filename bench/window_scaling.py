@@ -24,6 +24,7 @@ from bench.common import (
     interleaved,
     median,
     paired_ratio,
+    require,
     set_threads,
     spread,
     step_seconds,
@@ -79,6 +80,9 @@ def main() -> None:
     times = interleaved({"early": lambda: chunk_passes(early), "late": lambda: chunk_passes(late)}, args.repeats)
     ratios = [a / b for a, b in zip(times["late"], times["early"])]
     early_row, late_row = early.step().rows[0], late.step().rows[0]
+    require(early_row["cache_tokens"] == late_row["cache_tokens"] > 0,
+            f"the window did not bound the cache: {early_row['cache_tokens']} tokens at chunk {args.early}, "
+            f"{late_row['cache_tokens']} at chunk {args.late}")
     print(f"    passes of one chunk: chunk {args.early} {median(times['early']) * 1e3:.1f} ms, chunk {args.late} "
           f"{median(times['late']) * 1e3:.1f} ms; cache tokens {early_row['cache_tokens']} vs "
           f"{late_row['cache_tokens']}; allocated K/V {early.cache.allocated_bytes() / 2**20:.2f} MiB vs "

@@ -22,6 +22,7 @@ LAZY_COMMANDS = {
     "resume": ("jobs.job_cmds:resume", "Run the job recorded under an output again; finished prompts skipped."),
     "status": ("jobs.job_cmds:status", "Progress of a job output, also while it runs."),
     "regress": ("jobs.job_cmds:regress", "Nightly regression: drift with and without TokenTrim vs a baseline."),
+    "report": ("jobs.report_cmd:report", "Write a job's report.html: videos, drift per chunk, errors (static)."),
 }
 
 

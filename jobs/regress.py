@@ -1,5 +1,7 @@
 """Nightly quality regression: a fixed prompt set rendered with and without TokenTrim, drift metrics per video
-compared with a stored baseline, a markdown report with SVG curves, and a failing exit on regression.
+compared with a stored baseline, an HTML page (`jobs.report`) and a markdown report with the curves (matplotlib
+SVG), and a failing exit on regression. The TokenTrim-off variant is ``no-trim``; "baseline" is only the stored
+figures a run is compared with.
 
 Drift of a metric over a video: ``delta = mean(last quarter of chunks) - mean(first quarter)``. The metrics are
 model-free (REFERENCE: drift proxies): latent distance to the first chunk, colour-histogram distance to the first
@@ -29,7 +31,11 @@ from pipeline.store import KeyNotFound, Store, split_url
 logger = logging.getLogger(__name__)
 
 METRICS = ("latent_dist_first", "hist_dist_first", "luma", "steadiness")
-VARIANTS = ("tokentrim", "baseline")
+VARIANTS = ("tokentrim", "no-trim")
+# the y axis of each curve on the report
+METRIC_UNITS = {"latent_dist_first": "latent RMS distance to chunk 0",
+                "hist_dist_first": "colour-histogram TV distance to chunk 0 (0-1)", "luma": "mean luma (0-255)",
+                "steadiness": "VBench temporal-flickering score (higher = steadier)"}
 PROBE_VARIANT = "probe"  # TokenTrim on, a known corruption injected (`pipeline.rollout.probe`)
 BASELINE_FORMAT = 3
 # absolute slack per metric beyond `tolerance` (relative); others use `run_regression`'s `slack`
@@ -60,6 +66,11 @@ class Regression:
     curves: dict[str, dict[str, list[float]]]  # variant -> metric -> mean value per chunk
     failures: list[str] = field(default_factory=list)
     report_url: str = ""
+    checks: list[Check] = field(default_factory=list)  # per baseline metric: tonight's value against its limit
+    settings: dict[str, Any] = field(default_factory=dict)
+    prompts: dict[str, str] = field(default_factory=dict)  # prompt id -> prompt
+    variants: tuple[str, ...] = (*VARIANTS, PROBE_VARIANT)
+    baseline_url: str = ""
 
     @property
     def passed(self) -> bool:
@@ -89,24 +100,54 @@ def measure(out: Store, results: list[dict[str, Any]]) -> tuple[dict[str, float]
     return metrics, curves, failed
 
 
+@dataclass(frozen=True)
+class Check:
+    """One baseline metric judged: tonight's value (None: missing), the allowed range, and why it failed."""
+
+    variant: str
+    metric: str
+    baseline: float
+    now: float | None
+    allowed: str  # the limit in words, e.g. "<= 0.11 (10% + 0.0001)"
+    failure: str = ""  # empty when it passed
+
+    @property
+    def passed(self) -> bool:
+        return not self.failure
+
+
+def _check(variant: str, metric: str, base: float, now: float | None, tolerance: float, allowed: float) -> Check:
+    name, upper = f"{variant}/{metric}", base * (1.0 + tolerance) + allowed
+    limit = f"<= {upper:.5g} ({tolerance:.0%} + {allowed})"
+    within = abs(base) * TWO_SIDED.get(metric, 0.0) + allowed
+    if metric in TWO_SIDED:
+        limit = f"|change| <= {within:.5g} ({TWO_SIDED[metric]:.0%} + {allowed})" + (
+            f" and {limit}" if upper < base + within else "")
+    failure = ""
+    if now is None:
+        failure = f"{name}: missing from this run"
+    elif metric in TWO_SIDED and abs(now - base) > within:
+        failure = (f"{name}: {now:.5f} differs from baseline {base:.5f} "
+                   f"(by more than {TWO_SIDED[metric]:.0%} + {allowed})")
+    elif now > upper:
+        failure = f"{name}: {now:.5f} > baseline {base:.5f} (tolerance {tolerance:.0%} + {allowed})"
+    return Check(variant, metric, base, now, limit, failure)
+
+
+def checks(current: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]], *, tolerance: float,
+           slack: float, slacks: dict[str, float] | None = None) -> list[Check]:
+    """Every metric of ``baseline`` judged against ``current``: it regresses above ``base * (1 + tolerance) + slack``
+    (``slacks[metric]`` where given); `TWO_SIDED` metrics when they move either way beyond their own tolerance."""
+    return [_check(variant, metric, base, current.get(variant, {}).get(metric), tolerance,
+                   (slacks or {}).get(metric, slack))
+            for variant, metrics in baseline.items() for metric, base in metrics.items()]
+
+
 def compare(current: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]], *, tolerance: float,
             slack: float, slacks: dict[str, float] | None = None) -> list[str]:
-    """The regressions of ``current`` against ``baseline``, each naming variant, metric and both values; a metric
-    regresses above ``base * (1 + tolerance) + slack`` (``slacks[metric]`` where given)."""
-    failures = []
-    for variant, metrics in baseline.items():
-        for metric, base in metrics.items():
-            now = current.get(variant, {}).get(metric)
-            allowed = (slacks or {}).get(metric, slack)
-            if now is None:
-                failures.append(f"{variant}/{metric}: missing from this run")
-            elif metric in TWO_SIDED and abs(now - base) > abs(base) * TWO_SIDED[metric] + allowed:
-                failures.append(f"{variant}/{metric}: {now:.5f} differs from baseline {base:.5f} "
-                                f"(by more than {TWO_SIDED[metric]:.0%} + {allowed})")
-            elif now > base * (1.0 + tolerance) + allowed:
-                failures.append(f"{variant}/{metric}: {now:.5f} > baseline {base:.5f} "
-                                f"(tolerance {tolerance:.0%} + {allowed})")
-    return failures
+    """The regressions of ``current`` against ``baseline`` (`checks`), each naming variant, metric and both values."""
+    return [c.failure for c in checks(current, baseline, tolerance=tolerance, slack=slack, slacks=slacks)
+            if not c.passed]
 
 
 def settings_of(spec: JobSpec, prompt_ids: list[str], probe: Probe | None = None) -> dict[str, Any]:
@@ -156,8 +197,8 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
                    progress: JobProgress | None = None) -> Regression:
     """Render the spec's first ``limit`` prompts with TokenTrim, without it, and (``probe_on``) with TokenTrim and
     a known corruption (`default_probe`) under ``spec.output_url``; compare with the baseline (refused when made
-    under other settings); write ``report.md``. On the canary, the videos are also judged by the detector
-    (`jobs.quality`)."""
+    under other settings); write ``report.html`` and ``report.md``. On the canary, the videos are also judged by the
+    detector (`jobs.quality`)."""
     if not tolerance >= 0 or not slack >= 0:
         raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
     if spec.trim is None:
@@ -199,17 +240,24 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
         baseline = {"format": BASELINE_FORMAT, "settings": settings, "config_hash": config_hash(settings),
                     "metrics": metrics}
         base_store.put_json(key, baseline)
+    judged: list[Check] = []
     if baseline is None:
         failures.append(f"no baseline at {base_store.join(key)} (run once with --update-baseline)")
     else:
-        failures += compare(metrics, baseline["metrics"], tolerance=tolerance, slack=slack, slacks=SLACKS)
-    result = Regression(metrics, curves, failures)
+        judged = checks(metrics, baseline["metrics"], tolerance=tolerance, slack=slack, slacks=SLACKS)
+        failures += [c.failure for c in judged if not c.passed]
+    result = Regression(metrics, curves, failures, checks=judged, settings=settings,
+                        prompts=prompts, baseline_url=base_store.join(key))
     result.report_url = write_report(out, result)
     return result
 
 
 def write_report(out: Store, result: Regression) -> str:
-    """``report.md`` with the metrics table, the verdict and one SVG of curves per metric."""
+    """``report.html`` (`jobs.report.regression_page`), and ``report.md`` with the metrics table, the verdict and
+    one SVG of curves per metric; returns the page's URL."""
+    from jobs.plots import curves_chart
+    from jobs.report import regression_page
+
     variants = list(result.metrics)
     names = list(dict.fromkeys(m for v in variants for m in result.metrics[v]))
     lines = ["# tokentrim nightly regression", "", f"**{'PASS' if result.passed else 'REGRESSION'}**", "",
@@ -220,27 +268,9 @@ def write_report(out: Store, result: Regression) -> str:
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines += ["", *[f"- {f}" for f in result.failures], ""]
     for metric in METRICS:
-        out.put_bytes(f"plots/{metric}.svg", svg_curves(metric, {v: result.curves[v][metric] for v in VARIANTS}))
+        curves = {v: result.curves[v][metric] for v in VARIANTS if v in result.curves}
+        out.put_bytes(f"plots/{metric}.svg", curves_chart(metric, METRIC_UNITS[metric], curves).encode())
         lines.append(f"![{metric}](plots/{metric}.svg)")
     out.put_bytes("report.md", "\n".join(lines).encode())
     out.put_bytes("metrics.json", json.dumps(result.metrics, sort_keys=True, indent=1).encode())
-    return out.join("report.md")
-
-
-def svg_curves(title: str, curves: dict[str, list[float]], width: int = 480, height: int = 240) -> bytes:
-    """A small line chart (one polyline per curve, x = chunk) as SVG bytes; no plotting library needed."""
-    values = [v for c in curves.values() for v in c] or [0.0]
-    low, high = min(values), max(values)
-    span = (high - low) or 1.0
-    colours = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
-             f'<text x="8" y="16" font-size="13">{title} per chunk ({low:.4g} .. {high:.4g})</text>']
-    for i, (name, curve) in enumerate(curves.items()):
-        step = (width - 20) / max(1, len(curve) - 1)
-        points = " ".join(f"{10 + j * step:.1f},{height - 10 - (v - low) / span * (height - 40):.1f}"
-                          for j, v in enumerate(curve))
-        colour = colours[i % len(colours)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{width - 120}" y="{20 + 14 * (i + 1)}" font-size="12" fill="{colour}">{name}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts).encode()
+    return regression_page(out, result)

@@ -529,9 +529,9 @@ def test_regression_passes_against_its_own_baseline_and_refuses_other_settings(t
     assert first.output.rstrip().endswith("PASS")
     report = (night / "report.md").read_text()
     assert "**PASS**" in report and "plots/steadiness.svg" in report
-    assert (night / "plots" / "luma.svg").read_text().startswith("<svg")
+    assert (night / "plots" / "luma.svg").read_text().startswith("<svg") and (night / "report.html").is_file()
     baseline = json.loads((night / "baseline.json").read_text())
-    assert set(baseline["metrics"]) == {"tokentrim", "baseline", "probe"}
+    assert set(baseline["metrics"]) == {"tokentrim", "no-trim", "probe"}
     assert baseline["settings"]["render"]["rollout"]["num_chunks"] == 4
     # a baseline with half the drift: tonight's run is a regression, named by variant and metric
     halved = dict(baseline, metrics={v: {m: x / 2 for m, x in ms.items()} for v, ms in baseline["metrics"].items()})

@@ -15,7 +15,7 @@ DESIGN = {
     "tokentrim": {"torch"},
     "pipeline": {"tokentrim", "torch", "diffusers", "transformers", "av", "safetensors", "fsspec", "pyarrow"},
     "jobs": {"pipeline", "tokentrim", "torch", "ray", "pyarrow", "fsspec", "s3fs", "click",
-             "tqdm"},  # tqdm: the command line's progress bars (STYLE §2.20; jobs/cli_progress.py)
+             "tqdm", "matplotlib", "jinja2"},  # progress bars, the report pages' plots and templates (STYLE §2.20)
 }
 # Packages that come with one DESIGN names and are its API: torch's and PyAV's arrays are numpy; transformers'
 # tokenizers are `tokenizers`; fsspec's S3 backend is s3fs (on botocore).

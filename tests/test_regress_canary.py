@@ -71,7 +71,7 @@ def _perturbed_weights(monkeypatch) -> None:
 def test_canary_regression_passes_against_the_committed_baseline(tmp_path):
     result = run_regression(_spec(tmp_path, "tonight"), baseline_url=BASELINE)
     assert result.passed, result.failures
-    assert set(result.metrics) == {"tokentrim", "baseline", "probe"}
+    assert set(result.metrics) == {"tokentrim", "no-trim", "probe"}
     assert result.metrics["tokentrim"]["canary_miss"] <= 0.25
 
 

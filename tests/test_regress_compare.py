@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.regress import compare
+from jobs.regress import SLACKS, checks, compare
 
-BASE = {"tokentrim": {"flicker": 0.2, "luma": 0.05}, "baseline": {"flicker": 0.4}}
+BASE = {"tokentrim": {"flicker": 0.2, "luma": 0.05}, "no-trim": {"flicker": 0.4}}
 
 
 def test_equal_or_smaller_drift_passes_and_extra_metrics_are_ignored() -> None:
     assert compare(BASE, BASE, tolerance=0.0, slack=0.0) == []
-    better = {"tokentrim": {"flicker": 0.1, "luma": 0.0, "new_metric": 9.0}, "baseline": {"flicker": 0.39}}
+    better = {"tokentrim": {"flicker": 0.1, "luma": 0.0, "new_metric": 9.0}, "no-trim": {"flicker": 0.39}}
     assert compare(better, BASE, tolerance=0.0, slack=0.0) == []
 
 
@@ -23,7 +23,7 @@ def test_equal_or_smaller_drift_passes_and_extra_metrics_are_ignored() -> None:
     (0.0, 0.01, 0.2 + 0.0101, True),
 ])
 def test_growth_beyond_tolerance_plus_slack_is_a_regression(tolerance, slack, flicker, fails) -> None:
-    current = {"tokentrim": {"flicker": flicker, "luma": 0.05}, "baseline": {"flicker": 0.4}}
+    current = {"tokentrim": {"flicker": flicker, "luma": 0.05}, "no-trim": {"flicker": 0.4}}
     failures = compare(current, BASE, tolerance=tolerance, slack=slack)
     assert len(failures) == int(fails)
     if fails:
@@ -31,9 +31,22 @@ def test_growth_beyond_tolerance_plus_slack_is_a_regression(tolerance, slack, fl
 
 
 def test_every_regressed_or_missing_metric_is_named_once() -> None:
-    current = {"tokentrim": {"flicker": 0.5}, "baseline": {"flicker": 0.9}}
+    current = {"tokentrim": {"flicker": 0.5}, "no-trim": {"flicker": 0.9}}
     failures = compare(current, BASE, tolerance=0.1, slack=0.0)
-    assert sorted(f.split(":")[0] for f in failures) == ["baseline/flicker", "tokentrim/flicker", "tokentrim/luma"]
+    assert sorted(f.split(":")[0] for f in failures) == ["no-trim/flicker", "tokentrim/flicker", "tokentrim/luma"]
     assert "tokentrim/luma: missing from this run" in failures
     assert compare({}, BASE, tolerance=0.1, slack=0.0) == [f"{v}/{m}: missing from this run"
                                                            for v, ms in BASE.items() for m in ms]
+
+
+def test_checks_give_every_baseline_metric_its_limit_and_verdict() -> None:
+    current = {"tokentrim": {"flicker": 0.25, "luma": 0.05}, "no-trim": {"flicker": 0.4}}
+    got = checks(current, BASE, tolerance=0.1, slack=0.0)
+    assert [(c.variant, c.metric, c.baseline, c.now, c.passed) for c in got] == [
+        ("tokentrim", "flicker", 0.2, 0.25, False), ("tokentrim", "luma", 0.05, 0.05, True),
+        ("no-trim", "flicker", 0.4, 0.4, True)]
+    assert got[0].allowed == "<= 0.22 (10% + 0.0)" and got[0].failure == compare(current, BASE, tolerance=0.1,
+                                                                                  slack=0.0)[0]
+    two = checks({"probe": {"probe_leak": 6.5}}, {"probe": {"probe_leak": 7.0}}, tolerance=0.1, slack=0.0,
+                 slacks=SLACKS)
+    assert not two[0].passed and two[0].allowed == "|change| <= 0.4 (5% + 0.05)"
