@@ -25,7 +25,9 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -137,26 +139,32 @@ def auc_table(verdicts: list[dict[int, Any]], sev: dict[str, list[list[float]]],
 
         row: dict[str, Any] = {"onsets": sum(len(p) for p, _ in split), "clean": sum(len(n) for _, n in split)}
         for name in sev:
-            row[name] = bootstrap(lambda u, n=name: scores(u, n), len(verdicts))
+            row[name] = bootstrap(partial(scores, name=name), len(verdicts))
             if name != "same":
-                row[f"{name} - same"] = bootstrap(lambda u, n=name: scores(u, n) - scores(u, "same"), len(verdicts))
+                row[f"{name} - same"] = bootstrap(partial(_difference, scores, name), len(verdicts))
         out[label or "any"] = row
     return out
 
 
+def _difference(scores: Callable[[list[int], str], float], name: str, units: list[int]) -> float:
+    return scores(units, name) - scores(units, "same")
+
+
 # ------------------------------------------------------------------------------------------------ (b) persistence
 def persistence(verdicts: dict[int, Any], chunks: range) -> dict[str, float]:
-    """Mean over ``chunks`` of each `PERSISTENCE` figure of one video (labels as rates)."""
+    """Each `PERSISTENCE` figure of one video over ``chunks``: the median over the chunks, labels as rates."""
     vs = [verdicts[c] for c in chunks]
-    out = {k: median([getattr(v, k) for v in vs]) if k != "traj_err" else median([v.traj_err for v in vs])
-           for k in ("glitch_px", "mass_err", "traj_err")}
+    out = {k: median([getattr(v, k) for v in vs]) for k in ("glitch_px", "mass_err", "traj_err")}
     out.update({k: sum(v.labels[k] for v in vs) / len(vs) for k in ("foreign", "vanish", "split")})
     return out
 
 
 def paired(a: list[dict[str, float]], b: list[dict[str, float]]) -> dict[str, tuple[float, float, float]]:
     """Per figure: the median over prompts of a - b, with its bootstrap interval."""
-    return {k: bootstrap(lambda u, k=k: median([a[i][k] - b[i][k] for i in u]), len(a)) for k in PERSISTENCE}
+    def diff(units: list[int], key: str) -> float:
+        return median([a[i][key] - b[i][key] for i in units])
+
+    return {k: bootstrap(partial(diff, key=k), len(a)) for k in PERSISTENCE}
 
 
 # ------------------------------------------------------------------------------------------------- (c) prunes
@@ -199,7 +207,7 @@ def drift_cost(trim: TrimConfig, shape: tuple[int, int, int], grid: tuple[int, i
 def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> dict[str, Any]:
     rows = prompt_rows()[:n]
     prompts = [str(r["prompt"]) for r in rows]
-    seeds_a = [int(r["seed"]) for r in rows]
+    seeds_a = [int(str(r["seed"])) for r in rows]
     seeds_b = [s + SEED_B_OFFSET for s in seeds_a]
     config = RolloutConfig(mode=mode, num_chunks=chunks)  # type: ignore[arg-type]
     grid = (backend.spec.height_px // 16, backend.spec.width_px // 16)  # 8x spatial VAE, 1x2x2 patches
