@@ -103,3 +103,27 @@ def test_the_controller_uses_the_configured_drift_and_needs_the_grid_for_motion(
         motion_drift(z1, z0, (3, 5), 1)
     with pytest.raises(ValueError, match="radius"):
         motion_drift(z1, z0, (4, 4), -1)
+
+
+@pytest.mark.parametrize("drift", ["motion", "relative"])
+def test_the_rollout_judges_with_the_configured_drift_on_its_patch_grid(drift):
+    """Through the real rollout (tiny preset): each chunk's severity is the configured drift's, on the latent's patch
+    grid, computed from the candidates the rollout showed its perturb hook."""
+    from pipeline.canary.effect import Glitch
+    from pipeline.config import RolloutConfig
+    from pipeline.model.backend import load_backend
+    from pipeline.rollout.loop import Rollout
+    from tokentrim import latent_summary, unstable_set
+
+    backend = load_backend("tiny", with_vae=False)
+    trim = TrimConfig(drift=drift, drift_radius=1, lam=1e9)  # never prunes: every candidate is the accepted one
+    rollout = Rollout(backend, RolloutConfig(num_chunks=3), ["a cat", "a dog"], [1, 2], trim=trim)
+    hook = Glitch()  # records each chunk's first x0, pastes nothing
+    rollout.perturb = hook
+    rows = [record.rows for record in rollout]
+    h, w = rollout.latent_hw
+    z = [latent_summary(hook.first_x0[c], trim.patch_size) for c in range(3)]
+    for c in (1, 2):
+        expected = unstable_set(drift_score(z[c], z[c - 1], drift, (h // 2, w // 2), 1), trim.p)[1]
+        got = torch.tensor([row["severity"] for row in rows[c]], dtype=torch.float32)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
