@@ -4,10 +4,13 @@
   not find the named colour moving the named way), ``traj_err`` (px per frame off the named motion),
   ``mass_err`` (|1 - named-colour pixels / shape area|) and ``background_err`` (mean |pixel - true background|
   away from objects, 0-255);
-- ``probe_leak``: how far a known corruption (`pipeline.rollout.probe`) spreads into the chunks after the one it
-  hit: the mean |pixel difference| (0-255) between the probe variant's video and the clean TokenTrim video over
-  the frames of chunks ``probe.chunk + 1 ..``. TokenTrim keeps it small by pruning the corrupted tokens from the
-  cache; an engine that still attends pruned tokens lets it spread.
+- what a known corruption (`pipeline.rollout.probe`, TokenTrim on) does, measured as an effect, not as identity
+  (a regenerated chunk differs from the clean run by construction): ``probe_missed``, the share of the probe's
+  tokens TokenTrim did not prune while generating the probed chunk and the next (it still finds them); on the canary
+  also what the detector sees in the chunks after the probed one, decoded by a decoder warmed on the clean run's
+  chunks up to the probed one (`pipeline.canary.effect.warm_decode`, so the VAE's causal cache does not carry the
+  corrupted chunk's look forward): ``probe_artefacts`` (share of those chunks with an artefact label: vanish, split,
+  foreign object, wrong colour), ``probe_mass_err`` and ``probe_traj_err``.
 
 Every metric is "higher is worse"; `jobs.regress.compare` judges them against the baseline.
 """
@@ -18,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.model.vae import pixel_frames_for
+from pipeline.rollout.probe import Probe
 from pipeline.store import Store
 
 CANARY_METRICS = ("canary_miss", "traj_err", "mass_err", "background_err")
+PROBE_CANARY_METRICS = ("probe_artefacts", "probe_mass_err", "probe_traj_err")
 LOST_TRAJ_ERR = 4.0  # px per frame: a video where the named colour is never found (faster than any motion)
 
 
@@ -50,12 +54,43 @@ def canary_measures(frames: np.ndarray, prompt: str) -> dict[str, float]:
             "background_err": float(m["background_err"].mean())}
 
 
-def probe_leak(probed: np.ndarray, clean: np.ndarray, after_chunk: int, chunk_frames: int) -> float:
-    """Mean |pixel difference| (0-255) over the frames of the chunks after ``after_chunk``."""
-    start = pixel_frames_for((after_chunk + 1) * chunk_frames)
-    if probed.shape != clean.shape or start >= probed.shape[0]:
-        raise ValueError(f"cannot compare videos of shapes {probed.shape} and {clean.shape} after frame {start}")
-    return float(np.abs(probed[start:].astype(np.float32) - clean[start:].astype(np.float32)).mean())
+def probe_records(out: Store, row: dict[str, Any]) -> list[Any]:
+    """The verified `ChunkRecord`s a rollout kept under ``rollouts/<id>/`` (the job ran with ``keep_state``)."""
+    from pipeline.outputs.checkpoint import RolloutCheckpoints
+
+    pid = row["prompt_id"]
+    records = RolloutCheckpoints(Store(out.join(f"rollouts/{pid}"), out.storage_options), row["config_hash"],
+                                 [pid]).load()
+    expected = row.get("num_chunks")
+    if not records or (isinstance(expected, int) and len(records) != expected):
+        raise ValueError(f"{pid}: {len(records)} committed chunks under rollouts/{pid}/, expected {expected}")
+    return records
+
+
+def probe_missed(records: list[Any], probe: Probe) -> float:
+    """1 - the share of the probe's token positions among those TokenTrim pruned while generating the probed chunk
+    and the next one (sample 0 of each record)."""
+    pruned: set[int] = set()
+    for record in records[probe.chunk: probe.chunk + 2]:
+        for event in record.prunes:
+            if bool(event.samples[0]):
+                pruned.update(int(p) for p in event.positions[0].tolist())
+    return 1.0 - len(pruned & set(probe.positions)) / len(probe.positions)
+
+
+def probe_quality(backend: Any, clean: list[Any], probed: list[Any], probe: Probe, prompt: str,
+                  chunk_frames: int) -> dict[str, float]:
+    """The detector's figures on the probed rollout's chunks after ``probe.chunk``, decoded after the clean
+    rollout's chunks up to it (records of sample 0)."""
+    from pipeline.canary.effect import judge_video, warm_decode
+
+    start = probe.chunk + 1
+    video = warm_decode(backend.new_decoder, [r.latents for r in clean[:start]], [r.latents for r in probed[start:]])
+    verdicts = list(judge_video(video[0], prompt, len(probed), chunk_frames, range(start, len(probed))).values())
+    traj = [v.traj_err for v in verdicts if v.traj_err == v.traj_err]
+    return {"probe_artefacts": sum(not v.clean for v in verdicts) / len(verdicts),
+            "probe_mass_err": sum(v.mass_err for v in verdicts) / len(verdicts),
+            "probe_traj_err": sum(traj) / len(traj) if traj else LOST_TRAJ_ERR}
 
 
 def mean_measures(per_video: list[dict[str, float]], names: tuple[str, ...]) -> dict[str, float]:

@@ -20,7 +20,18 @@ from importlib.resources import files
 from typing import Any
 
 from jobs.progress import JobProgress
-from jobs.quality import CANARY_METRICS, canary_measures, failed_rows, mean_measures, ok_ids, probe_leak, video_frames
+from jobs.quality import (
+    CANARY_METRICS,
+    PROBE_CANARY_METRICS,
+    canary_measures,
+    failed_rows,
+    mean_measures,
+    ok_ids,
+    probe_missed,
+    probe_quality,
+    probe_records,
+    video_frames,
+)
 from jobs.run import plan, submit
 from jobs.spec import JobSpec, OptionError
 from pipeline.errors import InputError
@@ -37,13 +48,12 @@ METRIC_UNITS = {"latent_dist_first": "latent RMS distance to chunk 0",
                 "hist_dist_first": "colour-histogram TV distance to chunk 0 (0-1)", "luma": "mean luma (0-255)",
                 "steadiness": "VBench temporal-flickering score (higher = steadier)"}
 PROBE_VARIANT = "probe"  # TokenTrim on, a known corruption injected (`pipeline.rollout.probe`)
-BASELINE_FORMAT = 3
+BASELINE_FORMAT = 4  # 4: the probe judged by its effect (`jobs.quality`), not by `probe_leak`
 # absolute slack per metric beyond `tolerance` (relative); others use `run_regression`'s `slack`
-SLACKS = {"canary_miss": 0.2, "traj_err": 0.1, "mass_err": 0.05, "background_err": 0.5, "probe_leak": 0.05}
-# metrics judged both ways, with their own relative tolerance: how far a known corruption spreads is TokenTrim's
-# behaviour, not a quality; it changing either way means the engine changed (measured: an engine that still
-# attends pruned tokens moved it from 7.09 to 6.39 on the canary baseline)
-TWO_SIDED = {"probe_leak": 0.05}
+SLACKS = {"canary_miss": 0.2, "traj_err": 0.1, "mass_err": 0.05, "background_err": 0.5, "probe_missed": 0.07,
+          "probe_artefacts": 0.2, "probe_mass_err": 0.05, "probe_traj_err": 0.1}
+# metrics judged both ways, with their own relative tolerance (none today: every metric is a quality or a miss)
+TWO_SIDED: dict[str, float] = {}
 
 
 def default_table(model: str | None = None) -> str:
@@ -179,16 +189,33 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store,
+def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store, clean_rows: list[dict[str, Any]],
                    metrics: dict[str, dict[str, float]], progress: JobProgress | None = None) -> list[str]:
-    """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]["probe_leak"]``."""
-    vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe)
+    """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]``: ``probe_missed`` and, on the
+    canary, the detector's figures after the probed chunk (`jobs.quality`), decoded after the clean run's chunks."""
+    vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe, keep_state=True)
     report = submit(vspec, progress=progress)
     probed = Store(vspec.output_url, spec.storage_options)
-    leaks = [probe_leak(video_frames(probed, f"videos/{pid}.mp4"), video_frames(clean, f"videos/{pid}.mp4"),
-                        probe.chunk, spec.rollout.chunk_frames)
-             for pid in ok_ids(report.results) if clean.exists(f"videos/{pid}.mp4")]
-    metrics[PROBE_VARIANT] = {"probe_leak": sum(leaks) / len(leaks) if leaks else float("inf")}
+    clean_by_id = {r["prompt_id"]: r for r in clean_rows if r["status"] in ("ok", "skipped")}
+    rows = [r for r in report.results if r["status"] in ("ok", "skipped") and r["prompt_id"] in clean_by_id]
+    per_prompt: list[dict[str, float]] = []
+    backend = None
+    if spec.model == "canary" and rows:
+        from jobs.executors import load_model
+
+        backend = load_model(spec)
+    prompts = {row.prompt_id: row.prompt for row in plan(spec)[1]}
+    for row in rows:
+        records = probe_records(probed, row)
+        figures = {"probe_missed": probe_missed(records, probe)}
+        if backend is not None:
+            clean_records = probe_records(clean, clean_by_id[row["prompt_id"]])
+            figures.update(probe_quality(backend, clean_records, records, probe, prompts[row["prompt_id"]],
+                                         spec.rollout.chunk_frames))
+        per_prompt.append(figures)
+    names = ("probe_missed", *(PROBE_CANARY_METRICS if backend is not None else ()))
+    metrics[PROBE_VARIANT] = (mean_measures(per_prompt, names) if per_prompt
+                              else {n: float("inf") for n in names})
     return [f"{PROBE_VARIANT}: {f}" for f in failed_rows(report.results)]
 
 
@@ -222,11 +249,13 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
         raise InputError(problems[0])  # refused before hours of rendering
     metrics, curves, failures = {}, {}, []
     prompts = {row.prompt_id: row.prompt for row in rows}
-    stores = {}
+    stores, results = {}, {}
     for variant in VARIANTS:
         vspec = dataclasses.replace(spec, output_url=out.join(variant),
-                                    trim=spec.trim if variant == "tokentrim" else None)
+                                    trim=spec.trim if variant == "tokentrim" else None,
+                                    keep_state=spec.keep_state or (variant == "tokentrim" and probe is not None))
         report = submit(vspec, progress=progress)
+        results[variant] = report.results
         stores[variant] = Store(vspec.output_url, spec.storage_options)
         metrics[variant], curves[variant], failed = measure(stores[variant], report.results)
         failures += [f"{variant}: {f}" for f in failed]
@@ -235,7 +264,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
                          for pid in ok_ids(report.results)]
             metrics[variant].update(mean_measures(per_video, CANARY_METRICS))
     if probe is not None:
-        failures += _probe_variant(spec, out, probe, stores["tokentrim"], metrics, progress)
+        failures += _probe_variant(spec, out, probe, stores["tokentrim"], results["tokentrim"], metrics, progress)
     if update_baseline and not failures:
         baseline = {"format": BASELINE_FORMAT, "settings": settings, "config_hash": config_hash(settings),
                     "metrics": metrics}

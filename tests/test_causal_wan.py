@@ -106,6 +106,16 @@ def test_pruned_cache_equals_masked_reference_per_sample():
             torch.testing.assert_close(outs[k][b: b + 1], ref, rtol=0, atol=1e-5, msg=f"sample {b} chunk {k}")
 
 
+def test_a_cache_that_keeps_pruned_rows_fails_the_masked_reference(monkeypatch):
+    """The guard for an engine that counts pruned rows but still attends them: the regression's quality measures do
+    not see it on the canary (bench/RESULTS.md, "Does TokenTrim help?"), this comparison does."""
+    from pipeline.model.kv_cache import KVCache
+
+    monkeypatch.setattr(KVCache, "_compact", lambda self, *args, **kwargs: None)
+    with pytest.raises(AssertionError):
+        test_pruned_cache_equals_masked_reference_per_sample()
+
+
 def test_pruning_drops_rows_and_bytes():
     model = CausalWan(tiny_transformer())
     clean, _, text = _inputs(1, 2)

@@ -1,6 +1,8 @@
-"""`tokentrim regress` on the canary against the baseline committed in the repo: tonight's engine passes, and three
-deliberately broken engines fail it (RoPE off by one frame in the cache, a pruned token still attended, perturbed
-weights). The broken engines are patched into this process; the regression renders with the local executor."""
+"""`tokentrim regress` on the canary against the baseline committed in the repo: tonight's engine passes, and
+deliberately broken engines fail it (RoPE off by one frame in the cache, perturbed weights). The broken engines are
+patched into this process; the regression renders with the local executor. A pruned token still attended changes
+nothing the regression's quality measures see on the canary (measured, bench/RESULTS.md); its guard is
+`tests/test_causal_wan.py::test_a_cache_that_keeps_pruned_rows_fails_the_masked_reference`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from jobs.spec import JobSpec
 from pipeline.canary.models import WEIGHTS_DIR
 from pipeline.config import RolloutConfig
 from pipeline.model.causal_wan import CausalWan
-from pipeline.model.kv_cache import KVCache
+from tokentrim import unstable_set
 
 BASELINE = str(files("jobs") / "data" / "canary_baseline.json")
 needs_baseline = pytest.mark.skipif(not (os.path.isfile(BASELINE) and os.path.isfile(
@@ -44,11 +46,6 @@ def _rope_off_by_one(monkeypatch) -> None:
     monkeypatch.setattr(CausalWan, "forward", shifted)
 
 
-def _pruned_still_attended(monkeypatch) -> None:
-    """`KVCache.apply_prune` counts the rows it should drop but keeps them in the cache."""
-    monkeypatch.setattr(KVCache, "_compact", lambda self, *args, **kwargs: None)
-
-
 def _perturbed_weights(monkeypatch) -> None:
     """Every transformer weight scaled by 1 + N(0, 0.1^2) after loading."""
     import jobs.executors
@@ -73,12 +70,30 @@ def test_canary_regression_passes_against_the_committed_baseline(tmp_path):
     assert result.passed, result.failures
     assert set(result.metrics) == {"tokentrim", "no-trim", "probe"}
     assert result.metrics["tokentrim"]["canary_miss"] <= 0.25
+    # the probe is judged by its effect: TokenTrim finds some of its tokens, and the detector reads the chunks after it
+    assert set(result.metrics["probe"]) == {"probe_missed", "probe_artefacts", "probe_mass_err", "probe_traj_err"}
+    assert result.metrics["probe"]["probe_missed"] < 1.0
 
 
 @needs_baseline
 @pytest.mark.slow
-@pytest.mark.parametrize("breakage", [_rope_off_by_one, _pruned_still_attended, _perturbed_weights],
-                         ids=["rope-off-by-one", "pruned-token-attended", "perturbed-weights"])
+def test_canary_regression_fails_when_tokentrim_no_longer_finds_the_probe(tmp_path, monkeypatch):
+    """An unstable set that never holds the probe's tokens (the positions TokenTrim picks moved to the far corner)."""
+    import tokentrim.controller
+
+    def corner(drift, p):
+        positions, severity = unstable_set(drift, p)
+        return torch.zeros_like(positions) + torch.arange(positions.shape[1]), severity
+
+    monkeypatch.setattr(tokentrim.controller, "unstable_set", corner)
+    result = run_regression(_spec(tmp_path, "blind"), baseline_url=BASELINE)
+    assert any(f.startswith("probe/probe_missed") for f in result.failures), result.failures
+
+
+@needs_baseline
+@pytest.mark.slow
+@pytest.mark.parametrize("breakage", [_rope_off_by_one, _perturbed_weights],
+                         ids=["rope-off-by-one", "perturbed-weights"])
 def test_canary_regression_catches_a_broken_engine(tmp_path, monkeypatch, breakage):
     breakage(monkeypatch)
     result = run_regression(_spec(tmp_path, "broken"), baseline_url=BASELINE)

@@ -33,6 +33,8 @@ configs = st.builds(
     prune_scope=st.sampled_from(["last", "window"]),
     protect_sink=st.booleans(),
     patch_size=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
+    drift=st.sampled_from(["same", "motion", "relative"]),
+    drift_radius=st.integers(0, 5),
 )
 
 # (field, bad value, expected exception); each message must name the field and show the value.
@@ -64,6 +66,10 @@ INVALID: list[tuple[str, Any, type[Exception]]] = [
     ("patch_size", (1, 2.0, 2), TypeError),
     ("patch_size", (1, True, 2), TypeError),
     ("patch_size", "122", TypeError),
+    ("drift", "flow", ValueError),
+    ("drift", None, TypeError),
+    ("drift_radius", -1, ValueError),
+    ("drift_radius", 1.0, TypeError),
 ]
 
 
@@ -115,6 +121,15 @@ def test_from_dict_missing_keys_take_defaults() -> None:
     assert TrimConfig.from_dict({"p": 0.25}) == TrimConfig(p=0.25)
 
 
+def test_the_papers_rule_keeps_its_hash_and_keys() -> None:
+    """The drift fields came later: at their defaults they are not in the dict, so hashes made before stay valid
+    (these two values were computed before the fields existed)."""
+    assert TrimConfig().config_hash() == "1e898762a24740f7"
+    assert HASHED.config_hash() == "566ac6df7fd47e43"
+    assert not {"drift", "drift_radius"} & set(TrimConfig().to_dict())
+    assert TrimConfig(drift="motion").to_dict()["drift"] == "motion"
+
+
 def test_hash_is_16_hex_chars() -> None:
     h = TrimConfig().config_hash()
     assert len(h) == 16
@@ -139,6 +154,10 @@ def _changed(cfg: TrimConfig, name: str) -> TrimConfig:
         other = not value
     elif name == "summary":
         other = "mean" if value == "patch" else "patch"
+    elif name == "drift":
+        other = "motion" if value == "same" else "same"
+    elif name == "drift_radius":
+        other = value + 1
     else:
         other = (value[0], value[1] + 1, value[2])
     return dataclasses.replace(cfg, **{name: other})

@@ -4,13 +4,22 @@ Pure torch, no I/O and no model knowledge (DESIGN.md §2). Shapes: latents [B, C
 drift [B, N], per-sample statistics and verdicts [B].
 """
 
-from tokentrim.config import PruneScope, StatsMode, SummaryMode, TrimConfig
+from tokentrim.config import DriftMode, PruneScope, StatsMode, SummaryMode, TrimConfig
 from tokentrim.controller import VERDICT_KINDS, Judgement, TrimController, VerdictKind
 from tokentrim.stats import RunningStats
-from tokentrim.summary import latent_summary, num_unstable, token_drift, unstable_set
+from tokentrim.summary import (
+    drift_score,
+    latent_summary,
+    motion_drift,
+    num_unstable,
+    relative_drift,
+    token_drift,
+    unstable_set,
+)
 
 __all__ = [
     "VERDICT_KINDS",
+    "DriftMode",
     "Judgement",
     "PruneScope",
     "RunningStats",
@@ -19,8 +28,11 @@ __all__ = [
     "TrimConfig",
     "TrimController",
     "VerdictKind",
+    "drift_score",
     "latent_summary",
+    "motion_drift",
     "num_unstable",
+    "relative_drift",
     "token_drift",
     "unstable_set",
 ]

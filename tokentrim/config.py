@@ -15,10 +15,15 @@ from typing import Any, Literal, get_args
 StatsMode = Literal["welford", "ema"]
 PruneScope = Literal["last", "window"]
 SummaryMode = Literal["patch", "mean"]
+DriftMode = Literal["same", "motion", "relative"]
 
 STATS_MODES: tuple[str, ...] = get_args(StatsMode)
 PRUNE_SCOPES: tuple[str, ...] = get_args(PruneScope)
 SUMMARY_MODES: tuple[str, ...] = get_args(SummaryMode)
+DRIFT_MODES: tuple[str, ...] = get_args(DriftMode)
+# fields added after the paper's rule: left out of `to_dict` at their defaults, so that every config made before
+# they existed keeps its hash (and a default config still means exactly the paper's rule)
+_OMITTED_AT_DEFAULT = ("drift", "drift_radius")
 
 
 def _check_real(name: str, value: Any) -> float:
@@ -82,6 +87,12 @@ class TrimConfig:
         prune_scope: "last" prunes the previous chunk's cached frames, "window" every non-sink cached frame.
         protect_sink: never prune sink frames.
         patch_size: (t, h, w) transformer patch grid; one pooled token is one KV-cache position.
+        drift: per-token drift score. "same" (default, the paper's): distance to the previous summary at the same
+            position. "motion": the smallest distance to the previous summary within ``drift_radius`` tokens on the
+            patch grid (a token that moved is not drift; needs the grid shape). "relative": the same-position
+            distance minus its median over the chunk's tokens, floored at 0 (a change of the whole chunk is not
+            drift).
+        drift_radius: >= 0, tokens each way searched by drift "motion" (0 is "same").
     """
 
     p: float = 0.1
@@ -96,6 +107,8 @@ class TrimConfig:
     prune_scope: PruneScope = "last"
     protect_sink: bool = True
     patch_size: tuple[int, int, int] = (1, 2, 2)
+    drift: DriftMode = "same"
+    drift_radius: int = 1
 
     def __post_init__(self) -> None:
         p = _check_real("p", self.p)
@@ -116,6 +129,8 @@ class TrimConfig:
         _check_choice("stats", self.stats, STATS_MODES)
         _check_choice("prune_scope", self.prune_scope, PRUNE_SCOPES)
         _check_choice("summary", self.summary, SUMMARY_MODES)
+        _check_choice("drift", self.drift, DRIFT_MODES)
+        _check_int("drift_radius", self.drift_radius, 0)
         if not isinstance(self.protect_sink, bool):
             raise TypeError(f"`protect_sink` must be a bool, got {self.protect_sink!r}")
         # Normalise ints given for float fields so that equal configs hash equally.
@@ -126,8 +141,10 @@ class TrimConfig:
         object.__setattr__(self, "patch_size", _check_patch_size(self.patch_size))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict of every field (`patch_size` as a list)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        """JSON-compatible dict of every field (`patch_size` as a list); `drift` and `drift_radius` only where they
+        differ from their defaults (configs of the paper's rule hash as they did before these fields existed)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in _OMITTED_AT_DEFAULT or getattr(self, f.name) != f.default}
         out["patch_size"] = list(self.patch_size)
         return out
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tokentrim.config import TrimConfig
 from tokentrim.stats import RunningStats
-from tokentrim.summary import token_drift, unstable_set
+from tokentrim.summary import drift_score, unstable_set
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +82,16 @@ class TrimController:
         host_checks: check summaries for non-finite values on the host and raise `ValueError` (the default). False:
             `judge` and `accept` never wait for the device; a non-finite summary is flagged in `Judgement.finite`
             instead, and the caller must check it before trusting the judgement or the state after `accept`.
+        grid: (H', W') patch grid of the summaries' N tokens (row-major); needed by ``config.drift == "motion"``.
     """
 
     def __init__(self, config: TrimConfig, batch_size: int, device: torch.device | str = "cpu",
-                 host_checks: bool = True) -> None:
+                 host_checks: bool = True, grid: tuple[int, int] | None = None) -> None:
         if not isinstance(config, TrimConfig):
             raise TypeError(f"`config` must be a TrimConfig, got {type(config).__name__}")
+        if config.drift == "motion" and grid is None:
+            raise ValueError("`grid` (H', W') of the patch grid is needed for drift \"motion\", got None")
+        self.grid = grid
         self.config = config
         self.device = torch.device(device)
         self.stats = RunningStats(batch_size, config.stats, config.ema_decay, self.device)
@@ -150,7 +154,9 @@ class TrimController:
         if self._prev is None:
             drift = torch.full(z.shape[:2], nan, dtype=torch.float32, device=self.device)  # [B, N]
         else:
-            drift = torch.where(has_prev[:, None], token_drift(z, self._prev.float()), nan)  # [B, N]
+            prev = self._prev.float()  # stored in 16 bits (the checkpoint), judged in fp32
+            score = drift_score(z, prev, self.config.drift, self.grid, self.config.drift_radius)  # [B, N]
+            drift = torch.where(has_prev[:, None], score, nan)
         # Samples without a previous summary get in-range placeholder positions (their drift is all zero here).
         positions, severity = unstable_set(torch.nan_to_num(drift, nan=0.0), self.config.p)  # [B, k], [B]
         severity = torch.where(has_prev, severity, nan)

@@ -4,7 +4,8 @@ Shapes:
     latents   [B, C, F, H, W]   (diffusers layout)
     summary   [B, N, D]         N = (H // p_h) * (W // p_w) tokens in row-major (h, w) order; D = C * p_t * p_h * p_w
                                 (mode "patch", the flattened patch) or D = C (mode "mean", the patch mean)
-    drift     [B, N]            L2 distance per token position
+    drift     [B, N]            L2 distance per token position (same position, or the variants of `drift_score`)
+    grid      (H', W')          the patch grid the N tokens lie on, N = H' * W' (row-major)
     positions [B, k]            k = ceil(p * N) unstable positions per sample, sorted ascending
     severity  [B]               mean drift over the unstable set
 
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tokentrim.config import SUMMARY_MODES, SummaryMode
+from tokentrim.config import DRIFT_MODES, SUMMARY_MODES, DriftMode, SummaryMode
 
 
 def _check_float_tensor(name: str, value: object, ndim: int) -> Tensor:
@@ -99,6 +100,83 @@ def token_drift(z: Tensor, z_prev: Tensor) -> Tensor:
     if z.shape != z_prev.shape:
         raise ValueError(f"`z` and `z_prev` must have the same shape, got {tuple(z.shape)} and {tuple(z_prev.shape)}")
     return torch.linalg.vector_norm(z.float() - z_prev.float(), ord=2, dim=-1)
+
+
+def _check_grid(grid: object, num_tokens: int) -> tuple[int, int]:
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+        raise ValueError(f"`grid` must be two positive ints (H', W') of the patch grid, got {grid!r}")
+    if grid[0] * grid[1] != num_tokens:
+        raise ValueError(f"`grid` {tuple(grid)} holds {grid[0] * grid[1]} tokens, the summaries have {num_tokens}")
+    return grid[0], grid[1]
+
+
+def motion_drift(z: Tensor, z_prev: Tensor, grid: Sequence[int], radius: int) -> Tensor:
+    """d_i = min over shifts (dy, dx), |dy|, |dx| <= ``radius``, of || z(h, w) - z_prev(h + dy, w + dx) ||_2 for token
+    i = (h, w), over the shifts that stay inside the grid: a token whose content moved by at most ``radius`` tokens
+    has found its match. Shift (0, 0) is always searched, so this is <= `token_drift` everywhere and equal to it at
+    ``radius`` 0.
+
+    Args:
+        z, z_prev: [B, N, D] summaries on the patch grid ``grid`` = (H', W'), N = H' * W' in row-major order.
+        grid: (H', W').
+        radius: >= 0 tokens searched each way, on both axes.
+
+    Returns:
+        [B, N] float32.
+    """
+    drift = token_drift(z, z_prev)  # [B, N]: shift (0, 0), the paper's
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"`radius` must be an int >= 0, got {radius!r}")
+    gh, gw = _check_grid(grid, z.shape[1])
+    if radius == 0:
+        return drift
+    b, _, d = z.shape
+    cur = z.float().reshape(b, gh, gw, d)  # [B, N, D] -> [B, H', W', D]
+    prev = z_prev.float().reshape(b, gh, gw, d)
+    best = drift.reshape(b, gh, gw).clone()  # [B, H', W']
+    for dy in range(-min(radius, gh - 1), min(radius, gh - 1) + 1):
+        for dx in range(-min(radius, gw - 1), min(radius, gw - 1) + 1):
+            if dy == 0 and dx == 0:
+                continue
+            # token (h, w) against prev (h + dy, w + dx): both sliced to where that stays inside the grid
+            ys, yp = slice(max(0, -dy), gh - max(0, dy)), slice(max(0, dy), gh + min(0, dy))
+            xs, xp = slice(max(0, -dx), gw - max(0, dx)), slice(max(0, dx), gw + min(0, dx))
+            dist = torch.linalg.vector_norm(cur[:, ys, xs] - prev[:, yp, xp], ord=2, dim=-1)
+            best[:, ys, xs] = torch.minimum(best[:, ys, xs], dist)
+    return best.reshape(b, gh * gw)
+
+
+def relative_drift(drift: Tensor) -> Tensor:
+    """max(0, d_i - median_j d_j): a token's drift beyond the chunk's typical (global, background) change.
+
+    Args:
+        drift: [B, N] per-token drift.
+
+    Returns:
+        [B, N] float32 (the lower median for even N, `torch.median`'s).
+    """
+    drift = _check_float_tensor("drift", drift, 2).float()
+    median = drift.median(dim=-1, keepdim=True).values  # [B, 1]
+    return (drift - median).clamp_min(0.0)
+
+
+def drift_score(z: Tensor, z_prev: Tensor, mode: DriftMode = "same", grid: Sequence[int] | None = None,
+                radius: int = 1) -> Tensor:
+    """Per-token drift of ``mode`` (`TrimConfig.drift`): "same" is `token_drift` (the paper's, bit for bit),
+    "motion" `motion_drift` within ``radius`` on ``grid``, "relative" `relative_drift` of the same-position drift.
+
+    Returns:
+        [B, N] float32.
+    """
+    if mode not in DRIFT_MODES:
+        raise ValueError(f"`mode` must be one of {DRIFT_MODES}, got {mode!r}")
+    if mode == "motion":
+        if grid is None:
+            raise ValueError("drift \"motion\" needs the patch `grid` (H', W') of the summaries")
+        return motion_drift(z, z_prev, grid, radius)
+    drift = token_drift(z, z_prev)
+    return relative_drift(drift) if mode == "relative" else drift
 
 
 def unstable_set(drift: Tensor, p: float) -> tuple[Tensor, Tensor]:

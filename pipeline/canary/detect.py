@@ -114,6 +114,15 @@ def count_blobs(mask: torch.Tensor, min_size: int = MIN_MASS) -> torch.Tensor:
     return torch.tensor(counts)
 
 
+def trajectory_error(steps: torch.Tensor, motion: str) -> torch.Tensor:
+    """|displacement - the named motion's velocity| px per frame of ``steps [N, 2]`` (for bouncing: |dx| + ||dy| -
+    speed|); NaN where a step is."""
+    if motion == "bouncing":
+        return steps[:, 0].abs() + (steps[:, 1].abs() - BOUNCE_SPEED).abs()
+    vx, vy = velocity(motion)
+    return (steps - torch.tensor([vx, vy])).norm(dim=1)
+
+
 def canary_metrics(frames: torch.Tensor, colour: str, shape: str, motion: str, bg: str) -> dict[str, torch.Tensor]:
     """Per-frame canary-aware measures of uint8 ``[T, H, W, 3]`` for a caption's words:
 
@@ -130,11 +139,6 @@ def canary_metrics(frames: torch.Tensor, colour: str, shape: str, motion: str, b
     err = (frames.float() - truth).abs().mean(dim=-1)  # [T, H, W]
     far = (~near).float()
     bg_err = (err * far).sum(dim=(1, 2)) / far.sum(dim=(1, 2)).clamp_min(1.0)
-    steps = wrapped_steps(det.centres)
-    if motion == "bouncing":
-        traj = steps[:, 0].abs() + (steps[:, 1].abs() - BOUNCE_SPEED).abs()
-    else:
-        vx, vy = velocity(motion)
-        traj = (steps - torch.tensor([vx, vy])).norm(dim=1)
+    traj = trajectory_error(wrapped_steps(det.centres), motion)
     return {"mass_ratio": det.mass / SHAPE_AREA[shape], "background_err": bg_err,
             "objects": count_blobs(any_colour).float(), "traj_err": traj}

@@ -113,8 +113,8 @@ class Rollout:
                                               window_frames=config.attention_window,
                                               sink_rope=config.effective_sink_rope)
         # no host checks: a non-finite summary is caught by the attempt's one host read (`_read`)
-        self.controller = (TrimController(trim, self.batch, backend.device, host_checks=False)
-                           if trim is not None else None)
+        self.controller = (TrimController(trim, self.batch, backend.device, host_checks=False,
+                                          grid=self._token_grid(trim)) if trim is not None else None)
         self.window = (RollingWindow(backend.causal, self.text, self.cache, self.noise, self.timesteps,
                                      config.chunk_frames, config.num_chunks, self.timer)
                        if config.mode == "rolling-forcing" else None)
@@ -132,6 +132,10 @@ class Rollout:
                              f"{self.backend.causal.patch_size}: one token is one KV-cache position")
         if self.config.mode == "self-forcing" and trim.measure_step >= len(self.timesteps):
             raise InputError(f"`measure_step` {trim.measure_step} must be < the {len(self.timesteps)} steps")
+
+    def _token_grid(self, trim: TrimConfig) -> tuple[int, int]:
+        """(H', W'): the patch grid of a latent frame's tokens, which TokenTrim's summaries lie on."""
+        return self.latent_hw[0] // trim.patch_size[1], self.latent_hw[1] // trim.patch_size[2]
 
     @property
     def done(self) -> bool:
