@@ -252,10 +252,22 @@ class Claims:
 
     def fence(self, claim: Claim) -> None:
         """Raise `LeaseLostError` unless ``claim`` is still the current attempt with time left to commit: called
-        right before every commit of the prompt's state (a checkpoint chunk, the video and stats, the done marker)."""
+        right before every commit of the prompt's state (a checkpoint chunk, the video and stats, the done marker).
+
+        Time left means more than `margin_s` before the lease's end on this machine's clock. When the heartbeat's
+        renewals did not land in time, the lease is renewed here once and kept only if it lands in time and no newer
+        attempt exists afterwards (a late holder nobody replaced goes on; one that was replaced stops)."""
         if claim.lost is None and self.clock() > claim.expires_at - self.margin_s:
-            claim.lost = (f"its lease ended at {claim.expires_at:.3f} (less than {self.margin_s:g} s left to "
-                          "commit): another worker may hold it now")
+            try:
+                if self.superseded(claim):
+                    claim.lost = "a newer attempt exists"
+                else:
+                    self.renew(claim)
+            except (TokentrimError, OSError) as exc:
+                claim.lost = f"its lease ended at {claim.expires_at:.3f} and could not be renewed: {exc}"
+            if claim.lost is None and self.clock() > claim.expires_at - self.margin_s:
+                claim.lost = (f"its lease ended at {claim.expires_at:.3f} (less than {self.margin_s:g} s left to "
+                              "commit): another worker may hold it now")
         if claim.lost is None and self.superseded(claim):
             claim.lost = "a newer attempt exists"
         if claim.lost is not None:

@@ -91,21 +91,32 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_its_next_commit(bac
     assert direct.get_bytes("videos/p.mp4") == clean.get_bytes("videos/p.mp4")
 
 
-def test_the_fence_trips_when_the_lease_ran_out_or_a_newer_attempt_exists(tmp_path):
+def test_the_fence_trips_when_the_lease_ran_out_unrenewed_or_a_newer_attempt_exists(tmp_path, monkeypatch):
+    from pipeline.errors import TransientStoreError
+
     now = [1000.0]
     claims = Claims(Store(str(tmp_path)), lease_s=60, max_attempts=3, clock=lambda: now[0])
     claim = claims.acquire("p")
     claims.fence(claim)  # fresh: current
-    now[0] += 60 - claims.margin_s + 0.01  # too little time left to commit
-    with pytest.raises(LeaseLostError, match="lease ended"):
+    now[0] += 60 - claims.margin_s + 0.01  # too little time left to commit; nobody took over: renewed here
+    claims.fence(claim)
+    assert claim.expires_at == now[0] + 60
+    now[0] += 60
+
+    def cut_off(c):
+        raise TransientStoreError("the store path is cut")
+
+    monkeypatch.setattr(claims, "renew", cut_off)
+    with pytest.raises(LeaseLostError, match="could not be renewed"):
         claims.fence(claim)
     other = Claims(Store(str(tmp_path)), lease_s=60, max_attempts=3, clock=lambda: now[0])
     stale = other.acquire("q")
     now[0] += 61
     assert other.acquire("q").attempt == 1  # taken over
-    stale.expires_at = now[0] + 60  # even with time left on its own clock
-    with pytest.raises(LeaseLostError, match="newer attempt"):
-        other.fence(stale)
+    for expires in (now[0] + 60, now[0] - 1):  # with time left on its own clock, or without
+        stale.expires_at, stale.lost = expires, None
+        with pytest.raises(LeaseLostError, match="newer attempt"):
+            other.fence(stale)
 
 
 def test_a_heartbeat_that_finds_a_newer_attempt_stops_renewing_and_marks_the_claim_lost(tmp_path):
