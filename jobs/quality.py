@@ -100,10 +100,10 @@ def mean_measures(per_video: list[dict[str, float]], names: tuple[str, ...]) -> 
 
 def ok_ids(results: list[dict[str, Any]]) -> list[str]:
     """The prompts of a job report that have a video (rendered now or before)."""
-    return [r["prompt_id"] for r in results if r["status"] in ("ok", "skipped")]
+    return [r["prompt_id"] for r in results if r["status"] == "ok"]
 
 
 def failed_rows(results: list[dict[str, Any]]) -> list[str]:
     """``"<prompt_id>: <status> <error>"`` for every row of a job report that should have rendered and did not."""
     return [f"{r['prompt_id']}: {r['status']} {r['error'] or ''}".strip() for r in results
-            if r["status"] not in ("ok", "skipped", "excluded")]
+            if r["status"] not in ("ok", "excluded")]

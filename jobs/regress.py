@@ -196,8 +196,8 @@ def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store, clean_
     vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe, keep_state=True)
     report = submit(vspec, progress=progress)
     probed = Store(vspec.output_url, spec.storage_options)
-    clean_by_id = {r["prompt_id"]: r for r in clean_rows if r["status"] in ("ok", "skipped")}
-    rows = [r for r in report.results if r["status"] in ("ok", "skipped") and r["prompt_id"] in clean_by_id]
+    clean_by_id = {r["prompt_id"]: r for r in clean_rows if r["status"] == "ok"}
+    rows = [r for r in report.results if r["status"] == "ok" and r["prompt_id"] in clean_by_id]
     per_prompt: list[dict[str, float]] = []
     backend = None
     if spec.model == "canary" and rows:

@@ -41,8 +41,9 @@ class JobReport:
 
     @property
     def succeeded(self) -> bool:
-        """Every row that could be rendered was (ok or skipped); invalid and excluded rows do not count against it."""
-        return any(self.counts.get(s) for s in ("ok", "skipped")) and not any(
+        """Every row that could be rendered was (ok: now or by an earlier run); invalid and excluded rows do not count
+        against it."""
+        return bool(self.counts.get("ok")) and not any(
             self.counts.get(s) for s in ("failed", "poison"))
 
 

@@ -302,7 +302,8 @@ def test_a_busy_row_comes_back_as_soon_as_its_holder_is_done_not_after_its_lease
     assert not job.is_alive(), "the job sat idle for the holder's whole lease"
     assert time.monotonic() - began < 60
     rows = _results(out)
-    assert (rows["p0"]["status"], rows["p1"]["status"]) == ("skipped", "ok")
+    assert (rows["p0"]["status"], rows["p0"]["reused"], rows["p1"]["status"], rows["p1"]["reused"]) == (
+        "ok", True, "ok", False)
 
 
 # ------------------------------------------------------------------------------- 6/7. caps and exit codes
