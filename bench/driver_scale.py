@@ -138,7 +138,7 @@ class _Stub:
 
     def __init__(self, prompt_id: str, out_url: str) -> None:
         self.rows = [{"severity": 0.5, "verdict": "accepted", "tokens_pruned": 0, "latent_dist_first": 0.0,
-                      "hist_dist_first": 0.0, "flicker": 0.0}]
+                      "hist_dist_first": 0.0, "steadiness": 0.0}]
         self.resumed_from, self.config_hash = 0, "stub"
         self.video_url, self.stats_url = f"{out_url}/videos/{prompt_id}.mp4", f"{out_url}/stats/{prompt_id}.parquet"
 
@@ -224,7 +224,7 @@ def _markers(table_url: str, out_url: str, options: dict[str, Any]) -> list[tupl
     for row in rows:
         values = {"attempt": 0, "seed": row.seed, "num_chunks": row.num_chunks, "chunks": 1, "resumed_from": 0,
                   "pruned_chunks": 0, "tokens_pruned": 0, "mean_severity": 0.5, "latent_dist_first": 0.0,
-                  "hist_dist_first": 0.0, "flicker": 0.0, "config_hash": "stub",
+                  "hist_dist_first": 0.0, "steadiness": 0.0, "render_hash": "stub",
                   "video": f"{out_url}/videos/{row.prompt_id}.mp4",
                   "stats": f"{out_url}/stats/{row.prompt_id}.parquet",
                   "row_hash": row_hash(spec, row)}

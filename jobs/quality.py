@@ -59,7 +59,7 @@ def probe_records(out: Store, row: dict[str, Any]) -> list[Any]:
     from pipeline.outputs.checkpoint import RolloutCheckpoints
 
     pid = row["prompt_id"]
-    records = RolloutCheckpoints(Store(out.join(f"rollouts/{pid}"), out.storage_options), row["config_hash"],
+    records = RolloutCheckpoints(Store(out.join(f"rollouts/{pid}"), out.storage_options), row["render_hash"],
                                  [pid]).load()
     expected = row.get("num_chunks")
     if not records or (isinstance(expected, int) and len(records) != expected):

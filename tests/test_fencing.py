@@ -239,11 +239,11 @@ def test_one_bad_done_marker_never_costs_the_job_its_results(tmp_path):
 
 
 def test_results_parquet_is_written_whatever_one_row_holds():
-    row = result_row({"prompt_id": "p", "row": 0}, "ok", None, chunks=float("inf"), flicker=float("nan"),
+    row = result_row({"prompt_id": "p", "row": 0}, "ok", None, chunks=float("inf"), steadiness=float("nan"),
                      tokens_pruned=2**70, video=3)
     fitted = fit_result(row)
-    assert (fitted["chunks"], fitted["flicker"], fitted["tokens_pruned"], fitted["video"]) == (None,) * 4
-    assert "`chunks` inf" in fitted["error"] and "`flicker` nan" in fitted["error"]
+    assert (fitted["chunks"], fitted["steadiness"], fitted["tokens_pruned"], fitted["video"]) == (None,) * 4
+    assert "`chunks` inf" in fitted["error"] and "`steadiness` nan" in fitted["error"]
     assert pa.Table.from_pylist([fitted], schema=results_schema()).num_rows == 1
 
 
