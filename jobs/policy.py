@@ -385,7 +385,7 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
                 # finished while we claimed (a concurrent job's worker): the claim is given back unspent
                 skipped = from_marker(row, spec, claims.done_or_none(row.prompt_id))
                 result = skipped if skipped is not None else _render_claimed(backend, spec, row, claims, claim, force)
-            rendered = result["status"] == "ok"
+            rendered = result["status"] == "ok" and not result.get("reused")
             claims.finish(claim, "done" if rendered else "yielded")
         except LeaseLostError as exc:  # cut off but alive: nothing more is committed; the driver asks again soon
             logger.warning("prompt %s: %s", row.prompt_id, exc)

@@ -64,7 +64,9 @@ def check_model(spec: JobSpec) -> None:
     from pipeline.model.backend import PRESETS
 
     remote = spec.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
-    if not remote:  # the workers run on this machine: it must have the device they will ask for
+    # the workers run on this machine and claim no GPU of Ray's: it must have the device they will ask for (workers
+    # that claim GPUs are placed by Ray on nodes that have them: `jobs.resources` checks that before any work)
+    if spec.executor == "local" or not (remote or spec.gpus_per_worker):
         check_device(spec.resolved_device)
     if spec.model not in PRESETS:
         if os.path.isdir(spec.model):

@@ -216,7 +216,7 @@ def _cli(argv: list[str]) -> int:
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code
-    ok = [r["prompt_id"] for report in reports for r in report.results if r["status"] == "ok"]
+    ok = [r["prompt_id"] for report in reports for r in report.results if r["status"] == "ok" and not r["reused"]]
     print("rendered-ok: " + ",".join(ok), flush=True)  # noqa: T201 - read by the soak
     return code
 

@@ -59,7 +59,7 @@ def _job(tmp_path, url, options, n):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": [f"q{i:03d}" for i in range(n)], "prompt": [f"p {i}" for i in range(n)]}),
                    table)
-    return plan(JobSpec(input_url=str(table), output_url=url, executor="local", storage_options=options))
+    return plan(JobSpec(input_url=str(table), output_url=url, executor="local", model="tiny", storage_options=options))
 
 
 def _plant(out, spec, rows):
@@ -136,7 +136,8 @@ def test_listing_prefixes_cover_every_marker_in_small_groups(ids, limit):
 def test_results_are_written_as_rows_finish(tmp_path):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "b", "c", "../bad"], "prompt": ["x", "y", "z", "w"]}), table)
-    spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "out"), executor="local", results_every_rows=1)
+    spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "out"), executor="local", model="tiny",
+                   results_every_rows=1)
     seen = []
 
     class Executor:

@@ -323,8 +323,8 @@ def test_chunk_counts_have_one_cap_everywhere(tmp_path):
 
 def test_user_errors_exit_2_with_one_line(tmp_path):
     table = _table(tmp_path / "p.parquet", n=1)
-    base = ["submit", table, "--executor", "local", "--num-chunks", "2"]
-    unknown = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "o1"), "--model", "wan9"])
+    base = ["submit", table, "--executor", "local", "--num-chunks", "2", "--model", "tiny"]
+    unknown = CliRunner().invoke(main, [*base[:-2], "--out", str(tmp_path / "o1"), "--model", "wan9"])
     assert unknown.exit_code == 2 and unknown.output.strip().count("\n") == 0 and "wan9" in unknown.output
     from jobs.run import plan, write_job_json
 

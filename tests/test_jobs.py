@@ -377,13 +377,10 @@ def test_a_killed_job_and_two_concurrent_submits_render_every_prompt_exactly_onc
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    oks = 0
-    for stdout, _ in outputs:
+    for stdout, _ in outputs:  # both jobs answer every prompt ok: rendered there, or reused from the other's marker
         line = stdout.splitlines()[1]
         counts = {k: int(v) for k, v in (part.split(": ") for part in line.split(" (")[0].strip().split(", "))}
         assert counts.get("ok", 0) == n and counts["invalid"] == 2, counts
-        oks += counts.get("ok", 0)
-    assert oks == n  # each prompt reported rendered by exactly one of the two jobs
     for i in range(n):
         states = _leases(out, f"p{i}")
         assert states.count("done") == 1 and "failed" not in states, (i, states)
@@ -507,6 +504,7 @@ def test_regress_takes_the_job_options_and_validates_its_own(monkeypatch, tmp_pa
         return jobs.regress.Regression({}, {}, [])
 
     monkeypatch.setattr(jobs.regress, "run_regression", fake)
+    monkeypatch.setattr("jobs.resources.check_cluster", lambda spec: None)  # a GPU cluster, as far as regress knows
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
     args = ["regress", "--out", str(tmp_path / "n"), "--gpus-per-worker", "1", "--dtype", "bfloat16", "--weights",

@@ -40,9 +40,9 @@ def test_render_rejects_bad_options_by_name(tmp_path):
     result = CliRunner().invoke(main, ["render", "x", "--p", "1.5", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == "Error: Invalid value for --p: `p` must be in (0, 1], got 1.5"
-    result = CliRunner().invoke(main, ["render", "x", "--width", "100", "--out", str(tmp_path)])
+    result = CliRunner().invoke(main, ["render", "x", "--model", "tiny", "--width", "100", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "width_px" in result.output
-    result = CliRunner().invoke(main, ["render", "x", "--id", "../escape", "--out", str(tmp_path)])
+    result = CliRunner().invoke(main, ["render", "x", "--model", "tiny", "--id", "../escape", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "prompt_id" in result.output
 
 

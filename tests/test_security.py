@@ -37,6 +37,9 @@ from pipeline.errors import InputError, UnsupportedURLError
 from pipeline.storage_options import shareable_options
 from pipeline.store import Store, split_url
 
+CAPTION = "a red circle moving left on a plain background"  # the canary refuses prompts outside its grammar
+CAPTION_B = "a blue square moving up on a striped background"
+
 SECRET = f"FAKE-SECRET-{uuid.uuid4().hex}"
 ACCESS = f"AKIAFAKE{uuid.uuid4().hex[:12].upper()}"
 
@@ -73,11 +76,11 @@ def test_a_refused_url_is_not_retried_and_hides_a_password_it_holds():
     ["status", "simplecache::s3://bucket/job"],
     ["resume", "ssh://host/job"],
     ["regress", "--out", "ftp://host/night", "--executor", "local"],
-    ["render", "a lantern", "--out", "OUT", "--state", "http://host/state", "--num-chunks", "1"],
+    ["render", CAPTION, "--out", "OUT", "--state", "http://host/state", "--num-chunks", "1"],
 ], ids=["submit-ftp", "submit-http", "submit-out", "status-chained", "resume-ssh", "regress", "render-state"])
 def test_the_cli_refuses_an_unaccepted_protocol_with_exit_2_and_one_line(tmp_path, argv):
     table = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["a lantern"]}), table)
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": [CAPTION]}), table)
     argv = [str(table) if a == "TABLE" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2, result.output
@@ -98,7 +101,7 @@ def backend(request, tmp_path, monkeypatch) -> dict[str, Any]:
         s3 = request.getfixturevalue("s3")
         root, public = f"{s3.url}/security-{uuid.uuid4().hex}", dict(s3.storage_options)
     table = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": ["a lantern"], "num_chunks": [1]}), table)
+    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": [CAPTION], "num_chunks": [1]}), table)
     return {"root": root, "public": public, "private": {**public, "key": ACCESS, "secret": SECRET},
             "table": str(table)}
 
@@ -139,7 +142,7 @@ def test_credentials_never_reach_an_output_a_log_an_error_a_repr_or_a_ray_actor(
     runs = [["submit", backend["table"], "--out", job, "--model", "canary", "--num-chunks", "1",
              "--executor", "local"],
             ["resume", job, "--executor", "local"], ["status", job],
-            ["render", "a lantern", "--out", f"{backend['root']}/one", "--model", "canary", "--num-chunks", "1"],
+            ["render", CAPTION, "--out", f"{backend['root']}/one", "--model", "canary", "--num-chunks", "1"],
             ["regress", "--out", f"{backend['root']}/night", "--model", "canary", "--executor", "local"]]
     for argv in runs:
         result = CliRunner().invoke(main, [*argv, *options])
@@ -176,7 +179,7 @@ def test_a_ray_job_passes_its_workers_no_credential_and_records_none(ray_cluster
     import ray
 
     table = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": ["a lantern"], "num_chunks": [1]}), table)
+    pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": [CAPTION], "num_chunks": [1]}), table)
     spec = JobSpec(input_url=str(table), output_url=f"{s3.url}/ray-security-{uuid.uuid4().hex}", model="canary",
                    rollout=RolloutConfig(num_chunks=1),
                    storage_options={**s3.storage_options, "key": ACCESS, "secret": SECRET})
@@ -196,7 +199,7 @@ def test_regress_refuses_a_missing_or_foreign_baseline_before_rendering_anything
     renders: list[Any] = []
     monkeypatch.setattr(jobs.regress, "submit", lambda *a, **k: renders.append(a) or pytest.fail("rendered"))
     table = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["a lantern", "a kite"]}), table)
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": [CAPTION, CAPTION_B]}), table)
     spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "night"), executor="local",
                    rollout=RolloutConfig(num_chunks=4), limit=2)
     path = tmp_path / "baseline.json"
