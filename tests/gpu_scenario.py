@@ -27,7 +27,7 @@ def main(table: str, out_root: str) -> int:
         for name, gpus in (("one", "1"), ("half", "0.5")):
             try:
                 cli(["submit", table, "--out", os.path.join(out_root, name), "--gpus-per-worker", gpus,
-                     "--workers", "2", "--num-chunks", "1"], standalone_mode=False)
+                     "--workers", "2", "--num-chunks", "1", "--allow-any-prompt"], standalone_mode=False)
             except SystemExit as exc:
                 if exc.code:
                     return int(exc.code)
