@@ -95,7 +95,7 @@ def test_submit_status_resume_exit_0_with_every_video(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_regress_passes_against_its_own_baseline(tmp_path: Path) -> None:
     """Two nights with the same code: the second compares with the first's baseline and passes (exit 0)."""
-    args = ["regress", "--prompts", "1", "--chunks", "4"]
+    args = ["regress", "--prompts", "1", "--chunks", "4", "--executor", "local"]  # Ray: tests/test_jobs.py
     tokentrim(*args, "--out", str(tmp_path / "night1"), "--update-baseline")
     second = tokentrim(*args, "--out", str(tmp_path / "night2"), "--baseline", str(tmp_path / "night1/baseline.json"))
     assert second.stdout.splitlines()[-1].strip() == "PASS"
