@@ -226,8 +226,10 @@ def connect_ray() -> Any:
     if not ray.is_initialized():  # honours RAY_ADDRESS; a local cluster otherwise
         ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=verbose)
     if not verbose:
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        import ray.data  # noqa: F401 - Ray Data sets up its own loggers on import: quiet them after that
+
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its "progress bars disabled": ours is the bar
     return ray
 
 
