@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import shutil
@@ -226,7 +227,7 @@ def connect_ray() -> Any:
     if not ray.is_initialized():  # honours RAY_ADDRESS; a local cluster otherwise
         ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=verbose)
     if not verbose:
-        import ray.data  # noqa: F401 - Ray Data sets up its own loggers on import: quiet them after that
+        importlib.import_module("ray.data")  # Ray Data sets up its own loggers on import: quiet them after that
 
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its "progress bars disabled": ours is the bar
