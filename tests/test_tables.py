@@ -50,6 +50,11 @@ def test_stats_tables_of_any_run_share_one_typed_described_schema(tmp_path):
     assert both.num_rows == 6 and both.column_names == list(STATS_FIELDS)
     files = [str(tmp_path / f"{pid}.stats.parquet") for pid in ("warm", "judged")]
     assert ds.dataset(files, format="parquet").to_table().num_rows == 6
+    import duckdb  # the other reader users point at a folder of stats files
+
+    [(count, kinds)] = duckdb.sql(
+        f"select count(*), list_distinct(list(typeof(severity))) from read_parquet({files!r})").fetchall()
+    assert (count, kinds) == (6, ["DOUBLE"])
     assert {"t_denoise_s", "t_decode_s", "t_encode_s", "latent_frames", "pixel_frames", "steadiness",
             "render_hash"} <= set(both.column_names)
     assert not {"flicker", "frames", "t_denoise", "config_hash"} & set(both.column_names)
