@@ -93,10 +93,9 @@ _RENAMED = {"config_hash": "render_hash", "flicker": "steadiness"}
 
 
 def results_schema() -> pa.Schema:
-    import pyarrow as pa
+    from pipeline.rollout.chunk_stats import described_schema
 
-    return pa.schema([pa.field(name, getattr(pa, kind)(), metadata={"description": text})
-                      for name, kind, text in RESULT_COLUMNS])
+    return described_schema(RESULT_COLUMNS)
 
 
 def result_row(row: PromptRow | dict, status: str, error: str | None = None, **values: Any) -> dict[str, Any]:

@@ -113,9 +113,15 @@ STATS_COLUMNS: tuple[tuple[str, str, str], ...] = (
 STATS_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in STATS_COLUMNS)
 
 
-def stats_schema() -> Any:
-    """The stats table's `pyarrow.Schema`: fixed types, each field's ``description`` in its metadata."""
+def described_schema(columns: tuple[tuple[str, str, str], ...]) -> Any:
+    """A `pyarrow.Schema` from (name, pyarrow type name, description) triples: each field's ``description`` in its
+    metadata. The stats and the results tables are both built this way."""
     import pyarrow as pa
 
     return pa.schema([pa.field(name, getattr(pa, kind)(), metadata={"description": text})
-                      for name, kind, text in STATS_COLUMNS])
+                      for name, kind, text in columns])
+
+
+def stats_schema() -> Any:
+    """The stats table's `pyarrow.Schema`: fixed types, each field's ``description`` in its metadata."""
+    return described_schema(STATS_COLUMNS)
