@@ -25,12 +25,12 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy tokentrim pipeline jobs
+	$(BIN)/mypy tokentrim pipeline canary jobs
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy tokentrim pipeline jobs
+	$(BIN)/mypy tokentrim pipeline canary jobs
 
 bench: setup
 	$(BIN)/python -m bench.run_all

@@ -5,7 +5,7 @@
 Renders the `PROMPTS` (8: every colour, motion, shape and background) for 3x and 10x the trained horizon through
 the real rollout (`--model canary`), decodes every chunk, and measures per chunk:
 
-- canary-aware (`pipeline.canary.detect.canary_metrics`): ``mass_ratio`` (named-colour pixels / shape area),
+- canary-aware (`canary.detect.canary_metrics`): ``mass_ratio`` (named-colour pixels / shape area),
   ``background_err`` (mean |pixel - true background| away from objects), ``objects`` (saturated blobs),
   ``traj_err`` (|displacement - the named motion's velocity| px/frame), and ``motion_ok`` (the detector reads the
   named colour and motion in the chunk's frames);
@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from pipeline.canary.detect import canary_metrics, detect
-from pipeline.canary.grammar import parse_caption
-from pipeline.canary.models import read_card
-from pipeline.canary.prompts import prompt_rows
-from pipeline.canary.sample import render, write_svg_curves
+from canary.detect import canary_metrics, detect
+from canary.grammar import parse_caption
+from canary.prompts import prompt_rows
+from canary.sample import render, write_svg_curves
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
+from pipeline.model.canary import read_card
 from pipeline.model.vae import pixel_frames_for
 from pipeline.outputs.pixel_stats import PixelTracker
 from tokentrim import TrimConfig

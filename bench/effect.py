@@ -3,7 +3,7 @@
     python -m bench.effect --out bench/effect [--prompts 20] [--chunks 12] [--mode self-forcing] [--threads 1]
 
 Renders the first ``--prompts`` canary prompts (every colour x motion in the first 20) through the real rollout and
-judges every chunk with the detector (`pipeline.canary.effect`: vanish, split, foreign object, wrong colour):
+judges every chunk with the detector (`canary.effect`: vanish, split, foreign object, wrong colour):
 
 (a) AUC of each drift score's chunk severity for labelled artefact onsets vs artefact-free chunks, over the chunks
     TokenTrim judges (c >= warmup), on the run without TokenTrim (seeds A) and on the same prompts with other seeds
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pipeline.canary.effect import (
+from canary.effect import (
     LABELS,
     Glitch,
     auc,
@@ -43,7 +43,7 @@ from pipeline.canary.effect import (
     onsets,
     warm_decode,
 )
-from pipeline.canary.prompts import prompt_rows
+from canary.prompts import prompt_rows
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout

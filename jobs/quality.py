@@ -1,6 +1,6 @@
 """What the regression measures from the rendered videos themselves (the drift metrics come from the stats tables):
 
-- canary-aware metrics (`--model canary` only; `pipeline.canary.detect`): ``canary_miss`` (1 when the detector does
+- canary-aware metrics (`--model canary` only; `canary.detect`): ``canary_miss`` (1 when the detector does
   not find the named colour moving the named way), ``traj_err`` (px per frame off the named motion),
   ``mass_err`` (|1 - named-colour pixels / shape area|) and ``background_err`` (mean |pixel - true background|
   away from objects, 0-255);
@@ -8,7 +8,7 @@
   (a regenerated chunk differs from the clean run by construction): ``probe_missed``, the share of the probe's
   tokens TokenTrim did not prune while generating the probed chunk and the next (it still finds them); on the canary
   also what the detector sees in the chunks after the probed one, decoded by a decoder warmed on the clean run's
-  chunks up to the probed one (`pipeline.canary.effect.warm_decode`, so the VAE's causal cache does not carry the
+  chunks up to the probed one (`canary.effect.warm_decode`, so the VAE's causal cache does not carry the
   corrupted chunk's look forward): ``probe_artefacts`` (share of those chunks with an artefact label: vanish, split,
   foreign object, wrong colour), ``probe_mass_err`` and ``probe_traj_err``.
 
@@ -40,8 +40,8 @@ def canary_measures(frames: np.ndarray, prompt: str) -> dict[str, float]:
     """The canary-aware metrics of one video of a grammar ``prompt``."""
     import torch
 
-    from pipeline.canary.detect import canary_metrics, detect
-    from pipeline.canary.grammar import parse_caption
+    from canary.detect import canary_metrics, detect
+    from canary.grammar import parse_caption
 
     colour, shape, motion, background = parse_caption(prompt)
     video = torch.from_numpy(np.ascontiguousarray(frames))
@@ -82,7 +82,7 @@ def probe_quality(backend: Any, clean: list[Any], probed: list[Any], probe: Prob
                   chunk_frames: int) -> dict[str, float]:
     """The detector's figures on the probed rollout's chunks after ``probe.chunk``, decoded after the clean
     rollout's chunks up to it (records of sample 0)."""
-    from pipeline.canary.effect import judge_video, warm_decode
+    from canary.effect import judge_video, warm_decode
 
     start = probe.chunk + 1
     video = warm_decode(backend.new_decoder, [r.latents for r in clean[:start]], [r.latents for r in probed[start:]])

@@ -167,7 +167,7 @@ def check_prompt(spec: JobSpec, prompt: str) -> str | None:
     its grammar, unless ``allow_any_prompt``."""
     if spec.model != "canary" or spec.allow_any_prompt:
         return None
-    from pipeline.canary.grammar import grammar_text, parse_caption
+    from canary.grammar import grammar_text, parse_caption
 
     try:
         parse_caption(prompt)

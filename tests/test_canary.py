@@ -12,13 +12,13 @@ import os
 import pytest
 import torch
 
-from pipeline.canary import grammar
-from pipeline.canary.detect import canary_metrics, detect
-from pipeline.canary.grammar import COLOURS, MOTIONS, SHAPES, caption, parse_caption, sample_spec
-from pipeline.canary.masked import install, masked_forward
-from pipeline.canary.models import CHUNK_FRAMES, WEIGHTS_DIR, build_transformer
-from pipeline.canary.render import render_clip
-from pipeline.canary.sequence import Sequence, build_sequence
+from canary import grammar
+from canary.detect import canary_metrics, detect
+from canary.grammar import COLOURS, MOTIONS, SHAPES, caption, parse_caption, sample_spec
+from canary.masked import install, masked_forward
+from canary.render import render_clip
+from canary.sequence import Sequence, build_sequence
+from pipeline.model.canary import CHUNK_FRAMES, WEIGHTS_DIR, build_transformer
 from pipeline.model.causal_wan import CausalWan
 
 HAVE_WEIGHTS = os.path.isfile(os.path.join(WEIGHTS_DIR, "card.json"))
@@ -165,7 +165,7 @@ def test_build_sequence_masks_and_levels():
     noise = seq.target + x0
     torch.testing.assert_close(seq.latents[:, :, frames:], (1 - sigma) * x0 + sigma * noise)
     used = set(seq.frame_levels[:, frames:].flatten().tolist())
-    from pipeline.canary.sequence import schedules
+    from canary.sequence import schedules
 
     sf, rf = (set(torch.tensor(s, dtype=torch.float32).tolist()) for s in schedules())
     assert used <= sf | rf and used & rf and used & sf
@@ -200,8 +200,8 @@ def test_canary_renders_the_named_colour_and_motion(canary_backend, mode):
     """Within the trained horizon, the detector finds the named colour moving the named way in >= 90% of renders:
     every colour x motion twice (shapes and backgrounds rotating so every colour meets every shape), seeds the
     training never used for sampling."""
-    from pipeline.canary.evaluate import pass_rate
-    from pipeline.canary.models import read_card
+    from canary.evaluate import pass_rate
+    from pipeline.model.canary import read_card
 
     horizon = read_card()["trained_horizon"]["chunks"]
     rate, misses = pass_rate(canary_backend, mode=mode, num_chunks=horizon, seeds_per_combo=2, first_seed=7)
@@ -210,7 +210,7 @@ def test_canary_renders_the_named_colour_and_motion(canary_backend, mode):
 
 @needs_weights
 def test_vae_reconstructs_held_out_clips(canary_backend):
-    from pipeline.canary.train_vae import held_out_psnr
+    from canary.train_vae import held_out_psnr
 
     psnr = held_out_psnr(canary_backend.vae)
     with open(os.path.join(WEIGHTS_DIR, "card.json"), encoding="utf-8") as fh:

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 import jobs.regress
 import jobs.render_cmd  # noqa: F401 - imported here so that the timed commands pay no import
+from canary.grammar import BACKGROUNDS, COLOURS, SHAPES
 from jobs.cli import main
 from jobs.run import plan, submit, write_job_json
 from jobs.spec import JobSpec
-from pipeline.canary.grammar import BACKGROUNDS, COLOURS, SHAPES
 from pipeline.config import RolloutConfig
 from pipeline.errors import ConfigMismatchError
 from pipeline.store import Store

@@ -1,4 +1,4 @@
-"""The effect harness's parts (`pipeline.canary.effect`, `bench.effect`): the detector's chunk labels on clips whose
+"""The effect harness's parts (`canary.effect`, `bench.effect`): the detector's chunk labels on clips whose
 artefacts are known, the AUC and the bootstrap against references, the decoder warmed on another run, and the pasted
 object through the real canary rollout (first attempt only)."""
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.canary.effect import (
+from canary.effect import (
     GLITCH_PX,
     Glitch,
     auc,
@@ -24,9 +24,9 @@ from pipeline.canary.effect import (
     onsets,
     warm_decode,
 )
-from pipeline.canary.grammar import COLOURS, ClipSpec
-from pipeline.canary.models import WEIGHTS_DIR
-from pipeline.canary.render import render_clip
+from canary.grammar import COLOURS, ClipSpec
+from canary.render import render_clip
+from pipeline.model.canary import WEIGHTS_DIR
 
 PROMPT = "a red square moving right on a plain background"
 needs_canary = pytest.mark.skipif(not os.path.isfile(os.path.join(WEIGHTS_DIR, "card.json")),
@@ -99,7 +99,7 @@ def test_the_glitch_hook_pastes_on_the_first_attempt_only_and_records_it():
 
 @needs_canary
 def test_the_pasted_object_shows_in_the_canary_and_a_warm_decoder_forgets_the_run_before():
-    from pipeline.canary.sample import render
+    from canary.sample import render
     from pipeline.config import RolloutConfig
     from pipeline.model.backend import load_backend
     from pipeline.rollout.loop import Rollout

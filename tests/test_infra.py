@@ -150,10 +150,14 @@ def test_the_image_pins_the_ray_version_the_manifests_name():
     assert "wget" in dockerfile  # KubeRay's probes exec wget in the Ray containers
 
 
-def test_dockerfile_installs_the_three_packages():
+def test_dockerfile_installs_every_package_the_distribution_ships():
     text = (INFRA / "Dockerfile").read_text()
-    for package in ("tokentrim", "pipeline", "jobs"):
-        assert f"COPY {package} ./{package}" in text
+    include = re.search(r'^include = \[(.*)\]$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert include, "pyproject.toml: no [tool.setuptools.packages.find] include"
+    packages = [name.strip(' "*') for name in include.group(1).split(",")]
+    assert packages and all((ROOT / package / "__init__.py").is_file() for package in packages), packages
+    for package in packages:
+        assert f"COPY {package} ./{package}" in text, f"infra/Dockerfile does not copy {package}/"
     assert 'ENTRYPOINT ["tokentrim"]' in text
 
 

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DESIGN = {
     "tokentrim": {"torch"},
     "pipeline": {"tokentrim", "torch", "diffusers", "transformers", "av", "safetensors", "fsspec", "pyarrow"},
-    "jobs": {"pipeline", "tokentrim", "torch", "ray", "pyarrow", "fsspec", "s3fs", "click",
+    # the canary's development package (grammar, clip renderer, training, detector): above the pipeline it trains
+    # and renders with, below the jobs that check prompts against its grammar and judge videos with its detector
+    "canary": {"pipeline", "tokentrim", "torch", "diffusers", "safetensors", "pyarrow"},
+    "jobs": {"pipeline", "canary", "tokentrim", "torch", "ray", "pyarrow", "fsspec", "s3fs", "click",
              "tqdm", "matplotlib", "jinja2"},  # progress bars, the report pages' plots and templates (STYLE §2.20)
 }
 # Packages that come with one DESIGN names and are its API: torch's and PyAV's arrays are numpy; transformers'

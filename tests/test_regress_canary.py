@@ -15,8 +15,8 @@ import torch
 
 from jobs.regress import run_regression
 from jobs.spec import JobSpec
-from pipeline.canary.models import WEIGHTS_DIR
 from pipeline.config import RolloutConfig
+from pipeline.model.canary import WEIGHTS_DIR
 from pipeline.model.causal_wan import CausalWan
 from tokentrim import unstable_set
 

@@ -114,7 +114,7 @@ def test_the_controller_uses_the_configured_drift_and_needs_the_grid_for_motion(
 def test_the_rollout_judges_with_the_configured_drift_on_its_patch_grid(drift):
     """Through the real rollout (tiny preset): each chunk's severity is the configured drift's, on the latent's patch
     grid, computed from the candidates the rollout showed its perturb hook."""
-    from pipeline.canary.effect import Glitch
+    from canary.effect import Glitch
     from pipeline.config import RolloutConfig
     from pipeline.model.backend import load_backend
     from pipeline.rollout.loop import Rollout

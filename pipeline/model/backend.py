@@ -3,7 +3,7 @@
 Presets:
 - ``tiny``: the same code with small dims and seeded random weights, a locally built tokenizer and text encoder,
   a small VAE. No network, no files; a rollout runs on a CPU in seconds.
-- ``canary``: a small trained model shipped as package data (`pipeline.canary`): 64x64 px, 16 fps, coloured
+- ``canary``: a small trained model shipped as package data (`canary`): 64x64 px, 16 fps, coloured
   shapes moving as their caption says; the same transformer/VAE classes and causal path as Wan.
 - ``wan2.1-1.3b``: the full Wan2.1-T2V-1.3B shapes with seeded random weights (for benchmarks); the text encoder is
   a one-layer stand-in with umT5-XXL's width, since it runs once per prompt.
@@ -177,7 +177,7 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
 
             load_transformer_weights(transformer, checkpoint)
     elif model == "canary":
-        from pipeline.canary.models import load_canary
+        from pipeline.model.canary import load_canary
 
         spec = PRESETS["canary"]
         transformer, text, vae, _ = load_canary(with_vae=with_vae)

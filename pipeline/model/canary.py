@@ -1,4 +1,4 @@
-"""The canary's shapes, and loading the shipped weights (package data next to this module).
+"""The canary's shapes, and loading its shipped weights (package data in ``canary_weights/`` next to this module).
 
 The generator is a small diffusers `WanTransformer3DModel` (1x2x2 patches: a 64x64 frame is an 8x8 latent, 16
 tokens), the VAE a small `AutoencoderKLWan` (8x spatial, 4x temporal, 16 latent channels, Wan2.2's residual
@@ -20,7 +20,7 @@ from pipeline.model.text import TextEncoder, build_tiny_text_encoder
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "canary_weights")
 TEXT_LEN = 64  # tokens: the longest caption is 55 bytes + eos
 TEXT_DIM = 32
 TEXT_SEED = 0
@@ -84,7 +84,7 @@ def build_text() -> TextEncoder:
 def read_card(folder: str = WEIGHTS_DIR) -> dict[str, Any]:
     path = os.path.join(folder, "card.json")
     if not os.path.isfile(path):
-        raise WeightsError(f"no canary card at {path!r}: train one with `python -m pipeline.canary.train --out DIR`")
+        raise WeightsError(f"no canary card at {path!r}: train one with `python -m canary.train --out DIR`")
     with open(path, encoding="utf-8") as fh:
         card: dict[str, Any] = json.load(fh)
     return card

@@ -1,6 +1,6 @@
 """Stage 2: train the generator on VAE latents with the block-causal masked full-sequence forward.
 
-Scheme (see `pipeline.canary.sequence`): teacher forcing for self-forcing (a noisy chunk at one of the sampler's
+Scheme (see `canary.sequence`): teacher forcing for self-forcing (a noisy chunk at one of the sampler's
 warped levels over clean context) mixed with rolling-forcing window passes (staggered levels, joint window),
 flow-matching loss on the noisy chunks. No training on the model's own rollouts.
 
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from pipeline.canary.data import clip_seed, pixel_batch
-from pipeline.canary.grammar import sample_spec
-from pipeline.canary.masked import install, masked_forward
-from pipeline.canary.models import CHUNK_FRAMES
-from pipeline.canary.sequence import build_sequence
-from pipeline.canary.train_vae import encode_mean, optimizer_step
+from canary.data import clip_seed, pixel_batch
+from canary.grammar import sample_spec
+from canary.masked import install, masked_forward
+from canary.sequence import build_sequence
+from canary.train_vae import encode_mean, optimizer_step
+from pipeline.model.canary import CHUNK_FRAMES
 from pipeline.model.text import TextEncoder
 from pipeline.model.vae import pixel_frames_for
 

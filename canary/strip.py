@@ -1,6 +1,6 @@
 """Write a frame strip (PNG) of canary renders: a row per prompt, every 4th frame.
 
-    python -m pipeline.canary.strip --out pipeline/canary/strip.png [--mode self-forcing] [--chunks 6]
+    python -m canary.strip --out canary/strip.png [--mode self-forcing] [--chunks 6]
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import argparse
 
 import torch
 
-from pipeline.canary.sample import frame_grid, render, write_png
-from pipeline.canary.train import SAMPLE_PROMPTS
+from canary.sample import frame_grid, render, write_png
+from canary.train import SAMPLE_PROMPTS
 from pipeline.model.backend import load_backend
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.canary.sequence import Sequence
+from canary.sequence import Sequence
 from pipeline.model.rope import apply_rope, rope_for_frames
 
 

@@ -10,8 +10,8 @@ import hashlib
 
 import torch
 
-from pipeline.canary.grammar import ClipSpec, sample_spec
-from pipeline.canary.render import render_clip, to_model_pixels
+from canary.grammar import ClipSpec, sample_spec
+from canary.render import render_clip, to_model_pixels
 
 HELD_OUT_BASE = 1 << 40
 

@@ -1,6 +1,6 @@
 """Does a canary render what its prompt says? The pass rate the tests, the training log and the bench share.
 
-A render passes when `pipeline.canary.detect.detect` finds the named colour as the dominant one and reads the named
+A render passes when `canary.detect.detect` finds the named colour as the dominant one and reads the named
 motion over the whole video.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.canary.detect import detect
-from pipeline.canary.grammar import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, caption
+from canary.detect import detect
+from canary.grammar import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, caption
 
 
 def covering_prompts(seeds_per_combo: int = 1, first_seed: int = 0) -> tuple[list[str], list[int],
@@ -31,7 +31,7 @@ def pass_rate(backend: Any, *, mode: str, num_chunks: int, seeds_per_combo: int 
               first_seed: int = 0) -> tuple[float, list[tuple[str, str | None, str, tuple[float, float]]]]:
     """``(fraction passed, misses)`` of the covering prompts rendered for ``num_chunks`` chunks; a miss is
     ``(prompt, colour found, motion found, velocity found)``."""
-    from pipeline.canary.sample import render
+    from canary.sample import render
 
     prompts, seeds, named = covering_prompts(seeds_per_combo, first_seed)
     videos, _ = render(backend, prompts, seeds, mode=mode, num_chunks=num_chunks)

@@ -18,7 +18,7 @@ Why the start is (almost) fixed: the words then determine the whole clip up to t
 samples in 4 steps can render it sharply. A start drawn uniformly over the frame would make the first chunk an
 average over positions for any few-step sampler that is not distilled (Self Forcing distils with DMD; a 60-minute
 CPU budget does not allow it). The generator still learns to continue motion from its context: half of its
-training clips start at a random frame of the trajectory (see `pipeline.canary.train_gen`).
+training clips start at a random frame of the trajectory (see `canary.train_gen`).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from pipeline.canary.data import clip_seed, held_out_specs, pixel_batch
-from pipeline.canary.grammar import sample_spec
-from pipeline.canary.render import render_scene, to_model_pixels
+from canary.data import clip_seed, held_out_specs, pixel_batch
+from canary.grammar import sample_spec
+from canary.render import render_scene, to_model_pixels
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The canary prompt table: every caption of the grammar as a Parquet row, in an order where any prefix is diverse.
 
-    python -m pipeline.canary.prompts jobs/data/canary_prompts.parquet
+    python -m canary.prompts jobs/data/canary_prompts.parquet
 
-Rows are ordered as `pipeline.canary.evaluate.covering_prompts` rounds (each round covers every colour x motion,
+Rows are ordered as `canary.evaluate.covering_prompts` rounds (each round covers every colour x motion,
 shapes and backgrounds rotating), so ``--limit 4`` already renders four colours and four motions. Columns:
 ``prompt_id`` (``<colour>-<shape>-<motion>-<background>``), ``prompt``, ``seed``.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.canary.evaluate import covering_prompts
-from pipeline.canary.grammar import parse_caption
+from canary.evaluate import covering_prompts
+from canary.grammar import parse_caption
 
 
 def prompt_rows() -> list[dict[str, object]]:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pipeline.canary.prompts OUT.parquet", file=sys.stderr)
+        print("usage: python -m canary.prompts OUT.parquet", file=sys.stderr)
         return 2
     rows = prompt_rows()
     store, key = split_url(args[0])

@@ -3,7 +3,7 @@ inject, a decoder warmed on the clean run, and the statistics the effect harness
 regression (`jobs.quality`) report.
 
 A regenerated chunk differs from the clean run by construction, so nothing here compares a run with the clean one
-pixel by pixel: each chunk is judged by the detector (`pipeline.canary.detect`), and each figure is set against the
+pixel by pixel: each chunk is judged by the detector (`canary.detect`), and each figure is set against the
 same figure for another random draw (the floor). Frames after an injected fault are decoded by a decoder that saw
 the *clean* chunks up to the fault (`warm_decode`): the VAE's causal cache would otherwise carry the faulty chunk's
 look into the next frames and count as drift.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.canary.detect import (
+from canary.detect import (
     MIN_MASS,
     SHAPE_AREA,
     circular_centroid,
@@ -26,8 +26,8 @@ from pipeline.canary.detect import (
     trajectory_error,
     wrapped_steps,
 )
-from pipeline.canary.grammar import COLOURS, parse_caption
-from pipeline.canary.render import background
+from canary.grammar import COLOURS, parse_caption
+from canary.render import background
 from pipeline.model.vae import pixel_frames_for
 
 LABELS = ("vanish", "split", "foreign", "wrong_colour")
@@ -116,7 +116,7 @@ def onsets(verdicts: dict[int, ChunkVerdict], label: str | None = None) -> dict[
 def glitch_latents(backend: object, prompt: str) -> torch.Tensor:
     """Normalised latents ``[16, 2, 2]`` of the top-left token of a frame showing the prompt's background with a
     `GLITCH_PX` square of `foreign_colour` in that corner: what `Glitch` pastes."""
-    from pipeline.canary.render import to_model_pixels
+    from canary.render import to_model_pixels
 
     vae = backend.vae  # type: ignore[attr-defined]
     colour, _, _, bg = parse_caption(prompt)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.canary.grammar import BOUNCE_SPEED, COLOURS, HALF, SIZE, velocity
-from pipeline.canary.render import background
+from canary.grammar import BOUNCE_SPEED, COLOURS, HALF, SIZE, velocity
+from canary.render import background
 
 MIN_SATURATION = 60.0
 MAX_COLOUR_DIST = 110.0

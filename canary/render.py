@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.canary.grammar import COLOURS, HALF, SIZE, ClipSpec, trajectory
+from canary.grammar import COLOURS, HALF, SIZE, ClipSpec, trajectory
 
 PLAIN_GREY = 40.0
 STRIPE_GREYS = (30.0, 70.0)

@@ -1,11 +1,11 @@
 """Train the canary from scratch: the VAE first, then the generator; seeded; weights + card written to ``--out``.
 
-    python -m pipeline.canary.train --out out/canary --seed 0 [--device cuda]
+    python -m canary.train --out out/canary --seed 0 [--device cuda]
 
 Writes ``transformer.safetensors``, ``vae.safetensors`` and ``card.json`` to ``--out`` and, as it goes, loss
 curves (``progress/*.svg``, ``progress/log.jsonl``) and sample grids (``progress/samples_*.png``: a row per prompt,
 every 4th frame, rendered through the real self-forcing rollout). Ship a run by copying the three weight files
-into ``pipeline/canary/weights/``.
+into ``pipeline/model/canary_weights/``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from pipeline.canary import models
-from pipeline.canary.evaluate import pass_rate
-from pipeline.canary.grammar import caption
-from pipeline.canary.sample import frame_grid, render, write_png, write_svg_curves
-from pipeline.canary.train_gen import build_pool, train_generator
-from pipeline.canary.train_vae import VAE_FRAMES, finetune_decoder, held_out_psnr, latent_stats, train_vae
+from canary.evaluate import pass_rate
+from canary.grammar import caption
+from canary.sample import frame_grid, render, write_png, write_svg_curves
+from canary.train_gen import build_pool, train_generator
+from canary.train_vae import VAE_FRAMES, finetune_decoder, held_out_psnr, latent_stats, train_vae
+from pipeline.model import canary as models
 from pipeline.model.vae import pixel_frames_for
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ SAMPLE_PROMPTS = [caption("red", "circle", "right"), caption("blue", "square", "
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.canary.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m canary.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +93,7 @@ def _git_commit() -> str | None:
 
 
 def _sample_grid(transformer: Any, text: Any, vae: Any, path: str, chunks: int) -> dict[str, float]:
-    """Write a sample grid; return the pass rates (`pipeline.canary.evaluate`) in both modes."""
+    """Write a sample grid; return the pass rates (`canary.evaluate`) in both modes."""
     from pipeline.model.backend import PRESETS, WanBackend
     from pipeline.model.causal_wan import CausalWan
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(os.path.join(args.out, "progress"))
     started = time.monotonic()
     torch.manual_seed(args.seed)  # diffusers' module init draws from the global generator; we seed it once here
-    command = "python -m pipeline.canary.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m canary.train " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.stage in ("gen", "decoder"):
         with open(os.path.join(args.out, "vae_card.json"), encoding="utf-8") as fh:
             vae_card = json.load(fh)
