@@ -1,14 +1,13 @@
-"""The rollout config: one frozen object whose JSON hash is recorded with every output (`pipeline.hashing`)."""
+"""The rollout config: one frozen object whose JSON hash is recorded with every output (`pipeline.hashing`), with
+the timestep schedules and the sink-RoPE choice it names. It imports nothing of the layers that use it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from pipeline.model.kv_cache import SinkRope
-from pipeline.rollout.sampler import ROLLING_FORCING_STEPS, SELF_FORCING_STEPS, warp_timesteps
-
 Mode = Literal["self-forcing", "rolling-forcing"]
+SinkRope = Literal["absolute", "adjacent"]
 MODES: tuple[str, ...] = ("self-forcing", "rolling-forcing")
 # Rolling Forcing attends to at most 21 latent frames: the sink (anchor) chunk, the cached clean frames and the
 # working frames of the joint window (its causal_model.py). The rolling-forcing default window keeps to that cap.
@@ -16,6 +15,19 @@ ROLLING_ATTENTION_FRAMES = 21
 MAX_CHUNKS = 2_000  # the one cap on a rollout's chunks: table rows, --num-chunks, --chunks, stored markers
 # Fields that change the speed of a rollout but never its output (tested: identical latents either way).
 SPEED_FIELDS: tuple[str, ...] = ("early_stop",)
+SELF_FORCING_STEPS: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+ROLLING_FORCING_STEPS: tuple[float, ...] = (1000.0, 800.0, 600.0, 400.0, 200.0)
+
+
+def warp_timesteps(steps: tuple[float, ...], shift: float) -> tuple[float, ...]:
+    """Shifted schedule ``t' = 1000 * shift*s / (1 + (shift-1)*s)`` with ``s = t/1000`` (shift 5: 750 -> 937.5)."""
+    if shift <= 0:
+        raise ValueError(f"`shift` must be > 0, got {shift}")
+    out = []
+    for t in steps:
+        s = t / 1000.0
+        out.append(1000.0 * shift * s / (1.0 + (shift - 1.0) * s))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -249,13 +249,13 @@ def test_results_parquet_is_written_whatever_one_row_holds():
 
 def test_a_checkpoint_marker_that_is_json_but_not_a_marker_falls_back_to_the_last_good_chunk(backend, tmp_path):
     from pipeline.outputs.checkpoint import RolloutCheckpoints
-    from pipeline.outputs.render import render, render_hash
+    from pipeline.outputs.render import render_hash, render_prompts
 
     config = RolloutConfig(num_chunks=4)
 
     def run(out: str):
-        return render(backend, ["a harbour at dawn"], ["h"], str(tmp_path / out), config=config, trim=None,
-                      seeds=[3], state_url=str(tmp_path / "state"))[0]
+        return render_prompts(backend, ["a harbour at dawn"], ["h"], str(tmp_path / out), config=config, trim=None,
+                              seeds=[3], state_url=str(tmp_path / "state"))[0]
 
     first = run("first")
     state = tmp_path / "state"

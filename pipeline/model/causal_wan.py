@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.config import SinkRope
 from pipeline.model.attention import CachedCrossAttention, CachedSelfAttention, PassState, TextKV, text_kv_for
-from pipeline.model.kv_cache import KVCache, SinkRope
+from pipeline.model.kv_cache import KVCache
 from pipeline.model.rope import rope_for_frames
 
 if TYPE_CHECKING:

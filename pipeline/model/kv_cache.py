@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from pipeline.config import SinkRope
 from pipeline.model.rope import apply_rope
 
 logger = logging.getLogger(__name__)
-
-SinkRope = Literal["absolute", "adjacent"]
 
 
 @dataclass
@@ -259,18 +257,6 @@ class KVCache:
         for layer, pristine in enumerate(self._sink_keys):
             self._keys[layer][:, :, :rows] = apply_rope(pristine, cos, sin)
         self.sink_shift = shift
-
-    def frame_keep_mask(self, frame: int) -> torch.Tensor:
-        """``[B, tokens_per_frame]`` bool: which spatial positions of ``frame`` each sample still holds."""
-        seg = next((s for s in self.segments if s.frame == frame), None)
-        if seg is None:
-            raise KeyError(f"frame {frame} is not in the cache")
-        rows = slice(seg.start, seg.start + seg.length)
-        # padding rows point at an extra column that is cut off afterwards
-        index = self.positions[:, rows].masked_fill(~self.valid[:, rows], self.tokens_per_frame)
-        keep = torch.zeros(self.batch_size, self.tokens_per_frame + 1, dtype=torch.bool, device=self.device)
-        keep.scatter_(1, index, True)
-        return keep[:, : self.tokens_per_frame]
 
     # ----------------------------------------------------------------------------------------- reports
     @property
