@@ -313,6 +313,8 @@ def test_chunk_counts_have_one_cap_everywhere(tmp_path):
     RolloutConfig(num_chunks=MAX_CHUNKS)
     good, bad = validate_rows([{"prompt_id": "a", "prompt": "x", "num_chunks": MAX_CHUNKS + 1}], default_chunks=2)
     assert not good and str(MAX_CHUNKS) in bad[0].error
+    with pytest.raises(ValueError, match=str(MAX_CHUNKS)):  # a table without the column takes the default
+        validate_rows([{"prompt_id": "a", "prompt": "x"}], default_chunks=MAX_CHUNKS + 1)
     table = _table(tmp_path / "p.parquet")
     for args in (["submit", table, "--out", str(tmp_path / "o"), "--executor", "local", "--num-chunks", "100000"],
                  ["render", "x", "--model", "tiny", "--chunks", "100000", "--out", str(tmp_path / "r")]):
