@@ -44,7 +44,7 @@ from bench.common import (
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import LATENT_CHANNELS, PRESETS, SPATIAL_SCALE, WAN_1_3B_TRANSFORMER, WanBackend
 from pipeline.outputs.checkpoint import RolloutCheckpoints
-from pipeline.outputs.render import render, render_hash
+from pipeline.outputs.render import render_hash, render_prompts
 from pipeline.rollout.chunk_stats import ChunkStats
 from pipeline.rollout.loop import Rollout
 from pipeline.rollout.records import ChunkRecord, PruneEvent
@@ -59,8 +59,9 @@ def render_chunk_seconds(backend: WanBackend, config: RolloutConfig, trim: TrimC
                          state_url: str | None) -> tuple[list[float], list[dict[str, Any]]]:
     """Wall seconds per chunk of one render (between ``on_chunk`` reports, `chunk_gaps`) and its stats rows."""
     stamps: list[float] = []
-    results = render(backend, [PROMPT], [PROMPT_ID], f"file://{out_dir}", config=config, trim=trim, seeds=[seed],
-                     state_url=state_url, on_chunk=lambda i, rows: stamps.append(time.perf_counter()))
+    results = render_prompts(backend, [PROMPT], [PROMPT_ID], f"file://{out_dir}", config=config, trim=trim,
+                             seeds=[seed], state_url=state_url,
+                             on_chunk=lambda i, rows: stamps.append(time.perf_counter()))
     return chunk_gaps(stamps), results[0].rows
 
 

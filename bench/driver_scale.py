@@ -2,7 +2,7 @@
 server behind a proxy that delays every request by ``--latency-ms`` (20).
 
 The renderer does no model work: a stand-in executor runs the real `jobs.policy.process_row` (claims, leases, done
-markers, retention) on a thread pool of ``--workers`` with `pipeline.outputs.render.render` replaced by a stub that
+markers, retention) on a thread pool of ``--workers`` with `render_prompts` replaced by a stub that
 returns at once. Everything else is the real `jobs.run.submit`: table read and validation, the first pass over the
 done markers, dispatch, results written as the job goes, the done-index. Variants, each in a fresh process (its peak
 RSS is the driver's memory; in ``fresh`` it includes the stand-in workers):
@@ -134,7 +134,7 @@ class S3Server:
 
 # ------------------------------------------------------------------------------------------ one variant, in a child
 class _Stub:
-    """What `render` returns, without rendering: one chunk's stats."""
+    """What `render_prompts` returns, without rendering: one chunk's stats."""
 
     def __init__(self, prompt_id: str, out_url: str) -> None:
         self.rows = [{"severity": 0.5, "verdict": "accepted", "tokens_pruned": 0, "latent_dist_first": 0.0,
@@ -190,7 +190,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from jobs.run import submit
     from jobs.spec import JobSpec
 
-    render_module.render = _stub_render  # type: ignore[assignment]
+    render_module.render_prompts = _stub_render  # type: ignore[assignment]
     counts = _count_reads()
     spec = JobSpec(input_url=job["table"], output_url=job["out"], model="tiny", executor="local",
                    storage_options=job["storage_options"], lease_s=600.0)

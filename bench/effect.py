@@ -68,8 +68,8 @@ class Run:
     seconds: float
 
 
-def render(backend: Any, prompts: list[str], seeds: list[int], config: RolloutConfig, trim: TrimConfig | None,
-           glitch: torch.Tensor | None = None) -> Run:
+def roll_out(backend: Any, prompts: list[str], seeds: list[int], config: RolloutConfig, trim: TrimConfig | None,
+             glitch: torch.Tensor | None = None) -> Run:
     start = time.monotonic()
     rollout = Rollout(backend, config, prompts, seeds, trim=trim)
     hook = Glitch(GLITCH_CHUNK if glitch is not None else None, glitch)
@@ -213,8 +213,8 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     grid = (backend.spec.height_px // 16, backend.spec.width_px // 16)  # 8x spatial VAE, 1x2x2 patches
     first = TrimConfig().warmup
     cf = config.chunk_frames
-    runs = {"clean A": render(backend, prompts, seeds_a, config, None),
-            "clean B": render(backend, prompts, seeds_b, config, None)}
+    runs = {"clean A": roll_out(backend, prompts, seeds_a, config, None),
+            "clean B": roll_out(backend, prompts, seeds_b, config, None)}
     log(f"clean runs: {runs['clean A'].seconds:.0f}s, {runs['clean B'].seconds:.0f}s")
     verdicts = {k: [judge_video(v, p, chunks, cf) for v, p in zip(decode(backend, r), prompts)]
                 for k, r in runs.items()}
@@ -229,7 +229,7 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     # self-forcing's chunks do not depend on the length asked for: the glitch runs stop after chunk G+K
     short = (RolloutConfig(mode=mode, num_chunks=GLITCH_CHUNK + GLITCH_AFTER + 1)  # type: ignore[arg-type]
              if mode == "self-forcing" else config)
-    off = render(backend, prompts, seeds_a, short, None, glitch)
+    off = roll_out(backend, prompts, seeds_a, short, None, glitch)
     off_v = judge_glitched(backend, off, runs["clean A"], prompts, short.num_chunks, cf)
     at_glitch = {"no TokenTrim": median([v[GLITCH_CHUNK].glitch_px for v in off_v]),
                  "clean": median([v[GLITCH_CHUNK].glitch_px for v in verdicts["clean A"]])}
@@ -239,12 +239,12 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     figures["no TokenTrim - clean"] = paired(off_p, clean_p["clean A"])
     prunes: dict[str, Any] = {}
     for name, trim in VARIANTS.items():
-        on = render(backend, prompts, seeds_a, short, trim, glitch)
+        on = roll_out(backend, prompts, seeds_a, short, trim, glitch)
         on_v = judge_glitched(backend, on, runs["clean A"], prompts, short.num_chunks, cf)
         at_glitch[name] = median([v[GLITCH_CHUNK].glitch_px for v in on_v])
         figures[f"no TokenTrim - {name}"] = paired(off_p, [persistence(v, after) for v in on_v])
         figures[f"{name}: glitch found"] = sum(on.glitch_found) / n
-        clean_on = render(backend, prompts, seeds_a, config, trim)
+        clean_on = roll_out(backend, prompts, seeds_a, config, trim)
         check_variant(clean_on, sev["clean A"][name], name)
         prunes[name] = prune_decisions(clean_on, verdicts["clean A"], first)
         log(f"{name}: glitch run {on.seconds:.0f}s, clean run {clean_on.seconds:.0f}s")

@@ -3,7 +3,7 @@ and TokenTrim's overhead (DESIGN.md §6: Wan2.1-1.3B shapes, bf16, 480x832, self
 TokenTrim overhead <= 3%).
 
 Per mode, in this order (each variant starts with a warm-up, excluded):
-  render   `pipeline.outputs.render.render` of ``--chunks`` chunks to ``memory://`` without TokenTrim (``none``) and
+  render   `render_prompts` of ``--chunks`` chunks to ``memory://`` without TokenTrim (``none``) and
            with
            never-pruning TokenTrim (``never``: lam=1e9, warmup=3): steady frames/s = new pixel frames per chunk /
            median wall seconds between chunks (decode + encode included), whole-render frames/s (setup, chunk 0 and
@@ -58,7 +58,7 @@ from bench.trim_overhead import VARIANTS, chunk_ratios, first_judged, measure, p
 from pipeline.config import MODES, RolloutConfig
 from pipeline.model.backend import WanBackend, load_backend
 from pipeline.model.vae import pixel_frames_for
-from pipeline.outputs.render import render
+from pipeline.outputs.render import render_prompts
 from pipeline.store import Store
 from tokentrim import TrimConfig
 
@@ -124,8 +124,8 @@ def timed_render(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | 
     sync(backend.device)
     began = time.perf_counter()
     try:
-        result = render(backend, [PROMPT], ["bench"], out.url, config=config, trim=trim, seeds=[seed],
-                        on_chunk=on_chunk)
+        result = render_prompts(backend, [PROMPT], ["bench"], out.url, config=config, trim=trim, seeds=[seed],
+                                on_chunk=on_chunk)
         sync(backend.device)
         wall = time.perf_counter() - began
     finally:

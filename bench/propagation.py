@@ -37,6 +37,8 @@ from pipeline.rollout.records import ChunkRecord
 from pipeline.rollout.sampler import ChunkNoise
 from tokentrim import TrimConfig
 
+PATCH = TrimConfig().patch_size  # the Wan patch grid of the tiny and canary models (one token: 1x2x2)
+
 PROMPT = "a red panda walking through a snowy bamboo forest"
 
 
@@ -54,7 +56,7 @@ def corrupt_tokens(chunk: int, positions: Sequence[int], amount: float):
     """A perturb hook adding `amount` to the 2x2 patches of `positions` of `chunk`, at every step and attempt."""
 
     def perturb(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
-        return add_to_tokens(x0, positions, amount) if c == chunk else x0
+        return add_to_tokens(x0, positions, amount, PATCH) if c == chunk else x0
 
     return perturb
 

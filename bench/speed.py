@@ -101,9 +101,9 @@ def text_kv(rep: Reporter, backend: WanBackend, config: RolloutConfig, repeats: 
 
 def _corrupt_odd_chunks(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
     """A jump at a few tokens in every odd chunk from chunk 3 on, every attempt: TokenTrim regenerates those."""
-    from bench.propagation import add_to_tokens
+    from bench.propagation import PATCH, add_to_tokens
 
-    return add_to_tokens(x0, [0, 1, 5], 6.0) if c >= 3 and c % 2 else x0
+    return add_to_tokens(x0, [0, 1, 5], 6.0, PATCH) if c >= 3 and c % 2 else x0
 
 
 def host_reads(rep: Reporter, backend: WanBackend, config: RolloutConfig) -> dict[str, Any]:

@@ -127,7 +127,7 @@ class RenderBar:
             if is_tty(stream) else None
 
     def on_chunk(self, index: int, rows: list[dict[str, Any]]) -> None:
-        """`pipeline.outputs.render.render`'s ``on_chunk`` hook."""
+        """`pipeline.outputs.render.render_prompts`'s ``on_chunk`` hook."""
         self.pruned += any(r.get("verdict") == "pruned" for r in rows)
         if self.bar is not None:
             self.bar.set_postfix_str(f"chunk {index + 1}/{self.bar.total}, pruned {self.pruned}", refresh=False)

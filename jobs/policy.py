@@ -407,15 +407,16 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
                     force: bool) -> dict[str, Any]:
     """Render a claimed prompt; every commit (checkpoint chunks, video and stats, the done marker) is fenced by the
     claim. Returns ``ok``, or ``skipped`` when another attempt's done marker got there first."""
-    from pipeline.outputs.render import render
+    from pipeline.outputs.render import render_prompts
 
     began = time.perf_counter()
     out = claims.store
     config = dataclasses.replace(spec.rollout, num_chunks=row.num_chunks)
-    result = render(backend, [row.prompt], [row.prompt_id], out.url, config=config, trim=spec.trim,
-                    seeds=[row.seed], state_url=Store(out.join(f"rollouts/{row.prompt_id}"), out.storage_options),
-                    storage_options=out.storage_options, force_restart=force, names=(VIDEO_KEY, STATS_KEY),
-                    probe=spec.probe, fence=lambda: claims.fence(claim))[0]
+    state = Store(out.join(f"rollouts/{row.prompt_id}"), out.storage_options)
+    result = render_prompts(backend, [row.prompt], [row.prompt_id], out.url, config=config, trim=spec.trim,
+                            seeds=[row.seed], state_url=state, storage_options=out.storage_options,
+                            force_restart=force, names=(VIDEO_KEY, STATS_KEY), probe=spec.probe,
+                            fence=lambda: claims.fence(claim))[0]
     values = {**drift_summary(result), "video": result.video_url, "stats": result.stats_url,
               "attempt": claim.attempt, "seed": row.seed, "num_chunks": row.num_chunks,
               "render_hash": result.config_hash, "seconds": time.perf_counter() - began}

@@ -54,7 +54,7 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
 
     from jobs.cli_progress import RenderBar, say
     from pipeline.model.backend import load_backend
-    from pipeline.outputs.render import render as render_prompts
+    from pipeline.outputs.render import render_prompts
     from pipeline.store import Store, url_protocol
 
     url_protocol(spec.output_url)  # a refused URL fails before the model loads

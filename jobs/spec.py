@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from pipeline.config import RolloutConfig
+from pipeline.config import RolloutConfig, check_int
 from pipeline.errors import InputError
 from pipeline.hashing import canonical, digest, job_settings
 from pipeline.outputs.video import VideoSettings
@@ -83,9 +83,9 @@ class JobSpec:
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}")
         for name, low in (("workers", 1), ("max_attempts", 1), ("seed", 0), ("results_every_rows", 1)):
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low)
         if self.limit is not None:
-            _check_int("limit", self.limit, 1)
+            check_int("limit", self.limit, 1)
         for name in ("keep_state", "allow_any_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
@@ -188,11 +188,6 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
 
 
 def absolute_url(url: str) -> str:

@@ -70,7 +70,9 @@ def read_table(url: str, storage_options: dict | None = None) -> list[dict[str, 
 
 def validate_rows(rows: list[dict[str, Any]], *, default_chunks: int, base_seed: int = 0
                   ) -> tuple[list[PromptRow], list[BadRow]]:
-    """Split rows into renderable ones and bad ones. Duplicate ids: the first wins, later ones are bad."""
+    """Split rows into renderable ones and bad ones. Duplicate ids: the first wins, later ones are bad.
+    ``default_chunks`` (for rows without ``num_chunks``) is checked like a row's own: ValueError when out of range."""
+    check_chunks(default_chunks, "num_chunks")
     good: list[PromptRow] = []
     bad: list[BadRow] = []
     seen: set[str] = set()

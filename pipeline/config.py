@@ -1,14 +1,13 @@
-"""The rollout config: one frozen object whose JSON hash is recorded with every output (`pipeline.hashing`)."""
+"""The rollout config: one frozen object whose JSON hash is recorded with every output (`pipeline.hashing`), with
+the timestep schedules and the sink-RoPE choice it names. It imports nothing of the layers that use it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from pipeline.model.kv_cache import SinkRope
-from pipeline.rollout.sampler import ROLLING_FORCING_STEPS, SELF_FORCING_STEPS, warp_timesteps
-
 Mode = Literal["self-forcing", "rolling-forcing"]
+SinkRope = Literal["absolute", "adjacent"]
 MODES: tuple[str, ...] = ("self-forcing", "rolling-forcing")
 # Rolling Forcing attends to at most 21 latent frames: the sink (anchor) chunk, the cached clean frames and the
 # working frames of the joint window (its causal_model.py). The rolling-forcing default window keeps to that cap.
@@ -16,6 +15,19 @@ ROLLING_ATTENTION_FRAMES = 21
 MAX_CHUNKS = 2_000  # the one cap on a rollout's chunks: table rows, --num-chunks, --chunks, stored markers
 # Fields that change the speed of a rollout but never its output (tested: identical latents either way).
 SPEED_FIELDS: tuple[str, ...] = ("early_stop",)
+SELF_FORCING_STEPS: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+ROLLING_FORCING_STEPS: tuple[float, ...] = (1000.0, 800.0, 600.0, 400.0, 200.0)
+
+
+def warp_timesteps(steps: tuple[float, ...], shift: float) -> tuple[float, ...]:
+    """Shifted schedule ``t' = 1000 * shift*s / (1 + (shift-1)*s)`` with ``s = t/1000`` (shift 5: 750 -> 937.5)."""
+    if shift <= 0:
+        raise ValueError(f"`shift` must be > 0, got {shift}")
+    out = []
+    for t in steps:
+        s = t / 1000.0
+        out.append(1000.0 * shift * s / (1.0 + (shift - 1.0) * s))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -56,16 +68,11 @@ class RolloutConfig:
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
         for name in ("chunk_frames", "fps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         check_chunks(self.num_chunks)
         for name in ("window_frames", "height_px", "width_px"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be an integer >= 1 or None, got {value!r}")
-        if self.sink_frames is not None and (not isinstance(self.sink_frames, int) or self.sink_frames < 0):
-            raise ValueError(f"`sink_frames` must be an integer >= 0 or None, got {self.sink_frames!r}")
+            check_int(name, getattr(self, name), 1, optional=True)
+        check_int("sink_frames", self.sink_frames, 0, optional=True)
         if self.steps is not None:
             steps = tuple(float(t) for t in self.steps)
             if not steps or any(not 0 < t <= 1000 for t in steps) or list(steps) != sorted(steps, reverse=True):
@@ -129,9 +136,18 @@ class RolloutConfig:
         return cls(**d)
 
 
+def check_int(name: str, value: Any, low: int, high: int | None = None, *, optional: bool = False) -> Any:
+    """``value`` if it is an integer (not a bool) in ``[low, high]`` (or None, when ``optional``); else ValueError
+    naming ``name``, the range and the value. (`tokentrim.config` keeps its own: it imports nothing of pipeline.)"""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be an integer {span}{' or None' if optional else ''}, got {value!r}")
+    return value
+
 
 def check_chunks(value: Any, name: str = "num_chunks") -> int:
-    """``value`` if it is a chunk count within `MAX_CHUNKS`, else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHUNKS:
-        raise ValueError(f"`{name}` must be an integer in [1, {MAX_CHUNKS}], got {value!r}")
-    return value
+    """``value`` if it is a chunk count within `MAX_CHUNKS` (every path that takes one: config, table rows, CLI),
+    else ValueError naming ``name``."""
+    return check_int(name, value, 1, MAX_CHUNKS)

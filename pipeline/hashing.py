@@ -1,12 +1,7 @@
-"""The two hashes recorded with outputs: what a job renders, and what one output was rendered with.
+"""The hashes recorded with outputs: `digest` of canonical JSON (first 16 hex digits of its SHA-256).
 
-- `job_hash`: the settings a job renders with (model name, weights, rollout, TokenTrim, dtype, seed); it names a
-  job's outputs and guards ``job.json`` against reuse with other settings.
-- `output_hash`: the settings one rendered video and its stats were made with (the backend's `ModelSpec`, rollout,
-  TokenTrim, dtype); it is the ``config_hash`` column of every stats row and guards checkpoints against resuming
-  with other settings.
-
-Both are the first 16 hex digits of the SHA-256 of canonical JSON (sorted keys, no spaces). No torch import here.
+`job_settings` is what a job renders with (it guards ``job.json``); `output_hash` what one video and its stats were
+rendered with (the stats' ``render_hash``; it guards checkpoints). No torch import here.
 """
 
 from __future__ import annotations
@@ -54,12 +49,6 @@ def job_settings(model: str, weights: str | None, rollout: RolloutConfig, trim: 
             "trim": trim.to_dict() if trim else None, "dtype": dtype_name(dtype), "seed": seed,
             **({"video": video.to_dict()} if video is not None else {}),
             **({"compile": True} if compile else {}), **({"probe": probe.to_dict()} if probe is not None else {})}
-
-
-def job_hash(model: str, weights: str | None, rollout: RolloutConfig, trim: TrimConfig | None,
-             dtype: torch.dtype | str, seed: int, *, video: VideoSettings | None = None, compile: bool = False) -> str:
-    """The hash of `job_settings`."""
-    return digest(job_settings(model, weights, rollout, trim, dtype, seed, video=video, compile=compile))
 
 
 def output_hash(spec: ModelSpec, rollout: RolloutConfig, trim: TrimConfig | None, dtype: torch.dtype | str, *,

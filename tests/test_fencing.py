@@ -249,13 +249,13 @@ def test_results_parquet_is_written_whatever_one_row_holds():
 
 def test_a_checkpoint_marker_that_is_json_but_not_a_marker_falls_back_to_the_last_good_chunk(backend, tmp_path):
     from pipeline.outputs.checkpoint import RolloutCheckpoints
-    from pipeline.outputs.render import render, render_hash
+    from pipeline.outputs.render import render_hash, render_prompts
 
     config = RolloutConfig(num_chunks=4)
 
     def run(out: str):
-        return render(backend, ["a harbour at dawn"], ["h"], str(tmp_path / out), config=config, trim=None,
-                      seeds=[3], state_url=str(tmp_path / "state"))[0]
+        return render_prompts(backend, ["a harbour at dawn"], ["h"], str(tmp_path / out), config=config, trim=None,
+                              seeds=[3], state_url=str(tmp_path / "state"))[0]
 
     first = run("first")
     state = tmp_path / "state"
@@ -313,6 +313,8 @@ def test_chunk_counts_have_one_cap_everywhere(tmp_path):
     RolloutConfig(num_chunks=MAX_CHUNKS)
     good, bad = validate_rows([{"prompt_id": "a", "prompt": "x", "num_chunks": MAX_CHUNKS + 1}], default_chunks=2)
     assert not good and str(MAX_CHUNKS) in bad[0].error
+    with pytest.raises(ValueError, match=str(MAX_CHUNKS)):  # a table without the column takes the default
+        validate_rows([{"prompt_id": "a", "prompt": "x"}], default_chunks=MAX_CHUNKS + 1)
     table = _table(tmp_path / "p.parquet")
     for args in (["submit", table, "--out", str(tmp_path / "o"), "--executor", "local", "--num-chunks", "100000"],
                  ["render", "x", "--model", "tiny", "--chunks", "100000", "--out", str(tmp_path / "r")]):

@@ -174,7 +174,7 @@ def _spec(tmp_path, **kw) -> JobSpec:
 
 
 def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend, tmp_path):
-    from pipeline.outputs.render import render
+    from pipeline.outputs.render import render_prompts
 
     row = PromptRow(0, "p0", "a harbour at dawn", 11, 4)
     spec = _spec(tmp_path, trim=TrimConfig(lam=0.5))
@@ -189,8 +189,8 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
             raise Stop
 
     with pytest.raises(Stop):  # a worker died after committing some chunks
-        render(backend, [row.prompt], [row.prompt_id], spec.output_url, config=RolloutConfig(num_chunks=4),
-               trim=spec.trim, seeds=[row.seed], state_url=out.join("rollouts/p0"), on_chunk=stop)
+        render_prompts(backend, [row.prompt], [row.prompt_id], spec.output_url, config=RolloutConfig(num_chunks=4),
+                       trim=spec.trim, seeds=[row.seed], state_url=out.join("rollouts/p0"), on_chunk=stop)
     result = process_row(backend, spec, row, claims)
     assert result["status"] == "ok" and result["resumed_from"] >= 2 and result["chunks"] == 4
     reference = _spec(tmp_path / "ref", trim=TrimConfig(lam=0.5))

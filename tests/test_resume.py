@@ -21,7 +21,7 @@ from pipeline.config import RolloutConfig
 from pipeline.errors import ConfigMismatchError, TransientStoreError
 from pipeline.model.backend import load_backend
 from pipeline.outputs.checkpoint import RolloutCheckpoints
-from pipeline.outputs.render import render, render_hash
+from pipeline.outputs.render import render_hash, render_prompts
 from pipeline.store import Store
 from tests.flaky_store import FlakyStore
 from tests.render_compare import Rendered, assert_same_render, read_render
@@ -47,8 +47,8 @@ def _render(backend, out, state=None, *, mode="self-forcing", trim=TRIM, stop_af
 
     # rolling-forcing with a window: the adjacent sink is re-rotated as frames are evicted, and must replay exactly
     config = RolloutConfig(mode=mode, num_chunks=CHUNKS, window_frames=6 if mode == "rolling-forcing" else None)
-    return render(backend, [PROMPT], [PID], out, config=config, trim=trim, seeds=[1], state_url=state,
-                  storage_options=opts, force_restart=restart, on_chunk=on_chunk)[0]
+    return render_prompts(backend, [PROMPT], [PID], out, config=config, trim=trim, seeds=[1], state_url=state,
+                          storage_options=opts, force_restart=restart, on_chunk=on_chunk)[0]
 
 
 def _config(mode):

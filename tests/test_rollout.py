@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import RolloutConfig
 from pipeline.errors import InputError, NonFiniteLatentError
-from pipeline.hashing import job_hash, output_hash
+from pipeline.hashing import digest, job_settings, output_hash
 from pipeline.model.backend import load_backend
 from pipeline.outputs.checkpoint import RolloutCheckpoints
 from pipeline.rollout.chunk_stats import TIMED_PHASES, ChunkStats, stats_row
@@ -46,7 +46,7 @@ def _corrupt_tokens(chunk: int, positions: list[int], amount: float = 8.0):
     """Add ``amount`` to every latent pixel of the given patch-grid tokens of ``chunk`` (attempt 0 only)."""
 
     def perturb(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
-        return add_to_tokens(x0, positions, amount) if c == chunk and attempt == 0 else x0
+        return add_to_tokens(x0, positions, amount, TrimConfig().patch_size) if c == chunk and attempt == 0 else x0
 
     return perturb
 
@@ -187,13 +187,13 @@ def test_output_hash_covers_model_rollout_trim_and_dtype(backend):
               output_hash(spec, RolloutConfig(num_chunks=8), trim, torch.float32),
               output_hash(dataclasses.replace(spec, seed=1), config, trim, torch.float32)}
     assert base not in others and len(others) == 4
-    assert job_hash("tiny", None, config, trim, "float32", 0) != base
+    assert digest(job_settings("tiny", None, config, trim, "float32", 0)) != base
 
 
 def test_hashes_are_the_same_in_a_fresh_process(backend):
-    code = ("from pipeline.hashing import job_hash; from pipeline.config import RolloutConfig; "
+    code = ("from pipeline.hashing import digest, job_settings; from pipeline.config import RolloutConfig; "
             "from tokentrim import TrimConfig; "
-            "print(job_hash('tiny', None, RolloutConfig(), TrimConfig(), 'float32', 3))")
+            "print(digest(job_settings('tiny', None, RolloutConfig(), TrimConfig(), 'float32', 3)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
-    assert out.stdout.strip() == job_hash("tiny", None, RolloutConfig(), TrimConfig(), "float32", 3)
+    assert out.stdout.strip() == digest(job_settings("tiny", None, RolloutConfig(), TrimConfig(), "float32", 3))

@@ -18,6 +18,7 @@ from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout
 from pipeline.rollout.probe import add_to_tokens
 from pipeline.rollout.records import ChunkRecord
+from tests.wan_oracle import frame_keep_mask
 from tokentrim import TrimConfig
 from tokentrim.stats import RunningStats
 
@@ -40,7 +41,7 @@ def _corrupt(chunk: int, positions: list[int], *, step: int | None = None, amoun
         calls[(c, attempt)] = i + 1
         if c != chunk or attempt != 0 or (step is not None and i != step):
             return x0
-        return add_to_tokens(x0, positions, amount)
+        return add_to_tokens(x0, positions, amount, TrimConfig().patch_size)
 
     return perturb
 
@@ -55,7 +56,7 @@ def _run_until(backend, config: RolloutConfig, trim: TrimConfig | None, chunk: i
 
 def _lost(rollout: Rollout, frames: list[int]) -> dict[int, set[int]]:
     """Per cached frame, the spatial positions sample 0 no longer holds."""
-    return {f: set((~rollout.cache.frame_keep_mask(f)[0]).nonzero().flatten().tolist()) for f in frames}
+    return {f: set((~frame_keep_mask(rollout.cache, f)[0]).nonzero().flatten().tolist()) for f in frames}
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -13,9 +13,9 @@ import torch
 from pipeline.model.backend import load_backend
 from pipeline.model.vae import StreamingDecoder, build_tiny_vae
 from pipeline.outputs.checkpoint import RolloutCheckpoints
+from pipeline.outputs.chunk_writer import ChunkWriter
 from pipeline.outputs.redecode import decoder_lookback, warmup_start
 from pipeline.outputs.segments import encode_segment, remux_segments
-from pipeline.outputs.sinks import Sinks
 from pipeline.outputs.video import VideoSettings, decode_mp4, encode_mp4
 from pipeline.rollout.chunk_stats import ChunkStats
 from pipeline.rollout.records import ChunkRecord
@@ -143,8 +143,8 @@ def tiny_backend():
     return load_backend("tiny")
 
 
-def _feed(sinks: Sinks, latents: list[torch.Tensor]) -> list:
-    return [sinks.feed(x).result() for x in latents]
+def _feed(writer: ChunkWriter, latents: list[torch.Tensor]) -> list:
+    return [writer.feed(x).result() for x in latents]
 
 
 def test_a_resumed_sink_redecodes_only_the_warmup_and_gives_the_same_bytes(tiny_backend, monkeypatch):
@@ -154,15 +154,15 @@ def test_a_resumed_sink_redecodes_only_the_warmup_and_gives_the_same_bytes(tiny_
     gen = torch.Generator().manual_seed(1)
     latents = [torch.randn(1, 16, 3, 4, 6, generator=gen) for _ in range(chunks)]
 
-    def sinks() -> Sinks:
-        return Sinks(tiny_backend, 1, FPS, PhaseTimer(), VideoSettings())
+    def writer() -> ChunkWriter:
+        return ChunkWriter(tiny_backend, 1, FPS, PhaseTimer(), VideoSettings())
 
-    whole = sinks()
+    whole = writer()
     outputs = _feed(whole, latents)
     first_hist = whole.first_hist()
     for output in outputs:
         whole.keep(output)
-    resumed = sinks()
+    resumed = writer()
     assert resumed.warm_up(latents[:resume], 3, first_hist) == resume - 1
     for output in outputs[:resume]:
         resumed.keep(output)
@@ -175,8 +175,8 @@ def test_a_resumed_sink_redecodes_only_the_warmup_and_gives_the_same_bytes(tiny_
     assert resumed.mp4(0) == whole.mp4(0)
     for s in (whole, resumed):
         s.close()
-    monkeypatch.setattr("pipeline.outputs.sinks.decoder_lookback", lambda vae: 3)
-    short = sinks()
+    monkeypatch.setattr("pipeline.outputs.chunk_writer.decoder_lookback", lambda vae: 3)
+    short = writer()
     short.warm_up(latents[:resume], 3, first_hist)
     assert _feed(short, latents[resume:])[0].segments != outputs[resume].segments
     short.close()

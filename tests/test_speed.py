@@ -9,13 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from bench.propagation import add_to_tokens
+from bench.propagation import PATCH, add_to_tokens
 from bench.speed import switched
 from jobs.spec import JobSpec
 from pipeline.config import RolloutConfig
-from pipeline.hashing import job_hash, output_hash
+from pipeline.hashing import digest, job_settings, output_hash
 from pipeline.model.backend import load_backend
-from pipeline.model.host import HostReadCounter, to_host
+from pipeline.model.host import HostReadCounter, read_flat
 from pipeline.rollout.loop import Rollout
 from tokentrim import TrimConfig, TrimController
 
@@ -153,7 +153,7 @@ def test_denoise_and_commit_passes_never_read_the_device(backend, sink_rope):
 def _corrupt(c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
     """Jumps in chunks 3 and 4 of every attempt and sample: TokenTrim (warmup 2) regenerates them until its retries
     are spent."""
-    return add_to_tokens(x0, [0, 1, 5], 6.0) if c in (3, 4) else x0
+    return add_to_tokens(x0, [0, 1, 5], 6.0, PATCH) if c in (3, 4) else x0
 
 
 def _reads_per_chunk(rollout: Rollout) -> tuple[list[int], list[list[int]], torch.Tensor]:
@@ -228,7 +228,8 @@ def test_early_stop_never_changes_the_latents_nor_the_config_hash(backend, mode)
     early = dataclasses.replace(config, early_stop=True)
     assert early.to_dict()["early_stop"] and RolloutConfig.from_dict(early.to_dict()) == early
     assert output_hash(backend.spec, early, trim, "float32") == output_hash(backend.spec, config, trim, "float32")
-    assert job_hash("tiny", None, early, trim, "float32", 0) == job_hash("tiny", None, config, trim, "float32", 0)
+    assert digest(job_settings("tiny", None, early, trim, "float32", 0)) == digest(
+        job_settings("tiny", None, config, trim, "float32", 0))
 
 
 def test_a_prune_reads_once_and_the_tokens_after_a_commit_are_known_before_it(backend):
@@ -261,11 +262,11 @@ def test_the_controller_without_host_checks_never_reads_the_device():
     assert judgement.kinds == [("warmup", "accepted", "pruned")[c] for c in judgement.codes.tolist()]
 
 
-def test_to_host_reads_several_tensors_exactly():
-    got = to_host({"a": torch.tensor([1.5, -2.0]), "n": torch.tensor([3, 2**40]), "ok": torch.tensor([True, False])})
-    assert got == {"a": [1.5, -2.0], "n": [3.0, float(2**40)], "ok": [1.0, 0.0]}
-    with pytest.raises(ValueError, match="must all be"):
-        to_host({"a": torch.ones(2), "b": torch.ones(3)})
+def test_read_flat_reads_several_tensors_exactly():
+    got = read_flat({"a": torch.tensor([1.5, -2.0]), "n": torch.tensor([3, 2**40]), "ok": torch.tensor([True, False]),
+                     "m": torch.tensor([[1, 2], [3, 4]])})
+    assert got == {"a": [1.5, -2.0], "n": [3.0, float(2**40)], "ok": [1.0, 0.0], "m": [1.0, 2.0, 3.0, 4.0]}
+    assert read_flat({}) == {}
 
 
 @pytest.mark.parametrize(("argv", "expected"), [([], True), (["--no-early-stop"], False), (["--early-stop"], True)])

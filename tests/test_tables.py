@@ -20,7 +20,7 @@ from jobs.run import submit
 from jobs.spec import JobSpec
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
-from pipeline.outputs.render import render
+from pipeline.outputs.render import render_prompts
 from pipeline.rollout.chunk_stats import STATS_FIELDS, stats_schema
 from tokentrim import TrimConfig
 
@@ -37,10 +37,10 @@ def test_stats_tables_of_any_run_share_one_typed_described_schema(tmp_path):
     """An all-warm-up render (no severity anywhere) and a judged one union in pyarrow, with each column's
     description in the Parquet field metadata and units in the timing columns' names."""
     backend = load_backend("tiny")
-    warm = render(backend, ["a cat"], ["warm"], str(tmp_path), config=RolloutConfig(num_chunks=2),
-                  trim=TrimConfig(warmup=3), seeds=[1])[0]
-    judged = render(backend, ["a dog"], ["judged"], str(tmp_path), config=RolloutConfig(num_chunks=4),
-                    trim=TrimConfig(warmup=2), seeds=[2])[0]
+    warm = render_prompts(backend, ["a cat"], ["warm"], str(tmp_path), config=RolloutConfig(num_chunks=2),
+                          trim=TrimConfig(warmup=3), seeds=[1])[0]
+    judged = render_prompts(backend, ["a dog"], ["judged"], str(tmp_path), config=RolloutConfig(num_chunks=4),
+                            trim=TrimConfig(warmup=2), seeds=[2])[0]
     assert {r["verdict"] for r in warm.rows} == {"warmup"}
     assert {r["verdict"] for r in judged.rows} - {"warmup"}
     tables = [pq.read_table(tmp_path / f"{pid}.stats.parquet") for pid in ("warm", "judged")]

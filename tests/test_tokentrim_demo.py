@@ -48,7 +48,7 @@ def test_demo_is_deterministic_per_seed() -> None:
 def test_main_prints_one_row_per_chunk(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--chunks", "7", "--seed", "2", "--corrupt-at", "4", "--warmup", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert TrimConfig(warmup=3).config_hash() in lines[0]
+    assert str(TrimConfig(warmup=3).to_dict()) in lines[0]
     assert lines[1].split()[:6] == ["chunk", "severity", "mu", "sigma", "threshold", "verdict"]
     table = [line.split() for line in lines[2:]]
     assert [int(r[0]) for r in table] == list(range(7))

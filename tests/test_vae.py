@@ -12,7 +12,6 @@ from pipeline.model.vae import (
     StreamingDecoder,
     build_tiny_vae,
     denormalize_latents,
-    latent_frames_for,
     load_vae,
     pixel_frames_for,
     to_uint8_frames,
@@ -122,15 +121,8 @@ def test_tiny_vae_is_seeded_and_leaves_global_rng_alone(vae) -> None:  # noqa: A
 
 
 @pytest.mark.parametrize(("pixel", "latent"), [(1, 1), (5, 2), (81, 21), (9, 3)])
-def test_frame_count_helpers_are_inverse(pixel: int, latent: int) -> None:
-    assert latent_frames_for(pixel) == latent
+def test_pixel_frames_follow_the_vae_temporal_scale(pixel: int, latent: int) -> None:
     assert pixel_frames_for(latent) == pixel
-
-
-@pytest.mark.parametrize("bad", [0, -3, 4, 80, True, 5.0, "5"])
-def test_latent_frames_for_refuses_bad_counts(bad: object) -> None:
-    with pytest.raises(ValueError, match="`pixel_frames`"):
-        latent_frames_for(bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bad", [0, -1, False, 2.0])

@@ -57,3 +57,16 @@ def visibility(frame_of_token: torch.Tensor, visible_frames: dict[int, set[int]]
     frames = frame_of_token.tolist()
     rows = [[fj in visible_frames[fi] for fj in frames] for fi in frames]
     return torch.tensor(rows, dtype=torch.bool)
+
+
+def frame_keep_mask(cache, frame: int) -> torch.Tensor:
+    """``[B, tokens_per_frame]`` bool: which spatial positions of ``frame`` each sample of a `KVCache` still holds."""
+    seg = next((s for s in cache.segments if s.frame == frame), None)
+    if seg is None:
+        raise KeyError(f"frame {frame} is not in the cache")
+    rows = slice(seg.start, seg.start + seg.length)
+    # padding rows point at an extra column that is cut off afterwards
+    index = cache.positions[:, rows].masked_fill(~cache.valid[:, rows], cache.tokens_per_frame)
+    keep = torch.zeros(cache.batch_size, cache.tokens_per_frame + 1, dtype=torch.bool, device=cache.device)
+    keep.scatter_(1, index, True)
+    return keep[:, : cache.tokens_per_frame]

@@ -1,13 +1,10 @@
-"""TokenTrim configuration: one frozen, validated dataclass whose JSON hash is recorded in every output.
+"""TokenTrim configuration: one frozen, validated dataclass holding every knob of the method (DESIGN.md §2).
 
-Every knob of the method (DESIGN.md §2) is a field here; nothing else in the package reads settings
-from anywhere else.
+Its `to_dict` is what the outputs' hashes are taken over (`pipeline.hashing`), so it keeps its keys stable.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -158,8 +155,3 @@ class TrimConfig:
         if unknown:
             raise ValueError(f"unknown TrimConfig keys {unknown}; allowed keys are {sorted(known)}")
         return cls(**d)
-
-    def config_hash(self) -> str:
-        """First 16 hex chars of the sha256 of the canonical JSON of `to_dict()`; stable across processes."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

@@ -27,7 +27,8 @@ from tokentrim.summary import drift_score, unstable_set
 logger = logging.getLogger(__name__)
 
 VerdictKind = Literal["warmup", "accepted", "pruned"]
-# `Judgement.codes` index this tuple: 0 warmup, 1 accepted, 2 pruned
+# The one verdict vocabulary (the stats rows use it too). `Judgement.codes` index it: 0 warmup (only feeds the
+# statistics), 1 accepted, 2 pruned (over the threshold with retries left: the cache is pruned, the chunk regenerated)
 VERDICT_KINDS: tuple[VerdictKind, ...] = ("warmup", "accepted", "pruned")
 
 _STATS_PREFIX = "stats."

@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = TrimConfig(p=args.p, lam=args.lam, warmup=args.warmup, summary=args.summary)
     rows = run_demo(args.chunks, args.seed, args.corrupt_at, config, corrupt_tokens=args.corrupt_tokens,
                     corrupt_kind=args.corrupt_kind)
-    print(f"TokenTrim demo, config {config.config_hash()}: {config.to_dict()}")
+    print(f"TokenTrim demo, config {config.to_dict()}")
     print(format_table(rows))
     return 0
 

@@ -1,17 +1,8 @@
-"""Per-sample running statistics of accepted severities (DESIGN.md §2, step 4).
+"""Per-sample running statistics of accepted severities (DESIGN.md §2, step 4); every buffer is [B], float64.
 
-Shapes: every buffer and every input is [B], one entry per sample of the batch; statistics are float64.
-
-Modes:
-    welford: exact running mean and sample variance (m2 / (count - 1), ddof=1), Welford's update.
-    ema:     exponentially weighted mean and variance with decay a (the first value initialises the mean,
-             with zero variance; then diff = x - mean, mean += (1 - a) * diff, var = a * (var + (1 - a) * diff^2)).
-             In this mode the `m2` buffer holds the weighted variance V itself. The value n has weight a^(n-1) for
-             the first value and (1 - a) * a^(n-i) for the others; `sigma` divides V by 1 - sum(w_i^2) (the
-             reliability-weights correction), which for two values is exactly the ddof=1 sample variance, and for
-             equal weights is ddof=1 in general.
-
-`sigma` is NaN until a sample holds two values: one severity says nothing about the spread.
+``welford``: exact mean and sample variance (ddof=1). ``ema``: exponentially weighted mean and variance; in this mode
+the ``m2`` buffer holds the weighted variance itself, and `sigma` applies the reliability-weights correction (ddof=1
+for two values). `sigma` is NaN until a sample holds two values.
 """
 
 from __future__ import annotations

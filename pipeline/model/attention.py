@@ -1,21 +1,10 @@
-"""Cached self- and cross-attention for diffusers' Wan blocks.
+"""Cached self- and cross-attention processors for diffusers' Wan blocks.
 
-`CachedSelfAttention` replaces the processor of every ``blocks[i].attn1``. It projects and normalises exactly like
-diffusers' `WanAttnProcessor`, applies RoPE at the *absolute* latent-frame indices of the current pass (diffusers
-always starts at frame 0), writes the pass's keys (after RoPE) and values into the `KVCache`, and attends over
-``[sink | cached window | current pass]``.
-
-`CachedCrossAttention` replaces ``blocks[i].attn2``: the prompt's keys and values are computed once per prompt batch
-(`TextKV`) and reused by every later pass, instead of being projected again in every pass of every chunk.
-
-One processor object of each kind serves all blocks; the per-pass inputs (cache, rotary table, text K/V, the block
-being run) live in one `PassState`, set by the backend before each forward and by a pre-hook before each block.
-
-Two ways to attend to the cache:
-- dynamic (default): the cache returns views ``[B, heads, L + n, head_dim]``; shapes change with ``L``.
-- static (`kv_cache.StaticPass`, used when compiling): the pass attends over the whole fixed-capacity buffer with a
-  boolean length mask, and writes its K/V with ``index_copy_`` at a device index; every shape is fixed by the
-  capacity, so one compiled graph serves all blocks and every pass of a chunk (and a CUDA graph can capture it).
+`CachedSelfAttention` (every ``attn1``) projects like diffusers' `WanAttnProcessor` but applies RoPE at absolute
+frame indices, writes the pass's K/V into the `KVCache` and attends over ``[sink | window | pass]``;
+`CachedCrossAttention` (every ``attn2``) projects the prompt's K/V once per batch (`TextKV`). Per-pass inputs live in
+one `PassState`. The static path (compile) attends over the whole fixed-capacity buffer with a length mask, so every
+shape is fixed and one compiled graph serves all blocks and passes.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """Causal Wan2.1: diffusers' `WanTransformer3DModel` run one AR chunk at a time over a `KVCache`.
 
-The weights, blocks, embeddings and output head are diffusers' own; only the self-attention processor of every
-block is swapped for `CachedSelfAttention`, which places the chunk at its absolute frame index and attends to the
-cached context. Two kinds of pass:
-
-- `denoise`: the chunk at a noise level attends to the cache and itself; the cache is left as it was.
-- `commit`: the clean chunk at t = 0 writes its K/V into the cache (the clean context pass).
-
-Speed (issue 13): the prompt's cross-attention K/V are projected once per prompt batch and reused by every pass
-(``cache_text``); `compile` compiles each transformer block once for all blocks, on the static path (a fixed-capacity
-K/V buffer with a length mask; see `pipeline.model.attention`). No pass waits for the device (no host sync).
+Weights, blocks and heads are diffusers' own; only each block's attention processors are swapped
+(`pipeline.model.attention`). Two passes: `denoise` (the noisy chunk attends to the cache and itself; the cache is
+unchanged) and `commit` (the clean chunk at t = 0 writes its K/V). No pass waits for the device.
 """
 
 from __future__ import annotations
@@ -21,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.config import SinkRope
 from pipeline.model.attention import CachedCrossAttention, CachedSelfAttention, PassState, TextKV, text_kv_for
-from pipeline.model.kv_cache import KVCache, SinkRope
+from pipeline.model.kv_cache import KVCache
 from pipeline.model.rope import rope_for_frames
 
 if TYPE_CHECKING:

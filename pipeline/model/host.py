@@ -1,7 +1,6 @@
-"""Device-to-host transfers batched into one wait.
+"""Device-to-host reads: many tensors in one transfer (`read_flat`), and a counter of reads for tests and benches.
 
-Reading a device tensor on the host (``.item()``, ``.tolist()``, ``bool(t)``) waits for every kernel queued before
-it. The rollout reads its per-chunk figures through `to_host`, once per chunk, instead of one wait per figure.
+Reading a device tensor on the host (``.item()``, ``.tolist()``, ``bool(t)``) waits for every kernel queued before it.
 """
 
 from __future__ import annotations
@@ -9,20 +8,9 @@ from __future__ import annotations
 import torch
 
 
-def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """``{name: [B] tensor}`` (any dtype, one device) -> ``{name: [B] floats}`` in one transfer (float64: integers
-    below 2**53 and booleans come back exactly)."""
-    if not tensors:
-        return {}
-    sizes = {tuple(t.shape) for t in tensors.values()}
-    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-        raise ValueError(f"`tensors` must all be [B], got shapes { {n: tuple(t.shape) for n, t in tensors.items()} }")
-    return read_flat(tensors)
-
-
 def read_flat(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """``{name: tensor}`` (any shapes and dtypes, one device) -> ``{name: its values flattened, as floats}`` in one
-    transfer (float64, as `to_host`)."""
+    transfer (float64: integers below 2**53 and booleans come back exactly)."""
     if not tensors:
         return {}
     flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors.values()]

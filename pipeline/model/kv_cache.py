@@ -1,37 +1,24 @@
 """A prunable, windowed KV cache of committed latent frames.
 
-Layout per layer: keys and values ``[B, heads, L, head_dim]`` in one growing buffer (keys stored after RoPE at
-their absolute latent-frame index), followed by scratch room where the chunk being denoised writes its own K/V.
-The rows are grouped in per-frame *segments* in frame order; each segment records, per sample, which spatial
-positions (``0 .. tokens_per_frame-1``) its rows hold. Pruning removes rows for good; when samples of a batch keep
-different numbers of rows in a segment, the segment is padded to the largest count and ``valid [B, L]`` masks the
-padding (the attention then takes a boolean mask; with no padding it takes none).
-
-Sink frames are never evicted nor (with ``protect_sink``) pruned; non-sink frames beyond ``window_frames`` are
-evicted oldest first when a chunk is committed. With ``sink_rope="adjacent"`` (Rolling Forcing's attention sink)
-the sink's keys are re-rotated before each pass so that the sink sits right before the oldest cached non-sink frame
-instead of at frame 0; a pristine copy of the sink keys is kept so that rotations never accumulate rounding.
-
-With ``static=True`` (the compile path) the buffers are zero-filled and a pass attends over the whole capacity with a
-length mask (`static_pass`), so its shapes depend only on the capacity: fixed for a windowed cache, doubling for an
-unbounded one. No method on the path of a pass (`attend`, `static_pass`, `commit`, `evict`) waits for the device;
-`prune` reads once (it sizes the compacted segments): `plan_prune` computes the sizes on the device, so that a caller
-can read them with its other figures, and `apply_prune` compacts with them.
+Per layer, keys (after RoPE, at their absolute frame index) and values ``[B, heads, L, head_dim]`` in one buffer,
+grouped in per-frame segments that record which spatial positions each sample's rows hold. Pruning removes rows for
+good; samples that keep different counts are padded and masked by ``valid [B, L]``. Sink frames are never evicted
+(nor, with ``protect_sink``, pruned); ``sink_rope="adjacent"`` re-rotates the sink next to the oldest cached frame.
+The one non-obvious thing: no method on a pass's path waits for the device; a prune is planned on the device
+(`plan_prune`), its sizes read by the caller with its other figures, and applied with them (`apply_prune`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from pipeline.config import SinkRope
 from pipeline.model.rope import apply_rope
 
 logger = logging.getLogger(__name__)
-
-SinkRope = Literal["absolute", "adjacent"]
 
 
 @dataclass
@@ -259,18 +246,6 @@ class KVCache:
         for layer, pristine in enumerate(self._sink_keys):
             self._keys[layer][:, :, :rows] = apply_rope(pristine, cos, sin)
         self.sink_shift = shift
-
-    def frame_keep_mask(self, frame: int) -> torch.Tensor:
-        """``[B, tokens_per_frame]`` bool: which spatial positions of ``frame`` each sample still holds."""
-        seg = next((s for s in self.segments if s.frame == frame), None)
-        if seg is None:
-            raise KeyError(f"frame {frame} is not in the cache")
-        rows = slice(seg.start, seg.start + seg.length)
-        # padding rows point at an extra column that is cut off afterwards
-        index = self.positions[:, rows].masked_fill(~self.valid[:, rows], self.tokens_per_frame)
-        keep = torch.zeros(self.batch_size, self.tokens_per_frame + 1, dtype=torch.bool, device=self.device)
-        keep.scatter_(1, index, True)
-        return keep[:, : self.tokens_per_frame]
 
     # ----------------------------------------------------------------------------------------- reports
     @property

@@ -27,15 +27,6 @@ logger = logging.getLogger(__name__)
 TEMPORAL_SCALE = 4  # pixel frames per latent frame after the first (Wan2.1 VAE)
 
 
-def latent_frames_for(pixel_frames: int) -> int:
-    """Latent frames for `pixel_frames` pixel frames: `1 + (pixel_frames - 1) / 4`; needs `pixel_frames % 4 == 1`."""
-    if isinstance(pixel_frames, bool) or not isinstance(pixel_frames, int) or pixel_frames < 1:
-        raise ValueError(f"`pixel_frames` must be a positive int, got {pixel_frames!r}")
-    if (pixel_frames - 1) % TEMPORAL_SCALE != 0:
-        raise ValueError(f"`pixel_frames` must be 1 + {TEMPORAL_SCALE}k, got {pixel_frames}")
-    return 1 + (pixel_frames - 1) // TEMPORAL_SCALE
-
-
 def pixel_frames_for(latent_frames: int) -> int:
     """Pixel frames decoded from `latent_frames` latent frames: `1 + 4 * (latent_frames - 1)`."""
     if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:

@@ -1,15 +1,9 @@
 """Checkpoints -> a diffusers `WanTransformer3DModel`: reading, key layouts, checked loading.
 
-Accepted files: `.safetensors` (preferred) and `.pt`/`.pth`/`.bin` read with `torch.load(weights_only=True)`,
-so a pickle that holds anything but tensors and plain containers is refused (the error names the refused global).
-Self Forcing / Rolling Forcing checkpoints hold the generator under `generator_ema` (preferred) or `generator`,
-with a `model.` prefix on every key; Rolling Forcing saves through FSDP, so its keys also carry the wrapper
-segments torch adds (`_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`, `_orig_mod.`, `module.`) anywhere in
-the name. All of these are undone here, and every converted key remembers the name it had in the file.
-
-Two key layouts exist: diffusers (`blocks.0.attn1.to_q.weight`) and the original Wan code's
-(`blocks.0.self_attn.q.weight`). `to_diffusers_keys` detects the layout and converts original names with
-diffusers' own `convert_wan_transformer_to_diffusers`; `to_original_keys` is its exact inverse.
+Reads ``.safetensors`` (preferred) or ``.pt``/``.pth``/``.bin`` with ``torch.load(weights_only=True)`` (anything but
+tensors is refused, naming the global). Self Forcing / Rolling Forcing keys (``generator_ema``/``generator``,
+``model.`` and FSDP wrapper prefixes) are undone, and the original Wan layout is converted to diffusers' with
+diffusers' own converter (`to_diffusers_keys`; `to_original_keys` is its inverse). Every key remembers its file name.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Latent-context checkpoints: a rollout's accepted chunks, committed one by one to a store.
 
-Per chunk ``i``, each object written whole:
-  ``chunk-<i>.safetensors``  the clean latents, prune events and TokenTrim state;
-  ``window-<i>.safetensors`` rolling-forcing only: the in-flight window after chunk i (kept for the last two chunks);
-  ``segment-<i>-<b>.mp4``    the chunk's video segment of sample b (`pipeline.outputs.segments`), given by the caller;
-  ``chunk-<i>.json``         the commit marker, written last as strict JSON (NaN as null): config hash, prompt ids,
-                              each object's size and sha256, prune frames, the chunk's `ChunkStats` per sample and
-                              the caller's JSON ``outputs`` (the render's pixel proxies).
-A reader trusts only chunks 0..k-1 whose markers exist and whose data and segments match size and hash; at the first
-gap or mismatch it falls back to the last good chunk and deletes everything after it (a later rerun rewrites it).
-An object written without its marker (a crash between the two) is never trusted, and is overwritten by the rerun.
-Nothing is pickled: tensors go through safetensors, the rest through JSON.
+Per chunk ``i``, each object whole: ``chunk-<i>.safetensors`` (clean latents, prune events, TokenTrim state),
+``window-<i>.safetensors`` (rolling-forcing's in-flight window, last two chunks only), ``segment-<i>-<b>.mp4`` and
+last the marker ``chunk-<i>.json`` (strict JSON: config hash, ids, each object's size and sha256, stats, outputs).
+A reader trusts only chunks 0..k-1 whose markers exist and whose objects match; at the first gap it falls back and
+deletes what follows. Nothing is pickled.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Model-free drift proxies, computed per chunk of decoded uint8 RGB frames `[T, H, W, 3]`.
+"""Model-free drift proxies per chunk of decoded uint8 RGB frames ``[T, H, W, 3]``: luma, saturation, clipped,
+steadiness (VBench's temporal-flickering score, higher = steadier) and the colour-histogram distance to the first chunk
+(the stats table's column descriptions give each definition).
 
-Per chunk:
-- `luma`: mean Rec.601 luma Y = 0.299 R + 0.587 G + 0.114 B, in [0, 255].
-- `saturation`: mean HSV saturation (max - min) / max per pixel (0 where max is 0), in [0, 1].
-- `clipped`: fraction of pixels with any channel <= 2 or >= 253, in [0, 1].
-- `steadiness`: VBench's temporal-flickering score, the mean over consecutive frame pairs of
-  (255 - mean |f_t - f_{t-1}|) / 255, in [0, 1], 1 = static (higher = steadier, despite VBench's name). The pair
-  (last frame of the previous chunk, first frame of this one) counts; a single frame with no previous one scores 1.
-- `hist_dist_first`: total-variation distance between this chunk's colour histogram and the
-  first chunk's, in [0, 1] (0 for the first chunk). A histogram is 16 bins per R, G, B channel,
-  each channel normalised to sum to 1; the distance is half the L1 distance per channel,
-  averaged over the three channels.
-
-`PixelTracker` keeps what crosses chunk boundaries (the last frame, the first chunk's
-histogram); a resumed render rebuilds it by decoding the committed chunks again.
+`PixelTracker` keeps what crosses chunk boundaries (the last frame, the first chunk's histogram); a resumed render
+rebuilds it by decoding the last committed chunks again.
 """
 
 from __future__ import annotations

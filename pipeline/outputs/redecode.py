@@ -1,17 +1,9 @@
 """How far back a resumed render re-decodes: the Wan VAE decoder's temporal receptive field.
 
-The Wan2.1 decoder is finite-memory in time. Its causal feature cache (`StreamingDecoder`) holds, per causal 3D conv,
-the last two frames of that conv's input; every output is computed from the cache and the new frame, and nothing is
-carried beyond that. So the frames decoded from latent frame ``n`` depend on latent frames ``n - L .. n`` only, where
-``L`` is the sum over the causal convs on the longest path of (temporal kernel - 1) / (the time upsampling before
-them). A decoder restarted with an empty cache ``L`` or more latent frames back decodes every later frame bit for bit
-as the uninterrupted stream does (the same per-frame calls with the same shapes on the same inputs): what the empty
-cache got wrong (zero padding, the first frame's time-upsampling "Rep" marker) has left the receptive field. A
-shorter warm-up is never exact. `bench/decoder_warmup.py` measures it: the smallest exact warm-up is ``L`` for the
-tiny VAE and for the Wan2.1 architecture (numbers in bench/RESULTS.md).
-
-A resume at chunk ``k`` re-decodes from `warmup_start`: enough chunks that chunk ``k - 1`` decodes exactly too (its
-last frame seeds the pixel proxies' flicker), discards those frames, and decodes chunk ``k`` on exactly.
+The decoder's causal cache holds the last two frames of each causal conv's input, so frames decoded from latent
+frame ``n`` depend on latent frames ``n - L .. n`` only (`decoder_lookback`). A decoder restarted ``L`` or more frames
+back decodes every later frame bit for bit; a shorter warm-up never does (measured in bench/RESULTS.md).
+`warmup_start` goes back far enough that chunk ``k - 1`` decodes exactly too (its last frame seeds the pixel proxies).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""Render prompts to videos: rollout, streaming decode, pixel proxies, mp4, per-chunk stats, optional checkpoints.
+"""Render prompts to videos: rollout, streaming decode, mp4, per-chunk stats, optional checkpoints.
 
-`render` is what `tokentrim render` and the job workers call. It writes, under ``out_url``:
-``<id>.mp4`` (H.264, yuv420p, faststart) and ``<id>.stats.parquet`` (one row per chunk), each as one whole object.
-Each chunk's frames are encoded as a closed-GOP segment per sample (`pipeline.outputs.segments`); the mp4 is their
-remux. With ``state_url`` it commits each accepted chunk's latent context and segments there, once its segments are
-encoded, and resumes from them when present: earlier segments are reused byte for byte, and only the last few
-chunks are decoded again, to rebuild the decoder's causal cache (`pipeline.outputs.redecode`).
+`render_prompts` (what `tokentrim render` and the job workers call) writes ``<id>.mp4`` and ``<id>.stats.parquet``
+under ``out_url``, each as one whole object. With ``state_url`` each chunk is committed there once its video segments
+are encoded, and a render resumes from them: earlier segments are reused byte for byte, and only the last few chunks
+are decoded again, to rebuild the decoder's causal cache (`pipeline.outputs.redecode`).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from pipeline.config import RolloutConfig
 from pipeline.errors import CorruptStateError, InputError
 from pipeline.hashing import output_hash
 from pipeline.model.backend import WanBackend
-from pipeline.outputs.sinks import ChunkOutput, Sinks
+from pipeline.outputs.chunk_writer import ChunkOutput, ChunkWriter
 from pipeline.outputs.video import VideoSettings
 from pipeline.rollout.chunk_stats import STATS_FIELDS, stats_row, stats_schema
 from pipeline.rollout.loop import Rollout
@@ -54,7 +52,7 @@ def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | N
                        compiled=backend.causal.compiled, probe=probe)
 
 
-def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_url: str, *,
+def render_prompts(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_url: str, *,
            config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | Store | None = None,
            storage_options: dict | None = None, force_restart: bool = False,
            on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
@@ -80,14 +78,13 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
     video = VideoSettings() if video is None else video
     digest = render_hash(backend, config, trim, video, probe)
     timer = PhaseTimer(backend.device)  # collected here, once per chunk; the rollout only records into it
-    rollout = Rollout(backend, config, prompts, seeds, trim, timer)
-    rollout.perturb = probe
-    sinks = Sinks(backend, len(prompts), config.fps, timer, video)
+    rollout = Rollout(backend, config, prompts, seeds, trim, timer, probe=probe)
+    writer = ChunkWriter(backend, len(prompts), config.fps, timer, video)
     checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
     rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
 
     def complete(record: ChunkRecord, output: ChunkOutput) -> None:
-        sinks.keep(output)
+        writer.keep(output)
         chunk_rows = [stats_row(s, record.timings, pix) for s, pix in zip(record.stats, output.pixels)]
         for b, row in enumerate(chunk_rows):
             rows[b].append(row)
@@ -101,14 +98,14 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
                 fence()
             with timer.phase("checkpoint"):
                 checkpoints.commit(prepared, done.segments,
-                                   done.committed_json(sinks.first_hist() if record.index == 0 else None), fence)
+                                   done.committed_json(writer.first_hist() if record.index == 0 else None), fence)
         complete(record, done)
 
     try:
-        resumed = _resume(rollout, sinks, checkpoints, complete)
+        resumed = _resume(rollout, writer, checkpoints, complete)
         pending: tuple[ChunkRecord, Future, Any] | None = None
         for record in rollout:
-            output = sinks.feed(record.latents)
+            output = writer.feed(record.latents)
             prepared = None
             if checkpoints is not None:
                 with timer.phase("checkpoint"):
@@ -121,10 +118,10 @@ def render(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_u
             commit(*pending)
         if fence is not None:
             fence()
-        return [_write_outputs(out, pid, sinks.mp4(b), rows[b], digest, resumed, names, seeds[b])
+        return [_write_outputs(out, pid, writer.mp4(b), rows[b], digest, resumed, names, seeds[b])
                 for b, pid in enumerate(prompt_ids)]
     finally:
-        sinks.close()
+        writer.close()
 
 
 def _open_checkpoints(state: str | Store | None, storage_options: dict | None, digest: str, prompt_ids: list[str],
@@ -137,7 +134,8 @@ def _open_checkpoints(state: str | Store | None, storage_options: dict | None, d
     return RolloutCheckpoints(store, digest, prompt_ids, force_restart=force_restart)
 
 
-def _resume(rollout: Rollout, sinks: Sinks, checkpoints, complete: Callable[[ChunkRecord, ChunkOutput], None]) -> int:
+def _resume(rollout: Rollout, writer: ChunkWriter, checkpoints,
+            complete: Callable[[ChunkRecord, ChunkOutput], None]) -> int:
     """Continue after the committed chunks: the rollout's cache is rebuilt from their latents, their segments and
     pixel proxies are taken as committed, and the decoder is warmed up on the last few. Returns the chunks resumed."""
     if checkpoints is None:
@@ -147,13 +145,13 @@ def _resume(rollout: Rollout, sinks: Sinks, checkpoints, complete: Callable[[Chu
         return 0
     for record in records:
         outputs = checkpoints.outputs(record.index)
-        if len(checkpoints.segments(record.index)) != len(sinks.trackers) or not isinstance(outputs, dict):
+        if len(checkpoints.segments(record.index)) != len(writer.trackers) or not isinstance(outputs, dict):
             raise CorruptStateError(f"chunk {record.index} under {checkpoints.store.url} was committed without its "
                                     "video segments and pixel proxies; resume it with --restart")
     rollout.restore(records)
     redecoded = 0
     if len(records) < rollout.config.num_chunks:  # chunks left to render: their frames need the decoder's cache
-        redecoded = sinks.warm_up([r.latents.to(rollout.backend.device) for r in records],
+        redecoded = writer.warm_up([r.latents.to(rollout.backend.device) for r in records],
                                   rollout.config.chunk_frames, checkpoints.outputs(0)["first_hist"])
     for record in records:
         pixels = [_renamed(p) for p in checkpoints.outputs(record.index)["pixels"]]

@@ -1,16 +1,8 @@
-"""H.264 mp4 encoding and decoding with PyAV.
+"""H.264 mp4 encoding and decoding with PyAV: uint8 RGB frames ``[T, H, W, 3]`` <-> yuv420p H.264 with
+``+faststart``, written through a temp file (mp4 cannot stream to a non-seekable sink) and returned as bytes.
 
-Frames are uint8 RGB `[T, H, W, 3]` (numpy or torch). The encoder writes yuv420p H.264 with
-`+faststart` (the moov atom before mdat, so a player can start before the whole file arrives)
-into a temp file, since plain mp4 cannot stream to a non-seekable sink; `finish()` returns the
-bytes for one whole-object upload.
-
-Deterministic bytes: the same frames and `VideoSettings` give the same file, on every run. libx264 as bundled with
-PyAV is not reproducible with its own CPU detection on AVX-512 CPUs (its AVX-512 code paths gave several different
-files for one input, run to run, in one process). `VideoSettings.simd="avx2"` (the default) caps its SIMD at AVX2
-there, which is as fast here and reproducible; its SSE4, AVX and AVX2 paths give the same bytes as each other, so
-the bytes also agree between x86-64 machines with and without AVX-512. One encoder thread (x264 `threads=1`).
-`tests/test_video.py` checks it: one input encoded many times in several threads under CPU load gives one hash.
+The non-obvious thing: the bytes are deterministic only with `VideoSettings.simd="avx2"` (the default) and one encoder
+thread; libx264's AVX-512 paths are not reproducible run to run (bench/RESULTS.md, `tests/test_video.py`).
 """
 
 from __future__ import annotations

@@ -1,21 +1,60 @@
-"""The per-chunk stats row: one typed record per sample and chunk, and the one function that builds the row.
+"""The per-chunk stats: the figures a rollout reads back, the typed `ChunkStats` built from them, and the row.
 
 A row (DESIGN §3) is the sample's `ChunkStats`, then ``t_<phase>_s`` seconds for each of `TIMED_PHASES`, then the
-pixel proxies of the decoded frames (with ``t_encode_s``) when there are any. `stats_row` is the only place a row is
-assembled; `Rollout` fills the `ChunkStats`, `render` adds timings and pixel proxies through it. `STATS_COLUMNS` is
-the stats table's fixed schema (every column typed, so a table of warm-up chunks only has no null-typed column),
-with each column's description, written into the Parquet field metadata.
+decoded frames' pixel proxies. `STATS_COLUMNS` is the stats table's fixed schema (every column typed, so a table of
+warm-up chunks only has no null-typed column); each column's description goes into the Parquet field metadata.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
-Verdict = Literal["warmup", "accepted", "pruned"]
-VERDICTS: tuple[str, ...] = ("warmup", "accepted", "pruned")
+from tokentrim import VERDICT_KINDS, VerdictKind
+
+Verdict = VerdictKind  # one vocabulary: a chunk's verdict is TokenTrim's (`tokentrim.VERDICT_KINDS`)
+VERDICTS: tuple[str, ...] = VERDICT_KINDS
 TIMED_PHASES: tuple[str, ...] = ("denoise", "trim", "commit", "decode", "checkpoint")
+
+
+def chunk_verdict(code: float, tokens_pruned: float) -> Verdict:
+    """The verdict of an accepted chunk from TokenTrim's code for the candidate it kept (an index into
+    `VERDICT_KINDS`, -1 when not judged) and the cache positions pruned while generating it: ``pruned`` when any
+    were, else the kept candidate's ``warmup`` or ``accepted`` (an unjudged chunk counts as accepted)."""
+    if tokens_pruned:
+        return "pruned"
+    return "warmup" if code == 0 else "accepted"
+
+
+@dataclass(frozen=True)
+class ChunkFigures:
+    """What the rollout reads back from the device for a chunk's stats rows: one float per sample in each field (the
+    [B] tensors of `FIGURES`, read in one transfer; integers and codes come back exact)."""
+
+    severity: list[float]
+    mu: list[float]
+    sigma: list[float]
+    threshold: list[float]
+    codes: list[float]  # TokenTrim's code of the kept candidate (`chunk_verdict`)
+    attempts: list[float]
+    tokens_pruned: list[float]
+    cache_tokens: list[float]
+    latent_dist_prev: list[float]
+    latent_dist_first: list[float]
+
+    def stats(self, chunk: int, latent_frames: int, cache_bytes: int) -> list[ChunkStats]:
+        """One `ChunkStats` per sample (``cache_bytes``: each sample's share of the KV cache after the commit)."""
+        return [ChunkStats(chunk=chunk, latent_frames=latent_frames, severity=self.severity[b], mu=self.mu[b],
+                           sigma=self.sigma[b], threshold=self.threshold[b],
+                           verdict=chunk_verdict(self.codes[b], self.tokens_pruned[b]),
+                           attempts=int(self.attempts[b]), tokens_pruned=int(self.tokens_pruned[b]),
+                           cache_tokens=int(self.cache_tokens[b]), cache_bytes=cache_bytes,
+                           latent_dist_prev=self.latent_dist_prev[b], latent_dist_first=self.latent_dist_first[b])
+                for b in range(len(self.severity))]
+
+
+FIGURES: tuple[str, ...] = tuple(f.name for f in fields(ChunkFigures))
 
 
 @dataclass(frozen=True)
@@ -23,8 +62,8 @@ class ChunkStats:
     """What the rollout measured for one sample's accepted chunk (``latent_frames``: the chunk's latent frames).
 
     severity, mu, sigma, threshold: TokenTrim's judgement of the accepted candidate (NaN when not judged).
-    verdict: ``warmup`` (only fed the statistics), ``accepted`` or ``pruned`` (at least one regeneration on a
-        pruned cache). attempts: candidates generated; tokens_pruned: cache positions removed while generating it.
+    verdict: ``warmup`` (only fed the statistics), ``accepted`` or ``pruned`` (regenerated on a pruned cache;
+        `chunk_verdict`). attempts: candidates generated; tokens_pruned: cache positions removed while generating it.
     cache_tokens, cache_bytes: the sample's KV cache after the commit.
     latent_dist_prev, latent_dist_first: RMS distance of the frame-averaged latents to the previous / first chunk.
     """
@@ -75,7 +114,7 @@ def stats_row(stats: ChunkStats, timings: dict[str, float] | None,
     return row
 
 
-# The stats table, one row per sample and chunk: name, Arrow type, description (`pipeline.outputs.render` writes it).
+# The stats table, one row per sample and chunk: name, Arrow type, description.
 STATS_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("prompt_id", "string", "the prompt's id"),
     ("seed", "int64", "the rollout's seed"),

@@ -1,25 +1,14 @@
 """The autoregressive rollout with TokenTrim in the loop.
 
-`Rollout.step` generates one chunk in numbered steps:
-  1. noise: draw the candidate's noise (a pure function of seed, chunk, step, attempt);
-  2. denoise: over the cached context, step by step (self-forcing), or one pass of the rolling window
-     (rolling-forcing, `pipeline.rollout.rolling_window`);
-  3. judge: summarise the x0 prediction and let the TrimController judge it (at ``measure_step`` in self-forcing,
-     on the finished chunk in rolling-forcing);
-  4. read / prune / regenerate: samples whose candidate is accepted keep it; one host read per attempt says whether
-     any sample rejects it; for the rejected ones the unstable positions are pruned from the cache and steps 1-3 run
-     again (at most ``max_retries`` times);
-  5. commit: the clean context pass writes the accepted chunk's K/V; the statistics are updated.
+`Rollout.step` makes one chunk: 1. denoise a candidate from its noise (self-forcing: step by step over the cache;
+rolling-forcing: one pass of the joint window, `pipeline.rollout.rolling_window`); 2. judge its x0 with the
+`TrimController`; 3. for the samples that reject it, prune the unstable positions from the cache and regenerate
+(at most ``max_retries`` times); 4. commit: the clean context pass writes the kept chunk's K/V.
 
-Host reads (device waits on an accelerator): exactly one per attempt, `Rollout._read`, a packed copy of everything
-the host needs: which samples reject the candidate, the sizes of the prune that would follow, and the chunk's stats
-row figures (used when no sample retries). Verdicts, thresholds, accept masks and the window's choice stay on the
-device. So a chunk that no sample regenerates costs one read, with or without TokenTrim, and each regeneration one
-more. (`RolloutConfig.early_stop`, on by default, adds one read per self-forcing attempt that may retry, to skip the
-denoising steps after ``measure_step`` of a candidate every undecided sample rejects.)
-
-Everything a resumed rollout needs is in the `ChunkRecord` of each accepted chunk (clean latents, prune events,
-controller state, in-flight window): `Rollout.restore` replays the commits and prunes in order.
+The one thing to know: the host reads the device exactly once per attempt (`Rollout._read`, a `_Readout`): which
+samples reject, the sizes of the prune that would follow, and the stats figures. Verdicts, thresholds and masks stay
+on the device. (`RolloutConfig.early_stop` adds one read per self-forcing attempt that may retry.) A resumed rollout
+replays each `ChunkRecord`'s prunes and commit (`Rollout.restore`).
 """
 
 from __future__ import annotations
@@ -35,7 +24,8 @@ from pipeline.errors import InputError, NonFiniteLatentError
 from pipeline.model.backend import LATENT_CHANNELS, WanBackend
 from pipeline.model.host import read_flat
 from pipeline.model.kv_cache import PrunePlan
-from pipeline.rollout.chunk_stats import ChunkStats
+from pipeline.rollout.chunk_stats import FIGURES, ChunkFigures
+from pipeline.rollout.probe import Probe
 from pipeline.rollout.records import ChunkRecord, PruneEvent
 from pipeline.rollout.rolling_window import RollingWindow
 from pipeline.rollout.sampler import ChunkNoise, renoise, to_x0
@@ -62,6 +52,16 @@ class _Judged:
         if self.judgement is None:
             return torch.zeros_like(done)
         return self.judgement.prune & ~done
+
+
+@dataclass(frozen=True)
+class _Readout:
+    """The attempt's one host read (`Rollout._read`): per sample, whether it rejects the candidate; the sizes of the
+    prune that would follow (empty when no retry can follow); the chunk's stats figures as the chunk stands."""
+
+    rejected: list[bool]
+    prune_sizes: list[float]
+    figures: ChunkFigures
 
 
 @dataclass
@@ -91,10 +91,13 @@ class Rollout:
 
     ``timer``: the `PhaseTimer` the phases are recorded into. A caller that passes one owns it (collects it once
     per chunk); without one the rollout makes its own and puts each chunk's seconds into `ChunkRecord.timings`.
+    ``probe``: a known fault added to the candidates' x0 (`pipeline.rollout.probe`), on the model's patch grid.
+    ``perturb``: any other fault injection, for tests and drift studies: (chunk, attempt, x0 [B, C, F, h, w]) -> x0.
     """
 
     def __init__(self, backend: WanBackend, config: RolloutConfig, prompts: list[str], seeds: list[int],
-                 trim: TrimConfig | None = None, timer: PhaseTimer | None = None) -> None:
+                 trim: TrimConfig | None = None, timer: PhaseTimer | None = None, *, probe: Probe | None = None,
+                 perturb: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> None:
         if len(prompts) != len(seeds) or not prompts:
             raise InputError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
         self.backend, self.config, self.trim, self.seeds = backend, config, trim, list(seeds)
@@ -121,8 +124,7 @@ class Rollout:
         self.next_chunk = 0
         self._first: torch.Tensor | None = None  # [B, C, h, w] frame-averaged latents of chunk 0
         self._prev: torch.Tensor | None = None  # same, of the previous chunk
-        # fault injection for tests and drift studies: (chunk, attempt, x0 [B, C, F, h, w]) -> x0
-        self.perturb: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+        self.probe, self.perturb = probe, perturb
 
     def _check_trim(self, trim: TrimConfig | None) -> None:
         if trim is None:
@@ -147,31 +149,26 @@ class Rollout:
 
     # ------------------------------------------------------------------------------------------------ one chunk
     def step(self) -> ChunkRecord:
-        """Generate, judge and commit the next chunk (steps 1-5 of the module docstring)."""
+        """Generate the next chunk: denoise -> judge -> prune/regenerate -> commit (the module docstring)."""
         c = self.next_chunk
         if self.window is not None and c == 0:
             self.window.fill()  # rolling-forcing: chunks 0..depth-2 enter the window
         chunk = _Accepted.empty(self.batch, self.backend.device)
         prunes: list[PruneEvent] = []
-        host: dict[str, list[float]] = {}
         for attempt in range(self._max_attempts()):
-            judged = self._candidate(c, attempt, chunk.done)  # 1-3. noise -> denoise -> judge
-            rejected = self._accept(chunk, judged, attempt)  # 4a. samples that accept keep this candidate
+            judged = self._candidate(c, attempt, chunk.done)  # 1-2. denoise -> judge
+            rejected = self._accept(chunk, judged, attempt)  # the samples that accept keep this candidate
             plan = self._plan_prune(judged, rejected, attempt)  # None when no retry can follow
-            if plan is None:  # the last candidate: commit first, so that the one read also waits for that pass
-                self._commit(c, chunk)  # 5. commit
-            host = self._read(c, chunk, judged, rejected, plan)  # the attempt's one host read
-            if plan is None:
+            read = self._read(c, chunk, judged, rejected, plan)  # the attempt's one host read
+            if not any(read.rejected):
                 break
-            if not any(host["rejected"]):
-                self._commit(c, chunk)  # 5. commit
-                break
-            prunes.append(self._prune(c, judged, rejected, chunk, plan, host))  # 4b. prune, then regenerate
+            prunes.append(self._prune(c, judged, rejected, chunk, plan, read))  # 3. prune, then regenerate
+        self._commit(c, chunk)  # 4. commit
         if self.window is not None:
             self.window.settle(chunk.attempts)
         latents = chunk.latents
         assert latents is not None, "every sample accepted a candidate"
-        stats = self._stats(c, chunk, host)
+        stats = read.figures.stats(c, self.config.chunk_frames, self.cache.nbytes() // self.batch)
         record = ChunkRecord(c, latents, prunes, self.controller.state_dict() if self.controller else {},
                              self.window_state(), stats)
         if self._owns_timer:
@@ -180,7 +177,7 @@ class Rollout:
         return record
 
     def _candidate(self, c: int, attempt: int, done: torch.Tensor) -> _Judged:
-        """Steps 1-3 for one attempt of chunk ``c`` (``done``: [B] samples that accepted an earlier candidate)."""
+        """Steps 1-2 for one attempt of chunk ``c`` (``done``: [B] samples that accepted an earlier candidate)."""
         if self.window is None:
             return self._self_forcing_candidate(c, attempt, done)
         x0 = self._perturbed(c, attempt, self.window.finish(c, attempt))
@@ -189,16 +186,16 @@ class Rollout:
     def _self_forcing_candidate(self, c: int, attempt: int, done: torch.Tensor) -> _Judged:
         """Denoise chunk ``c`` from its noise step by step over the cache, judging x0 at ``measure_step``. With
         `RolloutConfig.early_stop`, stops there when every undecided sample's candidate is rejected (a host read)."""
-        x = self.noise(c, 0, attempt)  # 1. noise
+        x = self.noise(c, 0, attempt)
         x0, verdict = x, None
-        for i, t in enumerate(self.timesteps):  # 2. denoise
+        for i, t in enumerate(self.timesteps):  # 1. denoise
             with self.timer.phase("denoise"):
                 flow = self.backend.causal.denoise(x, self._levels(i), self.text, self.cache,
                                                    c * self.config.chunk_frames)
                 x0 = to_x0(x, flow, t / 1000.0)
             x0 = self._perturbed(c, attempt, x0)
             if self.trim is not None and i == self.trim.measure_step:
-                verdict = self._judge(x0, attempt)  # 3. judge
+                verdict = self._judge(x0, attempt)  # 2. judge
                 if self.config.early_stop and attempt < self.trim.max_retries and verdict.rejects_all(done):
                     return verdict
             if i + 1 < len(self.timesteps):
@@ -206,6 +203,8 @@ class Rollout:
         return _Judged(x0, None, None) if verdict is None else _Judged(x0, verdict.summary, verdict.judgement)
 
     def _perturbed(self, c: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
+        if self.probe is not None and c == self.probe.chunk:
+            x0 = self.probe.apply(x0, self.backend.causal.patch_size)
         return x0 if self.perturb is None else self.perturb(c, attempt, x0)
 
     def _levels(self, step: int) -> torch.Tensor:
@@ -215,7 +214,7 @@ class Rollout:
         return 1 + (self.trim.max_retries if self.trim is not None else 0)
 
     def _judge(self, x0: torch.Tensor, attempt: int) -> _Judged:
-        """Step 3: TokenTrim's judgement of a candidate x0 (none when TokenTrim is off)."""
+        """Step 2: TokenTrim's judgement of a candidate x0 (none when TokenTrim is off)."""
         if self.controller is None or self.trim is None:
             return _Judged(x0, None, None)
         with self.timer.phase("trim"):
@@ -223,7 +222,7 @@ class Rollout:
             return _Judged(x0, summary, self.controller.judge(summary, attempt))
 
     def _accept(self, chunk: _Accepted, judged: _Judged, attempt: int) -> torch.Tensor:
-        """Step 4: the undecided samples that do not reject ``judged`` keep it as their chunk and feed the
+        """Step 2: the undecided samples that do not reject ``judged`` keep it as their chunk and feed the
         controller. Returns [B] bool, the samples that reject it."""
         rejected = judged.rejected(chunk.done)
         take = ~chunk.done & ~rejected
@@ -242,7 +241,7 @@ class Rollout:
         return rejected
 
     def _plan_prune(self, judged: _Judged, rejected: torch.Tensor, attempt: int) -> tuple[list[int], PrunePlan] | None:
-        """Step 4, on the device: the frames and the cache's plan of the prune that follows if a sample rejects
+        """Step 3, on the device: the frames and the cache's plan of the prune that follows if a sample rejects
         ``judged``, so that its sizes travel with the attempt's host read; None when no retry can follow."""
         judgement, trim = judged.judgement, self.trim
         if judgement is None or trim is None or attempt >= trim.max_retries:
@@ -252,17 +251,17 @@ class Rollout:
             return frames, self.cache.plan_prune(frames, judgement.positions, rejected, protect_sink=trim.protect_sink)
 
     def _prune(self, c: int, judged: _Judged, rejected: torch.Tensor, chunk: _Accepted,
-               plan: tuple[list[int], PrunePlan], host: dict[str, list[float]]) -> PruneEvent:
-        """Step 4: drop the unstable positions from the cached frames of the scope, for the rejected samples (``plan``
-        and its sizes in ``host``, read by `_read`)."""
-        assert judged.judgement is not None, "only a judged candidate is rejected"
+               plan: tuple[list[int], PrunePlan] | None, read: _Readout) -> PruneEvent:
+        """Step 3: drop the unstable positions from the cached frames of the scope, for the rejected samples (``plan``
+        and its sizes in ``read``)."""
+        assert judged.judgement is not None and plan is not None, "only a judged candidate with a retry is rejected"
         frames, cache_plan = plan
         with self.timer.phase("trim"):
             before = self.cache.num_tokens()
-            self.cache.apply_prune(cache_plan, host["prune"])
+            self.cache.apply_prune(cache_plan, read.prune_sizes)
             chunk.pruned_tokens += before - self.cache.num_tokens()
         logger.debug("chunk %d: pruned samples %s from frames %s", c,
-                     [b for b, r in enumerate(host["rejected"]) if r], frames)
+                     [b for b, r in enumerate(read.rejected) if r], frames)
         return PruneEvent(c, frames, judged.judgement.positions.clone(), rejected.clone())
 
     def _prune_frames(self, trim: TrimConfig) -> list[int]:
@@ -274,8 +273,7 @@ class Rollout:
         return [f for f in cached if lo <= f <= last]
 
     def _commit(self, c: int, chunk: _Accepted) -> None:
-        """Step 5: the clean context pass that writes chunk ``c``'s K/V (non-finite latents are found by `_read`, in
-        the same attempt, before the chunk is kept)."""
+        """Step 4: the clean context pass that writes chunk ``c``'s K/V (after `_read` found its latents finite)."""
         assert chunk.latents is not None, "`_accept` ran"
         with self.timer.phase("commit"):
             self.backend.causal.commit(chunk.latents, self.text, self.cache, c * self.config.chunk_frames)
@@ -291,49 +289,33 @@ class Rollout:
         """Rolling-forcing: a copy of the in-flight window (chunk -> noisy latents); empty for self-forcing."""
         return {j: x.clone() for j, x in self.window.chunks.items()} if self.window is not None else {}
 
-    # ----------------------------------------------------------------------------------------------- stats
+    # ----------------------------------------------------------------------------------------------- host read
     def _read(self, c: int, chunk: _Accepted, judged: _Judged, rejected: torch.Tensor,
-              plan: tuple[list[int], PrunePlan] | None) -> dict[str, list[float]]:
+              plan: tuple[list[int], PrunePlan] | None) -> _Readout:
         """The attempt's one host read: which samples reject ``judged`` ([B] ``rejected``), the sizes of the prune
-        that would follow (``plan``; None for the last candidate, committed already) and the figures of chunk ``c``'s
-        stats rows as the chunk stands (used when no sample retries). `NonFiniteLatentError` when a sample's latents
-        or summary are not finite."""
+        that would follow (``plan``; None when no retry can follow) and chunk ``c``'s stats figures as the chunk
+        stands (kept when no sample retries). `NonFiniteLatentError` when a sample's latents or summary are not
+        finite."""
         latents = chunk.latents
         assert latents is not None, "`_accept` ran"
-        averaged = latents.float().mean(dim=2)  # [B, C, h, w]: frame-averaged
+        averaged = latents.float().mean(dim=2)  # [B, C, F, h, w] -> [B, C, h, w]: frame-averaged
         prev = self._prev if self._prev is not None else averaged
         first = self._first if self._first is not None else averaged
         finite = torch.isfinite(latents).flatten(1).all(dim=1)  # [B]
         if judged.judgement is not None:
             finite = finite & judged.judgement.finite.to(finite.device)
         frames = list(range(c * self.config.chunk_frames, (c + 1) * self.config.chunk_frames))
-        committed = plan is None  # the last candidate is committed before its read (`step`)
-        tokens = self.cache.num_tokens() if committed else self.cache.num_tokens_after_commit(frames)
-        figures = {"finite": finite, "rejected": rejected,
-                   "dist_prev": (averaged - prev).pow(2).mean(dim=(1, 2, 3)).sqrt(),
-                   "dist_first": (averaged - first).pow(2).mean(dim=(1, 2, 3)).sqrt(),
-                   "tokens": tokens, "severity": chunk.severity, "mu": chunk.mu,
-                   "sigma": chunk.sigma, "threshold": chunk.threshold, "pruned": chunk.pruned_tokens,
-                   "attempts": chunk.attempts, "codes": chunk.codes}
-        if plan is not None:
-            figures["prune"] = plan[1].sizes
-        host = read_flat(figures)
+        figures = {"severity": chunk.severity, "mu": chunk.mu, "sigma": chunk.sigma, "threshold": chunk.threshold,
+                   "codes": chunk.codes, "attempts": chunk.attempts, "tokens_pruned": chunk.pruned_tokens,
+                   "cache_tokens": self.cache.num_tokens_after_commit(frames),
+                   "latent_dist_prev": (averaged - prev).pow(2).mean(dim=(1, 2, 3)).sqrt(),
+                   "latent_dist_first": (averaged - first).pow(2).mean(dim=(1, 2, 3)).sqrt()}
+        extra = {"finite": finite, "rejected": rejected, **({"prune": plan[1].sizes} if plan is not None else {})}
+        host = read_flat({**figures, **extra})
         if not all(host["finite"]):
             raise NonFiniteLatentError(f"chunk {c} has NaN or Inf latents")
-        return host
-
-    def _stats(self, c: int, chunk: _Accepted, host: dict[str, list[float]]) -> list[ChunkStats]:
-        """The `ChunkStats` of each sample for the committed chunk ``c``, from the last attempt's host read."""
-        dist_prev, dist_first, tokens = host["dist_prev"], host["dist_first"], host["tokens"]
-        severity, mu, sigma, threshold = host["severity"], host["mu"], host["sigma"], host["threshold"]
-        pruned, attempts, codes = host["pruned"], host["attempts"], host["codes"]
-        cache_bytes = self.cache.nbytes() // self.batch
-        return [ChunkStats(chunk=c, latent_frames=self.config.chunk_frames, severity=severity[b], mu=mu[b],
-                           sigma=sigma[b], threshold=threshold[b],
-                           verdict="pruned" if pruned[b] else ("warmup" if codes[b] == 0 else "accepted"),
-                           attempts=int(attempts[b]), tokens_pruned=int(pruned[b]), cache_tokens=int(tokens[b]),
-                           cache_bytes=cache_bytes, latent_dist_prev=dist_prev[b], latent_dist_first=dist_first[b])
-                for b in range(self.batch)]
+        return _Readout([bool(r) for r in host["rejected"]], host.get("prune", []),
+                        ChunkFigures(**{name: host[name] for name in FIGURES}))
 
     # ----------------------------------------------------------------------------------------------- resume
     def restore(self, records: list[ChunkRecord]) -> None:

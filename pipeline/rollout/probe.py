@@ -1,8 +1,7 @@
 """A known fault to inject into a rollout: what the regression and the benches measure TokenTrim against.
 
-A `Probe` adds ``amount`` to the latent tokens (cells of the 1x2x2 patch grid) at ``positions`` of chunk ``chunk``,
-at every denoising step and every attempt: a persistent corruption that regenerating the chunk cannot remove, so
-what is left to TokenTrim is keeping it out of the cache that later chunks attend to.
+A `Probe` adds ``amount`` to the latent tokens at ``positions`` of chunk ``chunk``, at every denoising step and every
+attempt: a corruption that regenerating cannot remove, so what is left to TokenTrim is keeping it out of the cache.
 """
 
 from __future__ import annotations
@@ -15,14 +14,16 @@ if TYPE_CHECKING:  # no torch import at runtime: job specs (and `--help`) load t
     import torch
 
 
-def add_to_tokens(x0: torch.Tensor, positions: Sequence[int], amount: float) -> torch.Tensor:
-    """A copy of ``x0`` ``[B, C, F, h, w]`` with ``amount`` added to the 2x2 patches (tokens of the 1x2x2 patch
-    grid) at ``positions`` (row-major over the ``h/2 x w/2`` grid)."""
+def add_to_tokens(x0: torch.Tensor, positions: Sequence[int], amount: float,
+                  patch_size: Sequence[int]) -> torch.Tensor:
+    """A copy of ``x0`` ``[B, C, F, h, w]`` with ``amount`` added to the tokens at ``positions`` (row-major over the
+    patch grid of ``patch_size`` (t, h, w): one token is a ``p_h x p_w`` patch of every latent frame)."""
     x0 = x0.clone()
-    grid_w = x0.shape[4] // 2
+    p_h, p_w = patch_size[1], patch_size[2]
+    grid_w = x0.shape[4] // p_w
     for p in positions:
         i, j = divmod(p, grid_w)
-        x0[:, :, :, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2] += amount
+        x0[:, :, :, p_h * i: p_h * i + p_h, p_w * j: p_w * j + p_w] += amount
     return x0
 
 
@@ -44,9 +45,9 @@ class Probe:
         if not isinstance(self.amount, (int, float)) or isinstance(self.amount, bool):
             raise ValueError(f"`amount` must be a number, got {self.amount!r}")
 
-    def __call__(self, chunk: int, attempt: int, x0: torch.Tensor) -> torch.Tensor:
-        """The rollout's ``perturb`` hook."""
-        return add_to_tokens(x0, self.positions, self.amount) if chunk == self.chunk else x0
+    def apply(self, x0: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+        """``x0`` of chunk ``chunk`` with the fault added (`add_to_tokens` on the model's ``patch_size``)."""
+        return add_to_tokens(x0, self.positions, self.amount, patch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {"chunk": self.chunk, "positions": list(self.positions), "amount": float(self.amount)}

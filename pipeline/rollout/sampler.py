@@ -1,4 +1,4 @@
-"""Few-step flow-matching sampling: timestep schedules and noise that is a pure function of its coordinates.
+"""Few-step flow-matching sampling: noise that is a pure function of its coordinates (schedules: `pipeline.config`).
 
 The model predicts the flow ``v = noise - x0`` at noise level ``sigma = t / 1000``; ``x_t = (1 - sigma) x0 + sigma
 noise``. Between steps the x0 prediction is re-noised to the next level with fresh noise.
@@ -9,20 +9,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-
-SELF_FORCING_STEPS: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
-ROLLING_FORCING_STEPS: tuple[float, ...] = (1000.0, 800.0, 600.0, 400.0, 200.0)
-
-
-def warp_timesteps(steps: tuple[float, ...], shift: float) -> tuple[float, ...]:
-    """Shifted schedule ``t' = 1000 * shift*s / (1 + (shift-1)*s)`` with ``s = t/1000`` (shift 5: 750 -> 937.5)."""
-    if shift <= 0:
-        raise ValueError(f"`shift` must be > 0, got {shift}")
-    out = []
-    for t in steps:
-        s = t / 1000.0
-        out.append(1000.0 * shift * s / (1.0 + (shift - 1.0) * s))
-    return tuple(out)
 
 
 def noise_seed(seed: int, chunk: int, step: int, attempt: int) -> int:

@@ -1,9 +1,7 @@
-"""Where a render's decoded frames go: one video segment and the pixel proxies per chunk and sample.
+"""Where a render's decoded frames go: per chunk and sample, one video segment and the pixel proxies.
 
-`Sinks` decodes each chunk on the model's device in the caller's thread; the segment encoding and the pixel proxies
-run in one worker thread (chunks stay in order), so they overlap with the next chunk's denoising. On resume,
-`warm_up` rebuilds the decoder's causal cache and the pixel trackers from the last few committed chunks only (see
-`pipeline.outputs.redecode`); the committed segments are reused as they are.
+`ChunkWriter` decodes each chunk in the caller's thread; encoding and pixel proxies run in one worker thread (chunks
+in order), overlapping the next chunk's denoising. On resume, `warm_up` re-decodes only the last few chunks.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ class ChunkOutput:
         return {"pixels": pixels, **({"first_hist": first_hist} if first_hist is not None else {})}
 
 
-class Sinks:
+class ChunkWriter:
     """Per-sample segment encoding and pixel trackers fed from one streaming decoder."""
 
     def __init__(self, backend: WanBackend, batch: int, fps: int, timer: PhaseTimer, video: VideoSettings) -> None:
