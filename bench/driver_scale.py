@@ -143,19 +143,19 @@ class _Stub:
         self.video_url, self.stats_url = f"{out_url}/videos/{prompt_id}.mp4", f"{out_url}/stats/{prompt_id}.parquet"
 
 
-def _stub_render(backend: Any, prompts: list[str], ids: list[str], out_url: str, **_: Any) -> list[_Stub]:
-    return [_Stub(ids[0], out_url)]
+def _stub_render(backend: Any, prompts: list[str], ids: list[str], out: Any, **_: Any) -> list[_Stub]:
+    return [_Stub(ids[0], out.url)]
 
 
 class StandInExecutor:
     """The real `process_row` for every row on a thread pool (the workers), yielding each result as it finishes."""
 
     def __init__(self, spec: Any, workers: int, allow: bool) -> None:
+        from jobs.layout import JobOutput
         from jobs.policy import Claims
-        from pipeline.store import Store
 
         self.spec, self.workers, self.allow, self.calls = spec, workers, allow, 0
-        self.claims = Claims(Store(spec.output_url, spec.storage_options), lease_s=spec.lease_s,
+        self.claims = Claims(JobOutput.open(spec.output_url, spec.storage_options), lease_s=spec.lease_s,
                              max_attempts=spec.max_attempts)
 
     def run(self, rows: list[Any]) -> Any:

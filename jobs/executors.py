@@ -18,12 +18,12 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from jobs.layout import JobOutput
 from jobs.policy import WORK_FIELDS, Claims, process_row
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
 from pipeline.errors import TokentrimError
 from pipeline.storage_options import secret_option_names, shareable_options
-from pipeline.store import Store
 
 if TYPE_CHECKING:
     from pipeline.model.backend import WanBackend
@@ -108,10 +108,9 @@ def private_tempdir() -> Iterator[str]:
 class LocalExecutor:
     """Serial, in this process: the model is loaded once, on the first row that needs it."""
 
-    def __init__(self, spec: JobSpec, *, force: bool = False) -> None:
+    def __init__(self, spec: JobSpec, out: JobOutput, *, force: bool = False) -> None:
         self.spec, self.force = spec, force
-        self.claims = Claims(Store(spec.output_url, spec.storage_options), lease_s=spec.lease_s,
-                             max_attempts=spec.max_attempts)
+        self.claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
         self.backend: WanBackend | None = None
 
     def run(self, rows: list[PromptRow]) -> Iterator[dict[str, Any]]:
@@ -141,20 +140,20 @@ class RenderWorker:
         device = worker_device(self.spec, gpu_ids, visible)
         self.backend = load_model(self.spec, device)
         RenderWorker.loads_in_process += 1
-        out = Store(self.spec.output_url, self.spec.storage_options)
+        out = JobOutput.open(self.spec.output_url, self.spec.storage_options)  # this process's own connections
         self.claims = Claims(out, lease_s=self.spec.lease_s, max_attempts=self.spec.max_attempts)
         self.record: dict[str, Any] = {
             "host": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(i) for i in gpu_ids],
             "cuda_visible_devices": visible, "device": device, "torch_device": str(self.backend.device),
             "model_loads": RenderWorker.loads_in_process, "prompt_ids": []}
-        self.record_key, self.out = f"workers/{self.record['host']}-{os.getpid()}.json", out
+        self.record_key, self.out = out.worker_key(f"{self.record['host']}-{os.getpid()}"), out
         self._write_record()
 
     def _write_record(self) -> None:
         """Which cards this worker holds and which rows it rendered (`workers/` under the job); bookkeeping only: a
         store error here is logged, never the row's failure."""
         try:
-            self.out.put_json(self.record_key, self.record)
+            self.out.store.put_json(self.record_key, self.record)
         except TokentrimError as exc:
             logger.warning("could not write %s: %s", self.record_key, exc)
 
@@ -242,5 +241,6 @@ def _import_ray() -> Any:
     return ray
 
 
-def make_executor(spec: JobSpec, *, force: bool = False) -> Executor:
-    return LocalExecutor(spec, force=force) if spec.executor == "local" else RayExecutor(spec, force=force)
+def make_executor(spec: JobSpec, out: JobOutput, *, force: bool = False) -> Executor:
+    """The executor of ``spec``; a local one renders to ``out``, Ray workers open the output in their own process."""
+    return LocalExecutor(spec, out, force=force) if spec.executor == "local" else RayExecutor(spec, force=force)

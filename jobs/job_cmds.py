@@ -164,11 +164,14 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
 def resume(out_url: str, workers: int | None, executor: str | None, storage_options: str | None) -> None:
     """Run the job recorded in OUT_URL/job.json again, writing under OUT_URL (wherever the job was first written):
     finished prompts are skipped, the rest continue."""
+    from jobs.layout import JobOutput
     from jobs.run import load_spec
     from jobs.run import submit as run_submit
+    from jobs.spec import absolute_url
 
-    try:
-        spec = load_spec(out_url, parse_storage_options(storage_options))
+    try:  # absolute, as the spec's URLs: the results name every output by it
+        out = JobOutput.open(absolute_url(out_url), parse_storage_options(storage_options))
+        spec = load_spec(out)
     except TokentrimError as exc:
         raise click_error(exc) from exc
     except ValueError as exc:  # a job.json whose spec does not validate
@@ -183,7 +186,7 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
     try:
         require_cluster(spec)
         with job_progress(spec) as bar:
-            report = run_submit(spec, progress=bar)
+            report = run_submit(spec, progress=bar, output=out)
         _report(report)
     except OptionError as exc:
         raise UserError(str(exc)) from exc
@@ -198,10 +201,11 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
 def status(out_url: str, as_json: bool, storage_options: str | None) -> None:
     """Progress of the job under OUT_URL: rows by status, live and stale leases with their chunk, last results,
     stored bytes, an ETA."""
+    from jobs.layout import JobOutput
     from jobs.run import status as job_status
 
     try:
-        report = job_status(out_url, parse_storage_options(storage_options))
+        report = job_status(JobOutput.open(out_url, parse_storage_options(storage_options)))
     except TokentrimError as exc:
         raise click_error(exc) from exc
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else status_text(report))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.layout import JobOutput
 from pipeline.rollout.probe import Probe
 from pipeline.store import Store
 
@@ -54,13 +55,12 @@ def canary_measures(frames: np.ndarray, prompt: str) -> dict[str, float]:
             "background_err": float(m["background_err"].mean())}
 
 
-def probe_records(out: Store, row: dict[str, Any]) -> list[Any]:
+def probe_records(out: JobOutput, row: dict[str, Any]) -> list[Any]:
     """The verified `ChunkRecord`s a rollout kept under ``rollouts/<id>/`` (the job ran with ``keep_state``)."""
     from pipeline.outputs.checkpoint import RolloutCheckpoints
 
     pid = row["prompt_id"]
-    records = RolloutCheckpoints(Store(out.join(f"rollouts/{pid}"), out.storage_options), row["render_hash"],
-                                 [pid]).load()
+    records = RolloutCheckpoints(out.rollout(pid), row["render_hash"], [pid]).load()
     expected = row.get("num_chunks")
     if not records or (isinstance(expected, int) and len(records) != expected):
         raise ValueError(f"{pid}: {len(records)} committed chunks under rollouts/{pid}/, expected {expected}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+from jobs.layout import JobOutput
 from jobs.progress import JobProgress
 from jobs.quality import (
     CANARY_METRICS,
@@ -33,7 +34,7 @@ from jobs.quality import (
     video_frames,
 )
 from jobs.run import plan, submit
-from jobs.spec import JobSpec, OptionError
+from jobs.spec import JobSpec, OptionError, absolute_url
 from pipeline.errors import InputError
 from pipeline.hashing import digest as config_hash
 from pipeline.rollout.probe import Probe
@@ -93,12 +94,13 @@ def drift_delta(values: list[float]) -> float:
     return sum(values[-k:]) / k - sum(values[:k]) / k
 
 
-def _stats(out: Store, prompt_id: str) -> dict[str, list[float]]:
-    table = out.get_table(f"stats/{prompt_id}.parquet")
+def _stats(out: JobOutput, prompt_id: str) -> dict[str, list[float]]:
+    table = out.store.get_table(out.stats_key(prompt_id))
     return {m: [float(v) for v in table.column(m).to_pylist()] for m in METRICS}
 
 
-def measure(out: Store, results: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+def measure(out: JobOutput, results: list[dict[str, Any]]
+            ) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
     """Mean |delta| per metric over the rendered prompts, mean curves, and the prompts that did not render."""
     ok, failed = ok_ids(results), failed_rows(results)
     if not ok:
@@ -189,13 +191,13 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store, clean_rows: list[dict[str, Any]],
+def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: JobOutput, clean_rows: list[dict[str, Any]],
                    metrics: dict[str, dict[str, float]], progress: JobProgress | None = None) -> list[str]:
     """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]``: ``probe_missed`` and, on the
     canary, the detector's figures after the probed chunk (`jobs.quality`), decoded after the clean run's chunks."""
-    vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe, keep_state=True)
-    report = submit(vspec, progress=progress)
-    probed = Store(vspec.output_url, spec.storage_options)
+    probed = JobOutput(out.child(PROBE_VARIANT))
+    vspec = dataclasses.replace(spec, output_url=probed.url, probe=probe, keep_state=True)
+    report = submit(vspec, progress=progress, output=probed)
     clean_by_id = {r["prompt_id"]: r for r in clean_rows if r["status"] == "ok"}
     rows = [r for r in report.results if r["status"] == "ok" and r["prompt_id"] in clean_by_id]
     per_prompt: list[dict[str, float]] = []
@@ -230,7 +232,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
         raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
     if spec.trim is None:
         raise InputError("`trim` must be set: the regression renders with and without TokenTrim itself")
-    out = Store(spec.output_url, spec.storage_options)
+    out = Store(absolute_url(spec.output_url), spec.storage_options)  # the variants' jobs record absolute URLs
     base_store, key = ((out, "baseline.json") if baseline_url is None
                        else split_url(baseline_url, spec.storage_options))
     rows, refused = plan(spec)[1:]
@@ -251,16 +253,16 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     prompts = {row.prompt_id: row.prompt for row in rows}
     stores, results = {}, {}
     for variant in VARIANTS:
-        vspec = dataclasses.replace(spec, output_url=out.join(variant),
+        stores[variant] = JobOutput(out.child(variant))
+        vspec = dataclasses.replace(spec, output_url=stores[variant].url,
                                     trim=spec.trim if variant == "tokentrim" else None,
                                     keep_state=spec.keep_state or (variant == "tokentrim" and probe is not None))
-        report = submit(vspec, progress=progress)
+        report = submit(vspec, progress=progress, output=stores[variant])
         results[variant] = report.results
-        stores[variant] = Store(vspec.output_url, spec.storage_options)
         metrics[variant], curves[variant], failed = measure(stores[variant], report.results)
         failures += [f"{variant}: {f}" for f in failed]
         if spec.model == "canary":
-            per_video = [canary_measures(video_frames(stores[variant], f"videos/{pid}.mp4"), prompts[pid])
+            per_video = [canary_measures(video_frames(stores[variant].store, JobOutput.video_key(pid)), prompts[pid])
                          for pid in ok_ids(report.results)]
             metrics[variant].update(mean_measures(per_video, CANARY_METRICS))
     if probe is not None:

@@ -55,9 +55,9 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
     from jobs.cli_progress import RenderBar, say
     from pipeline.model.backend import load_backend
     from pipeline.outputs.render import render as render_prompts
-    from pipeline.store import Store, url_protocol
+    from pipeline.store import Store
 
-    url_protocol(spec.output_url)  # a refused URL fails before the model loads
+    out = Store(spec.output_url, spec.storage_options)  # a refused URL fails before the model loads
     state = Store(absolute_url(state_url), spec.storage_options) if state_url else None
     config = spec.rollout
     device = spec.device
@@ -77,9 +77,8 @@ def run_render(spec: JobSpec, prompt: str, prompt_id: str, *, seed: int, state_u
         raise click.UsageError(str(exc)) from exc
     bar = RenderBar(prompt_id, config.num_chunks)
     try:
-        results = render_prompts(backend, [prompt], [prompt_id], spec.output_url, config=config, trim=spec.trim,
-                                 seeds=[seed], state_url=state, storage_options=spec.storage_options,
-                                 force_restart=restart, on_chunk=bar.on_chunk)
+        results = render_prompts(backend, [prompt], [prompt_id], out, config=config, trim=spec.trim, seeds=[seed],
+                                 state=state, force_restart=restart, on_chunk=bar.on_chunk)
     except TokentrimError as exc:
         from jobs.job_cmds import click_error
 

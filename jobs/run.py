@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.executors import Executor, make_executor
+from jobs.layout import JOB_KEY, RESULTS_KEY, JobOutput
 from jobs.policy import RESULT_FIELDS, Claims, finished_rows, result_row
 from jobs.progress import JobProgress, watching
 from jobs.results import ResultsWriter, write_results
 from jobs.spec import JOB_FORMAT, JobSpec, absolute_url, check_device, check_prompt, settings_differ
 from jobs.table import BadRow, PromptRow, read_table, validate_rows
 from pipeline.errors import CorruptStateError, InputError, OutputConflictError, UsageError
-from pipeline.store import KeyNotFound, Store
+from pipeline.store import KeyNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,10 @@ def check_model(spec: JobSpec) -> None:
         raise UsageError(f"`weights` {spec.weights!r} is not a file")
 
 
-def check_output(out: Store, spec: JobSpec, *, force: bool) -> None:
+def check_output(out: JobOutput, spec: JobSpec, *, force: bool) -> None:
     """Refuse an output written by a job with other render settings (unless ``force``)."""
     try:
-        old = out.get_json("job.json")
+        old = out.store.get_json(JOB_KEY)
     except KeyNotFound:
         return
     if isinstance(old, dict) and old.get("config_hash") != spec.config_hash() and not force:
@@ -102,21 +103,21 @@ def _differ(old: dict[str, Any], spec: JobSpec) -> str:
     return ", ".join(settings_differ(recorded, spec.render_settings())) or "no named setting"
 
 
-def write_job_json(out: Store, spec: JobSpec) -> None:
-    out.put_json("job.json", {"format": JOB_FORMAT, "version": _version(), "config_hash": spec.config_hash(),
+def write_job_json(out: JobOutput, spec: JobSpec) -> None:
+    out.store.put_json(JOB_KEY, {"format": JOB_FORMAT, "version": _version(), "config_hash": spec.config_hash(),
                               "spec": spec.to_dict(), "updated_at": time.time()})
 
 
-def load_spec(output_url: str, storage_options: dict | None = None) -> JobSpec:
-    """The spec recorded in ``job.json`` of an output, writing to ``output_url`` (wherever it was first written)."""
+def load_spec(out: JobOutput) -> JobSpec:
+    """The spec recorded in ``job.json`` of an output, writing to ``out`` (wherever it was first written)."""
     try:
-        doc = Store(output_url, storage_options).get_json("job.json")
+        doc = out.store.get_json(JOB_KEY)
     except KeyNotFound as exc:
-        raise UsageError(f"no job.json under {output_url!r}: not a tokentrim job output") from exc
+        raise UsageError(f"no {JOB_KEY} under {out.url!r}: not a tokentrim job output") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
-        raise UsageError(f"job.json under {output_url!r} holds no job spec")
-    spec = dict(doc["spec"], output_url=absolute_url(output_url))
-    return JobSpec.from_dict(spec, storage_options)
+        raise UsageError(f"{JOB_KEY} under {out.url!r} holds no job spec")
+    spec = dict(doc["spec"], output_url=absolute_url(out.url))
+    return JobSpec.from_dict(spec, out.store.storage_options)
 
 
 def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]:
@@ -142,25 +143,28 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
 
 
 def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = None,
-           progress: JobProgress | None = None) -> JobReport:
+           progress: JobProgress | None = None, output: JobOutput | None = None) -> JobReport:
     """Render every valid row of the spec's prompt table; finished prompts are skipped (decided here, before any
     worker starts), unfinished rollouts continue from their last committed chunk. Writes ``results.parquet``.
-    ``progress`` is told what the job commits while it runs (`jobs.progress`)."""
+    ``progress`` is told what the job commits while it runs (`jobs.progress`). ``output``: the spec's output, when
+    the caller has it open already (at the spec's absolute ``output_url``)."""
     began = time.perf_counter()
     check_model(spec)
     spec, rows, results = plan(spec)
-    out = Store(spec.output_url, spec.storage_options)
+    if output is not None and output.url != spec.output_url:
+        raise ValueError(f"`output` {output.url!r} is not the spec's output {spec.output_url!r}")
+    out = output or JobOutput.open(spec.output_url, spec.storage_options)
     check_output(out, spec, force=force)
     write_job_json(out, spec)
     writer = ResultsWriter(out, results, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
     with watching(out, rows, progress, label=spec.output_url.rstrip("/").rsplit("/", 1)[-1]):
-        run_rows(spec, rows, executor or make_executor(spec, force=force), out, writer)
+        run_rows(spec, rows, executor or make_executor(spec, out, force=force), out, writer)
     results = sorted(writer.close(), key=lambda r: r["row"])
     counts = dict(Counter(r["status"] for r in results))
-    return JobReport(spec.output_url, counts, out.join("results.parquet"), time.perf_counter() - began, results)
+    return JobReport(spec.output_url, counts, out.store.join(RESULTS_KEY), time.perf_counter() - began, results)
 
 
-def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Store,
+def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: JobOutput,
              writer: ResultsWriter | None = None) -> list[dict[str, Any]]:
     """Rows already done are answered from their markers; the rest go to the executor in rounds: a row that came
     back ``busy`` (a live lease elsewhere) is handed out again as soon as a holder is done, fails or loses its lease
@@ -217,11 +221,10 @@ def collect(work: Iterable[dict[str, Any]], writer: ResultsWriter) -> tuple[set[
     return seen, busy
 
 
-def status(output_url: str, storage_options: dict | None = None) -> dict[str, Any]:
+def status(out: JobOutput) -> dict[str, Any]:
     """Progress of a job output, also while it runs: rows by state, live leases, last results, stored bytes."""
-    out = Store(output_url, storage_options)
-    spec = load_spec(output_url, storage_options)
-    done = {k[len("done/"):-len(".json")] for k in out.list("done/") if k.endswith(".json")}
+    spec = load_spec(out)
+    done = out.done_ids()
     report: dict[str, Any] = {"output": out.url, "config_hash": spec.config_hash(), "input": spec.input_url}
     chunks_asked: dict[str, int] = {}
     try:
@@ -237,7 +240,7 @@ def status(output_url: str, storage_options: dict | None = None) -> dict[str, An
     report["leases"] = leases(out, claims, done, chunks_asked)
     report["in_progress"] = [lease["prompt_id"] for lease in report["leases"] if lease["state"] == "live"]
     try:
-        report["results"] = dict(Counter(out.get_table("results.parquet").column("status").to_pylist()))
+        report["results"] = dict(Counter(out.store.get_table(RESULTS_KEY).column("status").to_pylist()))
     except KeyNotFound:
         report["results"] = None
     report["stored_bytes"] = stored_bytes(out)
@@ -245,15 +248,12 @@ def status(output_url: str, storage_options: dict | None = None) -> dict[str, An
     return report
 
 
-def leases(out: Store, claims: Claims, done: set[str], chunks_asked: dict[str, int]) -> list[dict[str, Any]]:
+def leases(out: JobOutput, claims: Claims, done: set[str], chunks_asked: dict[str, int]) -> list[dict[str, Any]]:
     """The latest lease of every unfinished prompt that has one: ``live`` (held, not run out) or ``stale`` (held,
     but run out: its worker died or hangs), with its age and the chunks its rollout has committed."""
-    committed: Counter[str] = Counter()
-    for key in out.list("rollouts/"):
-        if key.endswith(".json") and key.rsplit("/", 1)[-1].startswith("chunk-"):
-            committed[key.split("/")[1]] += 1
+    committed = Counter(pid for pid, _, _ in out.chunk_markers())
     now, found = time.time(), []
-    for pid in sorted({k.split("/")[1] for k in out.list("claims/")} - done):
+    for pid in sorted(out.claimed_ids() - done):
         last = claims.last_lease(pid)
         if last is None or last[1].get("state") != "held":
             continue
@@ -265,7 +265,7 @@ def leases(out: Store, claims: Claims, done: set[str], chunks_asked: dict[str, i
     return found
 
 
-def _eta(out: Store, done: list[str], remaining: int | None, workers: int, sample: int = 32) -> float | None:
+def _eta(out: JobOutput, done: list[str], remaining: int | None, workers: int, sample: int = 32) -> float | None:
     """Seconds left: the mean render time of (up to ``sample``) finished prompts times the prompts left, over the
     workers; None when nothing is left or no finished prompt records its time."""
     if not remaining:
@@ -273,7 +273,7 @@ def _eta(out: Store, done: list[str], remaining: int | None, workers: int, sampl
     seconds = []
     for pid in done[-sample:]:
         try:
-            marker = out.get_json(f"done/{pid}.json")
+            marker = out.store.get_json(out.done_key(pid))
         except (KeyNotFound, CorruptStateError):
             continue
         if isinstance(marker, dict) and isinstance(marker.get("seconds"), (int, float)):
@@ -281,10 +281,10 @@ def _eta(out: Store, done: list[str], remaining: int | None, workers: int, sampl
     return sum(seconds) / len(seconds) * remaining / workers if seconds else None
 
 
-def stored_bytes(out: Store) -> dict[str, int]:
+def stored_bytes(out: JobOutput) -> dict[str, int]:
     """Bytes under the output by top-level folder (videos, stats, rollouts, ...) and in total."""
     sizes: Counter[str] = Counter()
-    for key, size in out.sizes().items():
+    for key, size in out.store.sizes().items():
         sizes[key.split("/", 1)[0] if "/" in key else "other"] += size
     return {**dict(sizes), "total": sum(sizes.values())}
 

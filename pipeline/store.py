@@ -215,6 +215,16 @@ class Store:
         """Full URL of the key made of `parts` joined by '/'."""
         return f"{self.url}/{validate_key('/'.join(parts))}"
 
+    def child(self, prefix: str) -> Store:
+        """The store rooted at `prefix` under this one (``store.child("a").get_bytes("b")`` reads ``a/b``): the same
+        options, retries and filesystem, no new connection pool."""
+        prefix = validate_key(prefix.rstrip("/"), name="prefix")
+        view = Store.__new__(Store)
+        view.url, view.storage_options = f"{self.url}/{prefix}", self.storage_options
+        view.retries, view.backoff_s = self.retries, self.backoff_s
+        view._fs, view._protocol, view._root = self._fs, self._protocol, f"{self._root}/{prefix}"
+        return view
+
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}"
 

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 import jobs.regress
 import jobs.render_cmd  # noqa: F401 - imported here so that the timed commands pay no import
 from jobs.cli import main
+from jobs.layout import JobOutput
 from jobs.run import plan, submit, write_job_json
 from jobs.spec import JobSpec
 from pipeline.canary.grammar import BACKGROUNDS, COLOURS, SHAPES
 from pipeline.config import RolloutConfig
 from pipeline.errors import ConfigMismatchError
-from pipeline.store import Store
 from tokentrim import TrimConfig
 
 GOOD = "a red circle moving left on a plain background"
@@ -91,7 +91,7 @@ def test_regress_refuses_a_table_outside_the_canary_grammar_before_rendering(tmp
 def test_resubmitting_under_other_settings_names_the_settings_that_differ(tmp_path):
     table = _table(tmp_path / "p.parquet", [GOOD])
     first = JobSpec(input_url=table, output_url=str(tmp_path / "out"), executor="local")
-    write_job_json(Store(str(tmp_path / "out")), plan(first)[0])  # a job written under the first settings
+    write_job_json(JobOutput.open(str(tmp_path / "out")), plan(first)[0])  # a job written under the first settings
 
     class NoWork:
         def run(self, rows):

@@ -22,6 +22,7 @@ from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.outputs.render import render
 from pipeline.rollout.chunk_stats import STATS_FIELDS, stats_schema
+from pipeline.store import Store
 from tokentrim import TrimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +38,9 @@ def test_stats_tables_of_any_run_share_one_typed_described_schema(tmp_path):
     """An all-warm-up render (no severity anywhere) and a judged one union in pyarrow, with each column's
     description in the Parquet field metadata and units in the timing columns' names."""
     backend = load_backend("tiny")
-    warm = render(backend, ["a cat"], ["warm"], str(tmp_path), config=RolloutConfig(num_chunks=2),
+    warm = render(backend, ["a cat"], ["warm"], Store(str(tmp_path)), config=RolloutConfig(num_chunks=2),
                   trim=TrimConfig(warmup=3), seeds=[1])[0]
-    judged = render(backend, ["a dog"], ["judged"], str(tmp_path), config=RolloutConfig(num_chunks=4),
+    judged = render(backend, ["a dog"], ["judged"], Store(str(tmp_path)), config=RolloutConfig(num_chunks=4),
                     trim=TrimConfig(warmup=2), seeds=[2])[0]
     assert {r["verdict"] for r in warm.rows} == {"warmup"}
     assert {r["verdict"] for r in judged.rows} - {"warmup"}
