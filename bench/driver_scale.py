@@ -155,8 +155,8 @@ class StandInExecutor:
         from jobs.policy import Claims
 
         self.spec, self.workers, self.allow, self.calls = spec, workers, allow, 0
-        self.claims = Claims(JobOutput.open(spec.output_url, spec.storage_options), lease_s=spec.lease_s,
-                             max_attempts=spec.max_attempts)
+        self.claims = Claims(JobOutput.open(spec.output_url, spec.storage_options), lease_s=spec.execution.lease_s,
+                             max_attempts=spec.execution.max_attempts)
 
     def run(self, rows: list[Any]) -> Any:
         from jobs.policy import process_row
@@ -192,7 +192,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     render_module.render = _stub_render  # type: ignore[assignment]
     counts = _count_reads()
-    spec = JobSpec(input_url=job["table"], output_url=job["out"], model="tiny", executor="local",
+    spec = JobSpec.from_fields(input_url=job["table"], output_url=job["out"], model="tiny", executor="local",
                    storage_options=job["storage_options"], lease_s=600.0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     executor = StandInExecutor(spec, job["workers"], allow=job["variant"] == "fresh")
@@ -219,7 +219,8 @@ def _markers(table_url: str, out_url: str, options: dict[str, Any]) -> list[tupl
     from jobs.run import plan
     from jobs.spec import JobSpec
 
-    spec, rows, _ = plan(JobSpec(input_url=table_url, output_url=out_url, model="tiny", storage_options=options))
+    spec, rows, _ = plan(JobSpec.from_fields(input_url=table_url, output_url=out_url, model="tiny",
+                                             storage_options=options))
     objects = []
     for row in rows:
         values = {"attempt": 0, "seed": row.seed, "num_chunks": row.num_chunks, "chunks": 1, "resumed_from": 0,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from jobs.layout import JobOutput
 from jobs.policy import WORK_FIELDS, Claims, process_row
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, ModelChoice
 from jobs.table import PromptRow
 from pipeline.errors import TokentrimError
 from pipeline.storage_options import secret_option_names, shareable_options
@@ -42,16 +42,16 @@ class Executor(Protocol):
         ...
 
 
-def load_model(spec: JobSpec, device: str | None = None) -> WanBackend:
+def load_model(model: ModelChoice, device: str) -> WanBackend:
+    """The backend of ``model`` on ``device`` (`ModelChoice.resolve_device`)."""
     import torch
 
     from pipeline.model.backend import load_backend
 
-    device = device or spec.resolved_device
     if device.startswith("cuda") and os.environ.get(CUDA_AS_CPU_ENV) == "1":
         device = "cpu"
-    return load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype),
-                        weights=spec.weights, compile=spec.compile)
+    return load_backend(model.model, device=device, dtype=getattr(torch, model.dtype), weights=model.weights,
+                        compile=model.compile)
 
 
 def worker_device(spec: JobSpec, gpu_ids: list[Any], visible: str | None) -> str:
@@ -110,14 +110,14 @@ class LocalExecutor:
 
     def __init__(self, spec: JobSpec, out: JobOutput, *, force: bool = False) -> None:
         self.spec, self.force = spec, force
-        self.claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+        self.claims = Claims(out, lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts)
         self.backend: WanBackend | None = None
 
     def run(self, rows: list[PromptRow]) -> Iterator[dict[str, Any]]:
         if not rows:
             return
         if self.backend is None:
-            self.backend = load_model(self.spec)
+            self.backend = load_model(self.spec.model, self.spec.resolved_device)
         backend = self.backend
         with private_tempdir():
             for row in rows:
@@ -138,10 +138,10 @@ class RenderWorker:
         tempfile.tempdir = worker_tempdir()  # this actor process's own; a dead actor's is removed by the next one
         gpu_ids, visible = list(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES")
         device = worker_device(self.spec, gpu_ids, visible)
-        self.backend = load_model(self.spec, device)
+        self.backend = load_model(self.spec.model, device)
         RenderWorker.loads_in_process += 1
         out = JobOutput.open(self.spec.output_url, self.spec.storage_options)  # this process's own connections
-        self.claims = Claims(out, lease_s=self.spec.lease_s, max_attempts=self.spec.max_attempts)
+        self.claims = Claims(out, lease_s=self.spec.execution.lease_s, max_attempts=self.spec.execution.max_attempts)
         self.record: dict[str, Any] = {
             "host": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(i) for i in gpu_ids],
             "cuda_visible_devices": visible, "device": device, "torch_device": str(self.backend.device),
@@ -200,9 +200,9 @@ class RayExecutor:
                 RenderWorker,
                 fn_constructor_kwargs=self.worker_kwargs(),
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=min(self.spec.workers, len(rows)),
+                compute=ray.data.ActorPoolStrategy(size=min(self.spec.execution.workers, len(rows)),
                                                    max_tasks_in_flight_per_actor=1),
-                num_gpus=self.spec.gpus_per_worker or None,
+                num_gpus=self.spec.execution.gpus_per_worker or None,
                 num_cpus=1,
             )
         for row in ds.iter_rows():  # streamed: each row as its task finishes
@@ -243,4 +243,5 @@ def _import_ray() -> Any:
 
 def make_executor(spec: JobSpec, out: JobOutput, *, force: bool = False) -> Executor:
     """The executor of ``spec``; a local one renders to ``out``, Ray workers open the output in their own process."""
-    return LocalExecutor(spec, out, force=force) if spec.executor == "local" else RayExecutor(spec, force=force)
+    local = spec.execution.executor == "local"
+    return LocalExecutor(spec, out, force=force) if local else RayExecutor(spec, force=force)

@@ -378,7 +378,7 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
         if isinstance(claim, Busy):
             return result_row(row, "busy", "another worker holds a live lease", retry_at=claim.until)
         if isinstance(claim, str):
-            return result_row(row, "poison", f"failed {spec.max_attempts} attempts; not tried again")
+            return result_row(row, "poison", f"failed {spec.execution.max_attempts} attempts; not tried again")
         try:
             with Heartbeat(claims, claim):  # stopped before the lease is given up below: no renewal after that
                 # finished while we claimed (a concurrent job's worker): the claim is given back unspent
@@ -399,7 +399,7 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
             claims.finish(claim, "failed")
             return result_row(row, "failed", f"{type(exc).__name__}: {exc}", attempt=claim.attempt)
         if rendered:
-            drop_state(claims.output, row.prompt_id, keep=spec.keep_state)
+            drop_state(claims.output, row.prompt_id, keep=spec.execution.keep_state)
         return result
 
 
@@ -411,10 +411,12 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
 
     began = time.perf_counter()
     out = claims.output
-    config = dataclasses.replace(spec.rollout, num_chunks=row.num_chunks)
-    result = render(backend, [row.prompt], [row.prompt_id], out.store, config=config, trim=spec.trim,
+    settings = spec.render
+    config = dataclasses.replace(settings.rollout, num_chunks=row.num_chunks)
+    result = render(backend, [row.prompt], [row.prompt_id], out.store, config=config, trim=settings.trim,
                     seeds=[row.seed], state=out.rollout(row.prompt_id), force_restart=force,
-                    names=(VIDEO_KEY, STATS_KEY), probe=spec.probe, fence=lambda: claims.fence(claim))[0]
+                    names=(VIDEO_KEY, STATS_KEY), video=settings.video, probe=settings.probe,
+                    fence=lambda: claims.fence(claim))[0]
     values = {**drift_summary(result), "video": result.video_url, "stats": result.stats_url,
               "attempt": claim.attempt, "seed": row.seed, "num_chunks": row.num_chunks,
               "render_hash": result.config_hash, "seconds": time.perf_counter() - began}
@@ -471,7 +473,7 @@ def finished_rows(spec: JobSpec, rows: list[PromptRow], out: JobOutput
     that cannot be read now: a failed row); the others (a corrupt done marker included: the prompt is not
     finished) are returned to be rendered."""
     def reader(output: JobOutput) -> Callable[[str], dict | None]:
-        return Claims(output, lease_s=spec.lease_s, max_attempts=spec.max_attempts).done_or_none
+        return Claims(output, lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts).done_or_none
 
     markers = done_markers(out, reader, [row.prompt_id for row in rows])  # concurrent, and from the done-index
     results: list[dict[str, Any]] = []

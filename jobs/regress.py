@@ -196,16 +196,17 @@ def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: JobOutput, cl
     """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]``: ``probe_missed`` and, on the
     canary, the detector's figures after the probed chunk (`jobs.quality`), decoded after the clean run's chunks."""
     probed = JobOutput(out.child(PROBE_VARIANT))
-    vspec = dataclasses.replace(spec, output_url=probed.url, probe=probe, keep_state=True)
+    vspec = dataclasses.replace(spec, output_url=probed.url, render=dataclasses.replace(spec.render, probe=probe),
+                                execution=dataclasses.replace(spec.execution, keep_state=True))
     report = submit(vspec, progress=progress, output=probed)
     clean_by_id = {r["prompt_id"]: r for r in clean_rows if r["status"] == "ok"}
     rows = [r for r in report.results if r["status"] == "ok" and r["prompt_id"] in clean_by_id]
     per_prompt: list[dict[str, float]] = []
     backend = None
-    if spec.model == "canary" and rows:
+    if spec.model.model == "canary" and rows:
         from jobs.executors import load_model
 
-        backend = load_model(spec)
+        backend = load_model(spec.model, spec.resolved_device)
     prompts = {row.prompt_id: row.prompt for row in plan(spec)[1]}
     for row in rows:
         records = probe_records(probed, row)
@@ -213,7 +214,7 @@ def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: JobOutput, cl
         if backend is not None:
             clean_records = probe_records(clean, clean_by_id[row["prompt_id"]])
             figures.update(probe_quality(backend, clean_records, records, probe, prompts[row["prompt_id"]],
-                                         spec.rollout.chunk_frames))
+                                         spec.render.rollout.chunk_frames))
         per_prompt.append(figures)
     names = ("probe_missed", *(PROBE_CANARY_METRICS if backend is not None else ()))
     metrics[PROBE_VARIANT] = (mean_measures(per_prompt, names) if per_prompt
@@ -230,7 +231,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     detector (`jobs.quality`)."""
     if not tolerance >= 0 or not slack >= 0:
         raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
-    if spec.trim is None:
+    if spec.render.trim is None:
         raise InputError("`trim` must be set: the regression renders with and without TokenTrim itself")
     out = Store(absolute_url(spec.output_url), spec.storage_options)  # the variants' jobs record absolute URLs
     base_store, key = ((out, "baseline.json") if baseline_url is None
@@ -238,7 +239,7 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     rows, refused = plan(spec)[1:]
     if invalid := [r for r in refused if r["status"] == "invalid"]:  # a regression judges every prompt it names
         raise OptionError(f"the regression's prompt table has invalid rows: {invalid[0]['error']}")
-    probe = default_probe(spec.rollout.num_chunks) if probe_on else None
+    probe = default_probe(spec.render.rollout.num_chunks) if probe_on else None
     settings = settings_of(spec, [row.prompt_id for row in rows], probe)
     try:
         baseline = None if update_baseline else base_store.get_json(key)
@@ -254,14 +255,16 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     stores, results = {}, {}
     for variant in VARIANTS:
         stores[variant] = JobOutput(out.child(variant))
-        vspec = dataclasses.replace(spec, output_url=stores[variant].url,
-                                    trim=spec.trim if variant == "tokentrim" else None,
-                                    keep_state=spec.keep_state or (variant == "tokentrim" and probe is not None))
+        keep = spec.execution.keep_state or (variant == "tokentrim" and probe is not None)
+        vspec = dataclasses.replace(
+            spec, output_url=stores[variant].url,
+            render=dataclasses.replace(spec.render, trim=spec.render.trim if variant == "tokentrim" else None),
+            execution=dataclasses.replace(spec.execution, keep_state=keep))
         report = submit(vspec, progress=progress, output=stores[variant])
         results[variant] = report.results
         metrics[variant], curves[variant], failed = measure(stores[variant], report.results)
         failures += [f"{variant}: {f}" for f in failed]
-        if spec.model == "canary":
+        if spec.model.model == "canary":
             per_video = [canary_measures(video_frames(stores[variant].store, JobOutput.video_key(pid)), prompts[pid])
                          for pid in ok_ids(report.results)]
             metrics[variant].update(mean_measures(per_video, CANARY_METRICS))

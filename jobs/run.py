@@ -64,21 +64,22 @@ def check_model(spec: JobSpec) -> None:
     whose workers may mount it."""
     from pipeline.model.backend import PRESETS
 
-    remote = spec.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
+    model, run = spec.model, spec.execution
+    remote = run.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
     # the workers run on this machine and claim no GPU of Ray's: it must have the device they will ask for (workers
     # that claim GPUs are placed by Ray on nodes that have them: `jobs.resources` checks that before any work)
-    if spec.executor == "local" or not (remote or spec.gpus_per_worker):
+    if run.executor == "local" or not (remote or run.gpus_per_worker):
         check_device(spec.resolved_device)
-    if spec.model not in PRESETS:
-        if os.path.isdir(spec.model):
-            if not os.path.isdir(os.path.join(spec.model, "transformer")):
-                raise UsageError(f"`model` {spec.model!r} is a folder without transformer/: not a diffusers Wan2.1 "
+    if model.model not in PRESETS:
+        if os.path.isdir(model.model):
+            if not os.path.isdir(os.path.join(model.model, "transformer")):
+                raise UsageError(f"`model` {model.model!r} is a folder without transformer/: not a diffusers Wan2.1 "
                                  "folder")
-        elif not (remote and "/" in spec.model):
+        elif not (remote and "/" in model.model):
             raise UsageError(f"`model` must be one of {sorted(PRESETS)} or a diffusers Wan2.1 folder, got "
-                             f"{spec.model!r}")
-    if spec.weights is not None and not os.path.isfile(spec.weights) and not remote:
-        raise UsageError(f"`weights` {spec.weights!r} is not a file")
+                             f"{model.model!r}")
+    if model.weights is not None and not os.path.isfile(model.weights) and not remote:
+        raise UsageError(f"`weights` {model.weights!r} is not a file")
 
 
 def check_output(out: JobOutput, spec: JobSpec, *, force: bool) -> None:
@@ -126,8 +127,8 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
     spec = dataclasses.replace(spec, input_url=absolute_url(spec.input_url),
                                output_url=absolute_url(spec.output_url))
     good, bad = validate_rows(read_table(spec.input_url, spec.storage_options),
-                              default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
-    refused = {r.row: error for r in good if (error := check_prompt(spec, r.prompt)) is not None}
+                              default_chunks=spec.render.rollout.num_chunks, base_seed=spec.render.seed)
+    refused = {r.row: error for r in good if (error := check_prompt(spec.model, r.prompt)) is not None}
     bad += [BadRow(r.row, r.prompt_id, f"row {r.row}: {refused[r.row]}") for r in good if r.row in refused]
     good = [r for r in good if r.row not in refused]
     if not good:
@@ -136,9 +137,10 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
     for b in bad:
         logger.warning("skipping %s", b.error)
     other = [result_row({"prompt_id": b.prompt_id, "row": b.row}, "invalid", b.error) for b in bad]
-    if spec.limit is not None:
-        other += [result_row(r, "excluded", f"beyond --limit {spec.limit}") for r in good[spec.limit:]]
-        good = good[:spec.limit]
+    limit = spec.execution.limit
+    if limit is not None:
+        other += [result_row(r, "excluded", f"beyond --limit {limit}") for r in good[limit:]]
+        good = good[:limit]
     return spec, good, other
 
 
@@ -156,7 +158,8 @@ def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = No
     out = output or JobOutput.open(spec.output_url, spec.storage_options)
     check_output(out, spec, force=force)
     write_job_json(out, spec)
-    writer = ResultsWriter(out, results, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
+    writer = ResultsWriter(out, results, every_rows=spec.execution.results_every_rows,
+                           every_s=spec.execution.results_every_s)
     with watching(out, rows, progress, label=spec.output_url.rstrip("/").rsplit("/", 1)[-1]):
         run_rows(spec, rows, executor or make_executor(spec, out, force=force), out, writer)
     results = sorted(writer.close(), key=lambda r: r["row"])
@@ -171,13 +174,14 @@ def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: JobO
     (watched with a short poll), at the latest once that lease could have run out. Each final row goes to
     ``writer`` as it comes; returns the final rows of this call.
     """
-    writer = writer or ResultsWriter(out, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
+    run = spec.execution
+    writer = writer or ResultsWriter(out, every_rows=run.results_every_rows, every_s=run.results_every_s)
     first = len(writer.rows)
     results, todo = finished_rows(spec, rows, out)
     writer.add(results)
     writer.write()  # what is known before any work: rows done earlier, invalid and excluded rows
     by_id = {r.prompt_id: r for r in rows}
-    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    claims = Claims(out, lease_s=run.lease_s, max_attempts=run.max_attempts)
     while todo:
         seen, busy = collect(executor.run(todo), writer)
         writer.add([result_row(r, "failed", "the executor returned no result for this row")
@@ -236,7 +240,7 @@ def status(out: JobOutput) -> dict[str, Any]:
                           "invalid": counts["invalid"], "excluded": counts["excluded"]}
     except InputError as exc:
         report["rows"] = {"error": str(exc)}
-    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    claims = Claims(out, lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts)
     report["leases"] = leases(out, claims, done, chunks_asked)
     report["in_progress"] = [lease["prompt_id"] for lease in report["leases"] if lease["state"] == "live"]
     try:
@@ -244,7 +248,7 @@ def status(out: JobOutput) -> dict[str, Any]:
     except KeyNotFound:
         report["results"] = None
     report["stored_bytes"] = stored_bytes(out)
-    report["eta_s"] = _eta(out, sorted(done), report["rows"].get("remaining"), spec.workers)
+    report["eta_s"] = _eta(out, sorted(done), report["rows"].get("remaining"), spec.execution.workers)
     return report
 
 

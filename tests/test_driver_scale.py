@@ -44,7 +44,7 @@ class CountingStore(Store):
 def serial_first_pass(spec, rows, out):
     """The first pass as it was: one marker read after another through `Claims.done_or_none` (the oracle: a corrupt
     marker means the prompt is not finished)."""
-    claims = Claims(JobOutput(out), lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    claims = Claims(JobOutput(out), lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts)
     results, todo = [], []
     for row in rows:
         try:
@@ -60,7 +60,8 @@ def _job(tmp_path, url, options, n):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": [f"q{i:03d}" for i in range(n)], "prompt": [f"p {i}" for i in range(n)]}),
                    table)
-    return plan(JobSpec(input_url=str(table), output_url=url, executor="local", model="tiny", storage_options=options))
+    return plan(JobSpec.from_fields(input_url=str(table), output_url=url, executor="local", model="tiny",
+                                    storage_options=options))
 
 
 def _plant(out, spec, rows):
@@ -139,7 +140,7 @@ def test_listing_prefixes_cover_every_marker_in_small_groups(ids, limit):
 def test_results_are_written_as_rows_finish(tmp_path):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "b", "c", "../bad"], "prompt": ["x", "y", "z", "w"]}), table)
-    spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "out"), executor="local", model="tiny",
+    spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "out"), executor="local", model="tiny",
                    results_every_rows=1)
     seen = []
 

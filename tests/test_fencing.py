@@ -38,7 +38,7 @@ def _table(path: Path, n: int = 2, chunks: int = 2) -> str:
 def _local(table: str, out: Path, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=2))
     kw.setdefault("model", "tiny")
-    return JobSpec(input_url=table, output_url=str(out), executor="local", **kw)
+    return JobSpec.from_fields(input_url=table, output_url=str(out), executor="local", **kw)
 
 
 def _results(out: Path) -> dict[str, dict]:
@@ -62,7 +62,7 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_its_next_commit(bac
     host, port = urlparse(s3.endpoint).hostname, urlparse(s3.endpoint).port
     url = f"{s3.url}/fence/{tmp_path.name}"
     row = PromptRow(0, "p", "a lighthouse in a storm", 5, 8)
-    spec = JobSpec(input_url="-", output_url=url, rollout=RolloutConfig(num_chunks=8), lease_s=3.0,
+    spec = JobSpec.from_fields(input_url="-", output_url=url, rollout=RolloutConfig(num_chunks=8), lease_s=3.0,
                    storage_options=s3.storage_options)
     direct = Store(url, s3.storage_options)
     with StoreProxy((host, port)) as proxy:
@@ -87,7 +87,8 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_its_next_commit(bac
     assert _leases(direct, "p") == ["done", "lost"]  # one render counted
     assert direct.get_json("done/p.json")["attempt"] == 1
     clean = Store(str(tmp_path / "clean"))
-    process_row(backend, JobSpec(input_url="-", output_url=clean.url, rollout=RolloutConfig(num_chunks=8)), row,
+    process_row(backend, JobSpec.from_fields(input_url="-", output_url=clean.url,
+                                             rollout=RolloutConfig(num_chunks=8)), row,
                 Claims(JobOutput(clean), lease_s=60, max_attempts=3))
     assert direct.get_bytes("videos/p.mp4") == clean.get_bytes("videos/p.mp4")
 

@@ -46,7 +46,7 @@ def _prompts(path, n: int = 3, chunks: int = 2) -> str:
 def _local(table: str, out, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=2))
     kw.setdefault("allow_any_prompt", True)  # prompts outside the canary grammar
-    return JobSpec(input_url=table, output_url=str(out), executor="local", **kw)
+    return JobSpec.from_fields(input_url=table, output_url=str(out), executor="local", **kw)
 
 
 def _results(out) -> list[dict]:
@@ -171,7 +171,7 @@ def backend():
 def _spec(tmp_path, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=3))
     kw.setdefault("allow_any_prompt", True)
-    return JobSpec(input_url=str(tmp_path / "p.parquet"), output_url=str(tmp_path / "out"), **kw)
+    return JobSpec.from_fields(input_url=str(tmp_path / "p.parquet"), output_url=str(tmp_path / "out"), **kw)
 
 
 def test_the_job_output_names_and_parses_every_key_of_its_layout(tmp_path):
@@ -206,7 +206,7 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
 
     with pytest.raises(Stop):  # a worker died after committing some chunks
         render(backend, [row.prompt], [row.prompt_id], out, config=RolloutConfig(num_chunks=4),
-               trim=spec.trim, seeds=[row.seed], state=JobOutput(out).rollout("p0"), on_chunk=stop)
+               trim=spec.render.trim, seeds=[row.seed], state=JobOutput(out).rollout("p0"), on_chunk=stop)
     result = process_row(backend, spec, row, claims)
     assert result["status"] == "ok" and result["resumed_from"] >= 2 and result["chunks"] == 4
     reference = _spec(tmp_path / "ref", trim=TrimConfig(lam=0.5))
@@ -447,6 +447,39 @@ def test_cli_exit_codes_limit_and_its_record(tmp_path):
     assert resumed.exit_code == 0 and not (tmp_path / "o3" / "videos" / "b.mp4").exists()
 
 
+# `job.json`'s spec as format 2 wrote it (one flat object; tokentrim 41731eb), for a tiny-model local job
+FORMAT_2_SPEC = {
+    "allow_any_prompt": False, "compile": False, "device": "auto", "dtype": "float32", "executor": "local",
+    "gpus_per_worker": 0.0, "keep_state": False, "lease_s": 120.0, "limit": None, "max_attempts": 3, "model": "tiny",
+    "probe": None, "results_every_rows": 1000, "results_every_s": 60.0, "seed": 0, "weights": None, "workers": 1,
+    "rollout": {"chunk_frames": 3, "early_stop": True, "fps": 16, "height_px": None, "mode": "self-forcing",
+                "num_chunks": 2, "shift": 5.0, "sink_frames": None, "sink_rope": None, "steps": None, "width_px": None,
+                "window_frames": None},
+    "trim": {"ema_decay": 0.9, "lam": 3.0, "max_retries": 1, "measure_step": 0, "p": 0.1, "patch_size": [1, 2, 2],
+             "protect_sink": True, "prune_scope": "last", "sigma_floor": 0.05, "stats": "welford", "summary": "patch",
+             "warmup": 3},
+}
+
+
+def test_a_job_json_of_format_2_resumes_and_a_spec_of_neither_format_is_one_line(tmp_path):
+    table, out = _prompts(tmp_path / "p.parquet", n=2), tmp_path / "out"
+    first = submit(_local(table, out, model="tiny", allow_any_prompt=False, limit=1))
+    assert first.counts == {"ok": 1, "excluded": 1}
+    old, recorded = {**FORMAT_2_SPEC, "input_url": table,
+                     "output_url": str(out)}, json.loads((out / "job.json").read_text())
+    assert JobSpec.from_dict(old).config_hash() == recorded["config_hash"]  # the same render settings
+    (out / "job.json").write_text(json.dumps({"format": 2, "config_hash": recorded["config_hash"], "spec": old}))
+    result = CliRunner().invoke(main, ["resume", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["prompt_id"]: r for r in _results(out)}
+    assert (rows["p0"]["status"], rows["p0"]["reused"], rows["p1"]["status"]) == ("ok", True, "ok")
+    doc = json.loads((out / "job.json").read_text())
+    assert doc["format"] == 3 and doc["spec"]["model"]["model"] == "tiny" and doc["spec"]["execution"]["limit"] is None
+    (out / "job.json").write_text(json.dumps({"format": 2, "spec": {**old, "colour": "red"}}))
+    bad = CliRunner().invoke(main, ["resume", str(out)])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "unknown JobSpec fields ['colour']" in bad.output
+
+
 def test_resume_writes_only_under_the_given_url(tmp_path, monkeypatch):
     first = tmp_path / "first"
     first.mkdir()
@@ -528,8 +561,9 @@ def test_regress_takes_the_job_options_and_validates_its_own(monkeypatch, tmp_pa
             str(weights), "--mode", "rolling-forcing", "--num-chunks", "5", "--prompts", "3", "--workers", "2"]
     assert CliRunner().invoke(main, args).exit_code == 0
     spec = seen["spec"]
-    assert (spec.gpus_per_worker, spec.dtype, spec.weights, spec.rollout.mode, spec.rollout.num_chunks, spec.limit,
-            spec.workers) == (1.0, "bfloat16", str(weights), "rolling-forcing", 5, 3, 2)
+    run, render = spec.execution, spec.render
+    assert (run.gpus_per_worker, spec.model.dtype, spec.model.weights, render.rollout.mode, render.rollout.num_chunks,
+            run.limit, run.workers) == (1.0, "bfloat16", str(weights), "rolling-forcing", 5, 3, 2)
     for bad in (["--prompts", "0"], ["--tolerance", "-0.5"], ["--p", "2"]):
         assert CliRunner().invoke(main, ["regress", "--out", str(tmp_path / "n"), *bad]).exit_code == 2, bad
 
@@ -566,7 +600,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     url = _table(tmp_path / "p.parquet", prompt_id=["cat", "dog", "../escape", "owl"],
                  prompt=["a cat", "a dog", "hostile", "an owl at night"], num_chunks=[2, 3, 2, 2])
     out = f"{s3.url}/jobs/{tmp_path.name}"
-    spec = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), workers=2,
+    spec = JobSpec.from_fields(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), workers=2,
                    storage_options=s3.storage_options, allow_any_prompt=True)
     report = submit(spec)
     assert report.counts == {"ok": 3, "invalid": 1}
@@ -584,7 +618,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     assert json.loads(result.output)["rows"]["done"] == 3
     again = submit(load_spec(JobOutput.open(out, s3.storage_options)))
     assert again.counts == {"ok": 3, "invalid": 1}
-    other = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
+    other = JobSpec.from_fields(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
                     storage_options=s3.storage_options, allow_any_prompt=True)
     with pytest.raises(ConfigMismatchError, match="--force"):
         submit(other)
@@ -601,7 +635,7 @@ def test_a_worker_killed_mid_rollout_is_retried_and_resumes(ray_cluster, tmp_pat
     url = _table(tmp_path / "p.parquet", prompt_id=["long"], prompt=["a lighthouse in a storm"], num_chunks=[10])
 
     def spec(out):
-        return JobSpec(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
+        return JobSpec.from_fields(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
                        lease_s=2.0, workers=1, allow_any_prompt=True)
 
     reports = {}

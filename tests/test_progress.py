@@ -145,7 +145,8 @@ def test_the_watcher_reads_done_and_chunk_markers_into_snapshots(tmp_path):
 
 def test_status_prints_a_table_with_live_and_stale_leases_and_json_for_scripts(tmp_path):
     table = _table(tmp_path / "p.parquet", n=3)
-    spec, rows, _ = plan(JobSpec(input_url=table, output_url=str(tmp_path / "out"), executor="local", model="tiny",
+    spec, rows, _ = plan(JobSpec.from_fields(input_url=table, output_url=str(tmp_path / "out"), executor="local",
+                                             model="tiny",
                                  lease_s=30))
     out = Store(spec.output_url)
     write_job_json(JobOutput(out), spec)

@@ -54,7 +54,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
 def nightly(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A canary regression of 2 prompts x 3 chunks against its own baseline (passes): tokentrim/, no-trim/, probe/."""
     out = tmp_path_factory.mktemp("nightly") / "night"
-    spec = JobSpec(input_url=default_table("canary"), output_url=str(out), model="canary",
+    spec = JobSpec.from_fields(input_url=default_table("canary"), output_url=str(out), model="canary",
                    rollout=RolloutConfig(num_chunks=3), limit=2, executor="local")
     result = run_regression(spec, update_baseline=True)
     assert result.passed, result.failures
@@ -134,7 +134,7 @@ def test_regression_page_shows_three_variants_metrics_and_curves(nightly, browse
 def _fake_job(tmp_path: Path) -> Store:
     """A job output written by hand: one ok prompt whose chunk 3 was pruned, one invalid and one failed row whose
     errors hold markup."""
-    spec = JobSpec(input_url=str(tmp_path / "missing.parquet"), output_url=str(tmp_path / "job"))
+    spec = JobSpec.from_fields(input_url=str(tmp_path / "missing.parquet"), output_url=str(tmp_path / "job"))
     out = Store(spec.output_url)
     write_job_json(JobOutput(out), spec)
     write_results(JobOutput(out), [

@@ -66,7 +66,7 @@ def test_stats_tables_of_any_run_share_one_typed_described_schema(tmp_path):
 def test_results_tables_share_one_typed_described_schema(tmp_path):
     table = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "../bad"], "prompt": ["a cat", "x"]}), table)
-    spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "out"), model="tiny", executor="local",
+    spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "out"), model="tiny", executor="local",
                    rollout=RolloutConfig(num_chunks=2))
     submit(spec)
     first = pq.read_table(tmp_path / "out" / "results.parquet")
