@@ -1,11 +1,7 @@
 """The driver's reads of done markers at any scale: one listing, a done-index, concurrent reads of the rest.
 
-``done_index.parquet`` under the job output caches the bytes of done markers, each with the version tag (S3 ETag;
-locally size, mtime and inode) the listing showed when it was read. It is a cache, never a source: a marker counts
-only while a fresh listing shows it, its cached bytes are used only while the listing still shows that tag, and the
-bytes are parsed by the same reader (`jobs.policy.Claims.done`) as a marker read from the store. Markers the index
-does not hold are read concurrently (`READ_WORKERS` threads share one store), so start-up costs one listing, one
-index read and the round trips of new markers divided by the pool size.
+``done_index.parquet`` caches marker bytes with the version tag the listing showed: a cache, never a source (a marker
+counts only while a fresh listing shows it at that tag, and its bytes go through the same strict reader).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """The job policy, in one place: claims and leases, attempts and poison, done markers, retention, the results schema.
 
-Executors (`jobs.executors`: a serial local one and the Ray one) only dispatch rows to `process_row`; every decision
-about a prompt is taken here. Under the job's output, per prompt id:
-
-  ``claims/<id>/<n>.json``   attempt n's claim, created create-only (two workers cannot both create n)
-  ``claims/<id>/<n>.lease``  its lease: ``state`` (`jobs.markers.LEASE_STATES`) and ``expires_at``; a heartbeat
-                             thread renews a held lease every ``lease_s / 3`` while the prompt is restored and rendered
-  ``done/<id>.json``         created (create-only) after the video and stats: the prompt is finished (its result
-                             values, the seed); at most one attempt ever creates it
-
-A worker takes attempt n+1 only when attempt n is not held by a live lease. Attempts that failed, or whose holder died
-(a held lease that ran out), count towards ``max_attempts``; an attempt given back because the prompt turned out to be
-finished (``yielded``) or cut off (``lost``) does not. Every commit of a prompt's state is fenced (`Claims.fence`): a
-holder whose lease ran out or was taken over stops before its next commit. A worker that finds a live lease does not
-wait: the row comes back as ``busy``, and the driver hands it out again as soon as the holder is done.
+Executors only dispatch rows to `process_row`. Per prompt, attempt n is claimed create-only (``claims/<id>/<n>.json``)
+with a lease renewed by a heartbeat; ``done/<id>.json`` is created create-only after the video and stats, so at most
+one attempt ever finishes a prompt. The non-obvious part: every other commit is fenced (`Claims.fence`), so a holder
+whose lease ran out or was taken over stops before its next commit, and a live lease elsewhere sends the row back
+``busy`` instead of waiting.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""What a running job has committed, read back from its output while it runs: the feed of the driver's progress bar.
+"""What a running job has committed, read back from its output while it runs: the feed of the progress bar.
 
-`JobWatcher` polls the job's store from a thread of its own: ``done/`` markers (prompts finished, with their numbers)
-and the chunk markers under ``rollouts/<id>/`` (the chunk each unfinished prompt has committed, the chunks TokenTrim
-pruned). It works the same for the local and the Ray executor, since both commit the same objects; it only reads.
-Each poll hands a `JobSnapshot` to a `JobProgress` (the command line's display); nothing here writes to a terminal.
+`JobWatcher` polls the done markers and the rollouts' chunk markers from a thread of its own; it only reads, so it
+works the same for the local and the Ray executor.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""What the regression measures from the rendered videos themselves (the drift metrics come from the stats tables):
+"""What the regression measures from the rendered videos themselves: on the canary what the detector sees, and what
+a known corruption (`pipeline.rollout.probe`) does. Every metric is "higher is worse".
 
-- canary-aware metrics (`--model canary` only; `pipeline.canary.detect`): ``canary_miss`` (1 when the detector does
-  not find the named colour moving the named way), ``traj_err`` (px per frame off the named motion),
-  ``mass_err`` (|1 - named-colour pixels / shape area|) and ``background_err`` (mean |pixel - true background|
-  away from objects, 0-255);
-- what a known corruption (`pipeline.rollout.probe`, TokenTrim on) does, measured as an effect, not as identity
-  (a regenerated chunk differs from the clean run by construction): ``probe_missed``, the share of the probe's
-  tokens TokenTrim did not prune while generating the probed chunk and the next (it still finds them); on the canary
-  also what the detector sees in the chunks after the probed one, decoded by a decoder warmed on the clean run's
-  chunks up to the probed one (`pipeline.canary.effect.warm_decode`, so the VAE's causal cache does not carry the
-  corrupted chunk's look forward): ``probe_artefacts`` (share of those chunks with an artefact label: vanish, split,
-  foreign object, wrong colour), ``probe_mass_err`` and ``probe_traj_err``.
-
-Every metric is "higher is worse"; `jobs.regress.compare` judges them against the baseline.
+The probe is judged by its effect, not by identity (a regenerated chunk differs from the clean run by construction):
+the chunks after it are decoded by a decoder warmed on the clean run, so the VAE's causal cache does not carry the
+corrupted chunk's look forward.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Nightly quality regression: a fixed prompt set rendered with and without TokenTrim, drift metrics per video
-compared with a stored baseline, an HTML page (`jobs.report`) and a markdown report with the curves (matplotlib
-SVG), and a failing exit on regression. The TokenTrim-off variant is ``no-trim``; "baseline" is only the stored
-figures a run is compared with.
+"""Nightly quality regression: a fixed prompt set rendered as three jobs (``tokentrim``, ``no-trim``, ``probe``),
+drift metrics compared with a stored baseline, a report, and a failing exit on regression.
 
-Drift of a metric over a video: ``delta = mean(last quarter of chunks) - mean(first quarter)``. The metrics are
-model-free (REFERENCE: drift proxies): latent distance to the first chunk, colour-histogram distance to the first
-chunk, luma, and steadiness (VBench's temporal-flickering score, higher = steadier). A run regresses when a
-variant's mean |delta| of a metric grows beyond ``tolerance`` (relative) + ``slack`` (absolute) over the baseline, or
-when any prompt fails to render.
+A metric's drift over a video is ``mean(last quarter of chunks) - mean(first quarter)``; "baseline" only ever means
+the stored figures a run is compared with, never the TokenTrim-off variant.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""`tokentrim report`: one static HTML page per job output (``report.html`` under the job) and per regression.
+"""`tokentrim report`: one static HTML page per job output (``report.html``) and per regression.
 
-Job page: per prompt its video, a chart of TokenTrim's severity and threshold per chunk (pruned chunks marked), its
-drift figures, in one table that sorts and filters in the page; the rows that did not render, with their errors.
-The pages make no network request: charts are inline SVG (`jobs.plots`), style and script are inline, videos are
-relative links (``videos/<id>.mp4``), so the folder can be copied anywhere or served by any static server.
-Everything read back from the store is checked before it is shown; the template engine escapes all text.
+The pages make no network request (inline SVG charts, style and script; videos linked relative to the page), so the
+folder can be copied anywhere; everything read back from the store is checked before it is shown.
 """
 
 from __future__ import annotations

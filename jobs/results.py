@@ -1,9 +1,7 @@
 """``results.parquet`` as the job goes: rewritten whole every ``every_rows`` finished rows or ``every_s`` seconds.
 
-A reader (``status``, a report, a user) sees the rows finished so far and the invalid and excluded ones, always as
-one complete object; a driver that dies loses at most one interval of results (its done markers hold the rest, and
-the next run answers them). The done-index (`jobs.done_index`) is brought up to date at most every ``every_s`` and at
-the end, so a later start reads only the markers written after it.
+A driver that dies loses at most one interval (its done markers hold the rest); the done-index is refreshed on the
+same clock.
 """
 
 from __future__ import annotations

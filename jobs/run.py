@@ -1,9 +1,7 @@
 """Submit, resume and inspect render jobs: validate, record, dispatch to an executor, write the results.
 
-Output layout under the job URL: ``job.json`` (spec, config hash, version), ``videos/<id>.mp4``,
-``stats/<id>.parquet``, ``rollouts/<id>/`` (latent context, deleted once the prompt is done unless ``keep_state``),
-``claims/`` and ``done/`` (bookkeeping, see `jobs.policy`), ``done_index.parquet`` (a cache of ``done/``, see
-`jobs.done_index`), ``results.parquet`` (one row per row of the table, rewritten as rows finish: `jobs.results`).
+Everything that can be checked is checked before anything is written; finished rows are answered from their done
+markers by the driver, before any worker starts. The output's layout is `jobs.layout`.
 """
 
 from __future__ import annotations
