@@ -300,7 +300,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
 
         def spec(name: str, chunks: int, lease_s: float) -> JobSpec:
-            return JobSpec(input_url=str(folder / "prompts.parquet"), output_url=str(folder / name),
+            return JobSpec.from_fields(input_url=str(folder / "prompts.parquet"), output_url=str(folder / name),
                            rollout=RolloutConfig(num_chunks=chunks), workers=args.nodes, lease_s=lease_s,
                            device="cpu", allow_any_prompt=True)
 

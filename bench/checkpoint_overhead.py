@@ -1,6 +1,6 @@
 """What latent-context checkpoints cost (DESIGN.md §6).
 
-1. Per-chunk time of `render` with ``state_url`` (a local ``file://`` folder) vs without (target <= 1.05x). Renders
+1. Per-chunk time of `render` with a ``state`` store (a local ``file://`` folder) vs without (target <= 1.05x). Renders
    alternate (the order flips every round); a chunk's time is the wall time between two ``on_chunk`` reports, so
    it holds the rollout step, the tiny VAE decode, the mp4 encode where it is not overlapped and, with state, the
    checkpoint write. The ratio is the median of per-chunk ratios, chunk i of one round's two renders paired.
@@ -59,9 +59,9 @@ def render_chunk_seconds(backend: WanBackend, config: RolloutConfig, trim: TrimC
                          state_url: str | None) -> tuple[list[float], list[dict[str, Any]]]:
     """Wall seconds per chunk of one render (between ``on_chunk`` reports, `chunk_gaps`) and its stats rows."""
     stamps: list[float] = []
-    results = render_prompts(backend, [PROMPT], [PROMPT_ID], f"file://{out_dir}", config=config, trim=trim,
-                             seeds=[seed], state_url=state_url,
-                             on_chunk=lambda i, rows: stamps.append(time.perf_counter()))
+    state = Store(state_url) if state_url else None
+    results = render_prompts(backend, [PROMPT], [PROMPT_ID], Store(f"file://{out_dir}"), config=config, trim=trim,
+                             seeds=[seed], state=state, on_chunk=lambda i, rows: stamps.append(time.perf_counter()))
     return chunk_gaps(stamps), results[0].rows
 
 

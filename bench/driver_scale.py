@@ -143,20 +143,20 @@ class _Stub:
         self.video_url, self.stats_url = f"{out_url}/videos/{prompt_id}.mp4", f"{out_url}/stats/{prompt_id}.parquet"
 
 
-def _stub_render(backend: Any, prompts: list[str], ids: list[str], out_url: str, **_: Any) -> list[_Stub]:
-    return [_Stub(ids[0], out_url)]
+def _stub_render(backend: Any, prompts: list[str], ids: list[str], out: Any, **_: Any) -> list[_Stub]:
+    return [_Stub(ids[0], out.url)]
 
 
 class StandInExecutor:
     """The real `process_row` for every row on a thread pool (the workers), yielding each result as it finishes."""
 
     def __init__(self, spec: Any, workers: int, allow: bool) -> None:
+        from jobs.layout import JobOutput
         from jobs.policy import Claims
-        from pipeline.store import Store
 
         self.spec, self.workers, self.allow, self.calls = spec, workers, allow, 0
-        self.claims = Claims(Store(spec.output_url, spec.storage_options), lease_s=spec.lease_s,
-                             max_attempts=spec.max_attempts)
+        self.claims = Claims(JobOutput.open(spec.output_url, spec.storage_options), lease_s=spec.execution.lease_s,
+                             max_attempts=spec.execution.max_attempts)
 
     def run(self, rows: list[Any]) -> Any:
         from jobs.policy import process_row
@@ -192,7 +192,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     render_module.render_prompts = _stub_render  # type: ignore[assignment]
     counts = _count_reads()
-    spec = JobSpec(input_url=job["table"], output_url=job["out"], model="tiny", executor="local",
+    spec = JobSpec.from_fields(input_url=job["table"], output_url=job["out"], model="tiny", executor="local",
                    storage_options=job["storage_options"], lease_s=600.0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     executor = StandInExecutor(spec, job["workers"], allow=job["variant"] == "fresh")
@@ -219,7 +219,8 @@ def _markers(table_url: str, out_url: str, options: dict[str, Any]) -> list[tupl
     from jobs.run import plan
     from jobs.spec import JobSpec
 
-    spec, rows, _ = plan(JobSpec(input_url=table_url, output_url=out_url, model="tiny", storage_options=options))
+    spec, rows, _ = plan(JobSpec.from_fields(input_url=table_url, output_url=out_url, model="tiny",
+                                             storage_options=options))
     objects = []
     for row in rows:
         values = {"attempt": 0, "seed": row.seed, "num_chunks": row.num_chunks, "chunks": 1, "resumed_from": 0,

@@ -124,7 +124,7 @@ def timed_render(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | 
     sync(backend.device)
     began = time.perf_counter()
     try:
-        result = render_prompts(backend, [PROMPT], ["bench"], out.url, config=config, trim=trim, seeds=[seed],
+        result = render_prompts(backend, [PROMPT], ["bench"], out, config=config, trim=trim, seeds=[seed],
                                 on_chunk=on_chunk)
         sync(backend.device)
         wall = time.perf_counter() - began

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-import sys
 
 import click
 
@@ -23,6 +22,7 @@ LAZY_COMMANDS = {
     "status": ("jobs.job_cmds:status", "Progress of a job output, also while it runs."),
     "regress": ("jobs.job_cmds:regress", "Nightly regression: drift with and without TokenTrim vs a baseline."),
     "report": ("jobs.report_cmd:report", "Write a job's report.html: videos, drift per chunk, errors (static)."),
+    "demo": ("jobs.demo_cmd:demo", "TokenTrim alone on synthetic latents with an injected corruption, per chunk."),
 }
 
 
@@ -82,20 +82,6 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-@main.command()
-@click.option("--chunks", type=int, default=12, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--corrupt-at", type=int, multiple=True, default=(6,), show_default=True)
-def demo(chunks: int, seed: int, corrupt_at: tuple[int, ...]) -> None:
-    """TokenTrim alone on synthetic latents with injected corruption: a per-chunk table."""
-    from tokentrim.demo import main as demo_main
-
-    argv = ["--chunks", str(chunks), "--seed", str(seed)]
-    for k in corrupt_at:
-        argv += ["--corrupt-at", str(k)]
-    sys.exit(demo_main(argv))
 
 
 def slug(prompt: str) -> str:

@@ -1,11 +1,7 @@
 """The driver's reads of done markers at any scale: one listing, a done-index, concurrent reads of the rest.
 
-``done_index.parquet`` under the job output caches the bytes of done markers, each with the version tag (S3 ETag;
-locally size, mtime and inode) the listing showed when it was read. It is a cache, never a source: a marker counts
-only while a fresh listing shows it, its cached bytes are used only while the listing still shows that tag, and the
-bytes are parsed by the same reader (`jobs.policy.Claims.done`) as a marker read from the store. Markers the index
-does not hold are read concurrently (`READ_WORKERS` threads share one store), so start-up costs one listing, one
-index read and the round trips of new markers divided by the pool size.
+``done_index.parquet`` caches marker bytes with the version tag the listing showed: a cache, never a source (a marker
+counts only while a fresh listing shows it at that tag, and its bytes go through the same strict reader).
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
+from jobs.layout import DONE_PREFIX, INDEX_KEY, JobOutput
 from pipeline.errors import CorruptStateError, TokentrimError
 from pipeline.store import KeyNotFound, Store
 
@@ -27,13 +24,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-INDEX_KEY = "done_index.parquet"
 READ_WORKERS = 32
 LIST_PAGE = 1000  # keys per page of an S3 listing
-DONE_PREFIX, DONE_SUFFIX = "done/", ".json"
 
 Entries = dict[str, tuple[str, bytes]]  # prompt id -> (version tag, marker bytes)
-Reader = Callable[[Store], Callable[[str], "dict | None"]]  # store -> prompt id -> marker (Claims(store).done)
+Reader = Callable[[JobOutput], Callable[[str], "dict | None"]]  # output -> prompt id -> marker (Claims(out).done)
 
 
 def concurrent_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int = READ_WORKERS) -> list[R]:
@@ -45,18 +40,14 @@ def concurrent_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int = R
         return list(pool.map(fn, items))
 
 
-def marker_key(prompt_id: str) -> str:
-    return f"{DONE_PREFIX}{prompt_id}{DONE_SUFFIX}"
-
-
-def marker_versions(out: Store, ids: Iterable[str], *, workers: int = READ_WORKERS) -> dict[str, str]:
+def marker_versions(out: JobOutput, ids: Iterable[str], *, workers: int = READ_WORKERS) -> dict[str, str]:
     """Prompt id -> version tag of the done markers of ``ids``, from a fresh listing: one per key prefix of
     `name_prefixes`, concurrently (a listing pages sequentially, so one of a large folder is many round trips)."""
     wanted = set(ids)
     found: dict[str, str] = {}
-    prefixes = name_prefixes(wanted) if out.pages_listings else [""]
-    for tags in concurrent_map(out.versions, [DONE_PREFIX + p for p in prefixes], workers=workers):
-        found.update((k[len(DONE_PREFIX):-len(DONE_SUFFIX)], v) for k, v in tags.items() if k.endswith(DONE_SUFFIX))
+    prefixes = name_prefixes(wanted) if out.store.pages_listings else [""]
+    for tags in concurrent_map(out.store.versions, [DONE_PREFIX + p for p in prefixes], workers=workers):
+        found.update((pid, v) for k, v in tags.items() if (pid := out.done_id(k)) is not None)
     return {pid: tag for pid, tag in found.items() if pid in wanted}
 
 
@@ -64,7 +55,7 @@ def name_prefixes(ids: Iterable[str], limit: int = LIST_PAGE) -> list[str]:
     """Key prefixes that together cover the marker names of ``ids``, each shared by at most ``limit`` of them where
     the names allow (one listing page each)."""
     prefixes: list[str] = []
-    stack = [("", sorted(marker_key(pid)[len(DONE_PREFIX):] for pid in set(ids)))]
+    stack = [("", sorted(JobOutput.done_key(pid)[len(DONE_PREFIX):] for pid in set(ids)))]
     while stack:
         prefix, names = stack.pop()
         if len(names) <= limit or all(len(n) <= len(prefix) + 1 for n in names):
@@ -81,34 +72,34 @@ def index_schema() -> pa.Schema:
     return pa.schema([("prompt_id", pa.string()), ("version", pa.string()), ("marker", pa.binary())])
 
 
-def load_index(out: Store) -> Entries:
+def load_index(out: JobOutput) -> Entries:
     """The done-index of a job output; empty when there is none or it is not exactly the index's schema (a cache
     that cannot be trusted is dropped and rebuilt from the markers, never repaired)."""
     try:
-        table = out.get_table(INDEX_KEY)
+        table = out.store.get_table(INDEX_KEY)
     except KeyNotFound:
         return {}
     except CorruptStateError as exc:
         logger.warning("ignoring the done-index: %s", exc)
         return {}
     if not table.schema.equals(index_schema()) or any(table.column(i).null_count for i in range(3)):
-        logger.warning("ignoring the done-index %s: schema %s", out.join(INDEX_KEY), table.schema)
+        logger.warning("ignoring the done-index %s: schema %s", out.store.join(INDEX_KEY), table.schema)
         return {}
     ids, tags, blobs = (table.column(i).to_pylist() for i in range(3))
     del table
     return {pid: (tag, blob) for pid, tag, blob in zip(ids, tags, blobs)}
 
 
-def save_index(out: Store, entries: Mapping[str, tuple[str, bytes]]) -> None:
+def save_index(out: JobOutput, entries: Mapping[str, tuple[str, bytes]]) -> None:
     """Write the done-index as one whole object."""
     import pyarrow as pa
 
     ids = sorted(entries)
-    out.put_table(INDEX_KEY, pa.table([ids, [entries[i][0] for i in ids], [entries[i][1] for i in ids]],
+    out.store.put_table(INDEX_KEY, pa.table([ids, [entries[i][0] for i in ids], [entries[i][1] for i in ids]],
                                       schema=index_schema()))
 
 
-def sync_index(out: Store, entries: Entries, versions: Mapping[str, str], ids: Iterable[str],
+def sync_index(out: JobOutput, entries: Entries, versions: Mapping[str, str], ids: Iterable[str],
                *, workers: int = READ_WORKERS) -> bool:
     """Bring the entries of ``ids`` in line with a listing of their markers (``versions``): drop those whose marker
     is gone, read (concurrently) those not held at the listed tag. Entries of other ids are left as they are. A
@@ -121,7 +112,7 @@ def sync_index(out: Store, entries: Entries, versions: Mapping[str, str], ids: I
 
     def fetch(pid: str) -> bytes | None:
         try:
-            return out.get_bytes(marker_key(pid))
+            return out.store.get_bytes(out.done_key(pid))
         except TokentrimError as exc:  # gone since the listing, or a store failure: its reader reads it again
             logger.debug("done marker of %s not cached: %s", pid, exc)
             return None
@@ -145,7 +136,7 @@ class PrefetchedStore(Store):
         return data if data is not None else super().get_bytes(key)
 
 
-def done_markers(out: Store, read: Reader, ids: list[str], *, workers: int = READ_WORKERS
+def done_markers(out: JobOutput, read: Reader, ids: list[str], *, workers: int = READ_WORKERS
                  ) -> dict[str, dict | None | TokentrimError]:
     """The done marker (parsed by ``read``) of every id in ``ids`` that has one now, or the error reading it.
 
@@ -158,10 +149,11 @@ def done_markers(out: Store, read: Reader, ids: list[str], *, workers: int = REA
             save_index(out, entries)
         except TokentrimError as exc:  # only a cache: the next start reads those markers again
             logger.warning("could not write the done-index: %s", exc)
-    reader = read(PrefetchedStore(out, {marker_key(pid): entry[1] for pid, entry in entries.items()}))
+    cache = {out.done_key(pid): entry[1] for pid, entry in entries.items()}
+    reader = read(JobOutput(PrefetchedStore(out.store, cache)))
     cached = [pid for pid in ids if pid in versions and pid in entries]
     uncached = [pid for pid in ids if pid in versions and pid not in entries]  # their reads failed just now
-    del entries
+    del entries, cache
 
     def parse(pid: str) -> dict | None | TokentrimError:
         try:
@@ -174,7 +166,7 @@ def done_markers(out: Store, read: Reader, ids: list[str], *, workers: int = REA
     return found
 
 
-def refresh_index(out: Store, entries: Entries, ids: Iterable[str], *, workers: int = READ_WORKERS) -> None:
+def refresh_index(out: JobOutput, entries: Entries, ids: Iterable[str], *, workers: int = READ_WORKERS) -> None:
     """Add the markers of ``ids`` written since ``entries`` was last synced (a fresh listing, concurrent reads) and
     save the index; entries of other ids are kept as they are."""
     ids = list(ids)
@@ -182,5 +174,5 @@ def refresh_index(out: Store, entries: Entries, ids: Iterable[str], *, workers: 
         save_index(out, entries)
 
 
-__all__ = ["INDEX_KEY", "concurrent_map", "done_markers", "load_index", "refresh_index", "save_index",
+__all__ = ["concurrent_map", "done_markers", "load_index", "refresh_index", "save_index",
            "sync_index"]

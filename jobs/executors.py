@@ -18,12 +18,12 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from jobs.layout import JobOutput
 from jobs.policy import WORK_FIELDS, Claims, process_row
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, ModelChoice
 from jobs.table import PromptRow
 from pipeline.errors import TokentrimError
 from pipeline.storage_options import secret_option_names, shareable_options
-from pipeline.store import Store
 
 if TYPE_CHECKING:
     from pipeline.model.backend import WanBackend
@@ -42,16 +42,16 @@ class Executor(Protocol):
         ...
 
 
-def load_model(spec: JobSpec, device: str | None = None) -> WanBackend:
+def load_model(model: ModelChoice, device: str) -> WanBackend:
+    """The backend of ``model`` on ``device`` (`ModelChoice.resolve_device`)."""
     import torch
 
     from pipeline.model.backend import load_backend
 
-    device = device or spec.resolved_device
     if device.startswith("cuda") and os.environ.get(CUDA_AS_CPU_ENV) == "1":
         device = "cpu"
-    return load_backend(spec.model, device=device, dtype=getattr(torch, spec.dtype),
-                        weights=spec.weights, compile=spec.compile)
+    return load_backend(model.model, device=device, dtype=getattr(torch, model.dtype), weights=model.weights,
+                        compile=model.compile)
 
 
 def worker_device(spec: JobSpec, gpu_ids: list[Any], visible: str | None) -> str:
@@ -108,17 +108,16 @@ def private_tempdir() -> Iterator[str]:
 class LocalExecutor:
     """Serial, in this process: the model is loaded once, on the first row that needs it."""
 
-    def __init__(self, spec: JobSpec, *, force: bool = False) -> None:
+    def __init__(self, spec: JobSpec, out: JobOutput, *, force: bool = False) -> None:
         self.spec, self.force = spec, force
-        self.claims = Claims(Store(spec.output_url, spec.storage_options), lease_s=spec.lease_s,
-                             max_attempts=spec.max_attempts)
+        self.claims = Claims(out, lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts)
         self.backend: WanBackend | None = None
 
     def run(self, rows: list[PromptRow]) -> Iterator[dict[str, Any]]:
         if not rows:
             return
         if self.backend is None:
-            self.backend = load_model(self.spec)
+            self.backend = load_model(self.spec.model, self.spec.resolved_device)
         backend = self.backend
         with private_tempdir():
             for row in rows:
@@ -139,22 +138,22 @@ class RenderWorker:
         tempfile.tempdir = worker_tempdir()  # this actor process's own; a dead actor's is removed by the next one
         gpu_ids, visible = list(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES")
         device = worker_device(self.spec, gpu_ids, visible)
-        self.backend = load_model(self.spec, device)
+        self.backend = load_model(self.spec.model, device)
         RenderWorker.loads_in_process += 1
-        out = Store(self.spec.output_url, self.spec.storage_options)
-        self.claims = Claims(out, lease_s=self.spec.lease_s, max_attempts=self.spec.max_attempts)
+        out = JobOutput.open(self.spec.output_url, self.spec.storage_options)  # this process's own connections
+        self.claims = Claims(out, lease_s=self.spec.execution.lease_s, max_attempts=self.spec.execution.max_attempts)
         self.record: dict[str, Any] = {
             "host": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(i) for i in gpu_ids],
             "cuda_visible_devices": visible, "device": device, "torch_device": str(self.backend.device),
             "model_loads": RenderWorker.loads_in_process, "prompt_ids": []}
-        self.record_key, self.out = f"workers/{self.record['host']}-{os.getpid()}.json", out
+        self.record_key, self.out = out.worker_key(f"{self.record['host']}-{os.getpid()}"), out
         self._write_record()
 
     def _write_record(self) -> None:
         """Which cards this worker holds and which rows it rendered (`workers/` under the job); bookkeeping only: a
         store error here is logged, never the row's failure."""
         try:
-            self.out.put_json(self.record_key, self.record)
+            self.out.store.put_json(self.record_key, self.record)
         except TokentrimError as exc:
             logger.warning("could not write %s: %s", self.record_key, exc)
 
@@ -201,9 +200,9 @@ class RayExecutor:
                 RenderWorker,
                 fn_constructor_kwargs=self.worker_kwargs(),
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=min(self.spec.workers, len(rows)),
+                compute=ray.data.ActorPoolStrategy(size=min(self.spec.execution.workers, len(rows)),
                                                    max_tasks_in_flight_per_actor=1),
-                num_gpus=self.spec.gpus_per_worker or None,
+                num_gpus=self.spec.execution.gpus_per_worker or None,
                 num_cpus=1,
             )
         for row in ds.iter_rows():  # streamed: each row as its task finishes
@@ -242,5 +241,7 @@ def _import_ray() -> Any:
     return ray
 
 
-def make_executor(spec: JobSpec, *, force: bool = False) -> Executor:
-    return LocalExecutor(spec, force=force) if spec.executor == "local" else RayExecutor(spec, force=force)
+def make_executor(spec: JobSpec, out: JobOutput, *, force: bool = False) -> Executor:
+    """The executor of ``spec``; a local one renders to ``out``, Ray workers open the output in their own process."""
+    local = spec.execution.executor == "local"
+    return LocalExecutor(spec, out, force=force) if local else RayExecutor(spec, force=force)

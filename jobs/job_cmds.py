@@ -17,14 +17,13 @@ from typing import Any, TypeVar, cast
 import click
 
 from jobs.options import build, options
-from jobs.spec import Executor, JobSpec, OptionError
+from jobs.spec import Execution, Executor, JobSpec, ModelChoice, OptionError, RenderSettings
 from pipeline.config import RolloutConfig
 from pipeline.errors import TokentrimError, UsageError
 from pipeline.storage_options import secret_option_names
 from tokentrim.config import TrimConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
-_NOT_OPTIONS = ("input_url", "output_url", "rollout", "trim", "probe", "storage_options")
 
 
 class UserError(click.ClickException):
@@ -67,24 +66,38 @@ storage_option = click.option(
          '"http://minio:9000"}}\'; credentials come from AWS_* variables, a credentials file or a workload identity.')
 
 
+def model_and_render_options(fn: F) -> F:
+    """The model choice's options and the render settings' (the rollout's, TokenTrim's, the seed; ``--no-trim``),
+    each built from its config's own fields: `render` and the job commands share them."""
+    fn = options(TrimConfig, "trim")(fn)
+    fn = options(RolloutConfig, "rollout")(fn)
+    fn = options(RenderSettings, "render")(fn)
+    fn = options(ModelChoice, "model")(fn)
+    return click.option("--no-trim", is_flag=True, help="Baseline: the same rollout without TokenTrim.")(fn)
+
+
+def render_settings_from(groups: dict[str, Any], *, no_trim: bool) -> RenderSettings:
+    return build(RenderSettings, "render", groups, rollout=build(RolloutConfig, "rollout", groups),
+                 trim=None if no_trim else build(TrimConfig, "trim", groups))
+
+
 def job_options(exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """The job spec's, the rollout's and TokenTrim's options, each built from its config's own fields."""
+    """The model choice's, the render settings' and the execution's options (``exclude``: execution fields set by
+    the command itself)."""
     def decorate(fn: F) -> F:
-        fn = options(TrimConfig, "trim")(fn)
-        fn = options(RolloutConfig, "rollout")(fn)
-        fn = options(JobSpec, "job", exclude=(*_NOT_OPTIONS, *exclude))(fn)
-        fn = click.option("--no-trim", is_flag=True, help="Baseline: the same rollout without TokenTrim.")(fn)
-        return storage_option(fn)
+        fn = options(Execution, "execution", exclude=exclude)(fn)
+        return storage_option(model_and_render_options(fn))
 
     return decorate
 
 
 def spec_from(groups: dict[str, Any], *, input_url: str, output_url: str, no_trim: bool,
-              storage_options: str | None, **fixed: Any) -> JobSpec:
-    return build(JobSpec, "job", groups, input_url=input_url, output_url=output_url,
-                 rollout=build(RolloutConfig, "rollout", groups),
-                 trim=None if no_trim else build(TrimConfig, "trim", groups),
-                 storage_options=parse_storage_options(storage_options), **fixed)
+              storage_options: str | None, **execution: Any) -> JobSpec:
+    """The job spec of a command's parsed options (``execution``: fields the command fixes itself)."""
+    return JobSpec(input_url, output_url, model=build(ModelChoice, "model", groups),
+                   render=render_settings_from(groups, no_trim=no_trim),
+                   execution=build(Execution, "execution", groups, **execution),
+                   storage_options=parse_storage_options(storage_options))
 
 
 def require_cluster(spec: JobSpec) -> None:
@@ -105,12 +118,12 @@ def job_progress(spec: JobSpec) -> Iterator[Any]:
 
     from jobs.cli_progress import JobBar, is_tty, native_stderr_diverted
 
-    if spec.executor != "ray" or not is_tty() or logging.getLogger().isEnabledFor(logging.INFO):
-        yield JobBar(spec.model)
+    if spec.execution.executor != "ray" or not is_tty() or logging.getLogger().isEnabledFor(logging.INFO):
+        yield JobBar(spec.model.model)
         return
     with native_stderr_diverted() as (path, terminal):
         click.echo(f"Ray's own log lines: {path} (tokentrim -v shows them here)", file=terminal)
-        yield JobBar(spec.model, terminal)
+        yield JobBar(spec.model.model, terminal)
 
 
 def _report(report: Any) -> None:
@@ -164,26 +177,30 @@ def submit(table: str, out_url: str, force: bool, no_trim: bool, storage_options
 def resume(out_url: str, workers: int | None, executor: str | None, storage_options: str | None) -> None:
     """Run the job recorded in OUT_URL/job.json again, writing under OUT_URL (wherever the job was first written):
     finished prompts are skipped, the rest continue."""
+    from jobs.layout import JobOutput
     from jobs.run import load_spec
     from jobs.run import submit as run_submit
+    from jobs.spec import absolute_url
 
-    try:
-        spec = load_spec(out_url, parse_storage_options(storage_options))
+    try:  # absolute, as the spec's URLs: the results name every output by it
+        out = JobOutput.open(absolute_url(out_url), parse_storage_options(storage_options))
+        spec = load_spec(out)
     except TokentrimError as exc:
         raise click_error(exc) from exc
     except ValueError as exc:  # a job.json whose spec does not validate
         raise click.ClickException(f"job.json under {out_url!r}: {exc}") from exc
     try:
         if workers is not None:
-            spec = dataclasses.replace(spec, workers=workers)
+            spec = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, workers=workers))
         if executor is not None:
-            spec = dataclasses.replace(spec, executor=cast(Executor, executor))
+            spec = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution,
+                                                                           executor=cast(Executor, executor)))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--workers") from exc
     try:
         require_cluster(spec)
         with job_progress(spec) as bar:
-            report = run_submit(spec, progress=bar)
+            report = run_submit(spec, progress=bar, output=out)
         _report(report)
     except OptionError as exc:
         raise UserError(str(exc)) from exc
@@ -198,10 +215,11 @@ def resume(out_url: str, workers: int | None, executor: str | None, storage_opti
 def status(out_url: str, as_json: bool, storage_options: str | None) -> None:
     """Progress of the job under OUT_URL: rows by status, live and stale leases with their chunk, last results,
     stored bytes, an ETA."""
+    from jobs.layout import JobOutput
     from jobs.run import status as job_status
 
     try:
-        report = job_status(out_url, parse_storage_options(storage_options))
+        report = job_status(JobOutput.open(out_url, parse_storage_options(storage_options)))
     except TokentrimError as exc:
         raise click_error(exc) from exc
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else status_text(report))
@@ -280,7 +298,7 @@ def regress(out_url: str, baseline_url: str | None, prompts: int, table: str | N
 
     if no_trim:
         raise click.BadParameter("regress renders both variants itself", param_hint="--no-trim")
-    spec = spec_from(groups, input_url=table or default_table(groups.get("job__model")), output_url=out_url,
+    spec = spec_from(groups, input_url=table or default_table(groups.get("model__model")), output_url=out_url,
                      no_trim=False, storage_options=storage_options, limit=prompts)
     require_cluster(spec)
     try:

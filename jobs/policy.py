@@ -1,19 +1,10 @@
 """The job policy, in one place: claims and leases, attempts and poison, done markers, retention, the results schema.
 
-Executors (`jobs.executors`: a serial local one and the Ray one) only dispatch rows to `process_row`; every decision
-about a prompt is taken here. Under the job's output, per prompt id:
-
-  ``claims/<id>/<n>.json``   attempt n's claim, created create-only (two workers cannot both create n)
-  ``claims/<id>/<n>.lease``  its lease: ``state`` (`jobs.markers.LEASE_STATES`) and ``expires_at``; a heartbeat
-                             thread renews a held lease every ``lease_s / 3`` while the prompt is restored and rendered
-  ``done/<id>.json``         created (create-only) after the video and stats: the prompt is finished (its result
-                             values, the seed); at most one attempt ever creates it
-
-A worker takes attempt n+1 only when attempt n is not held by a live lease. Attempts that failed, or whose holder died
-(a held lease that ran out), count towards ``max_attempts``; an attempt given back because the prompt turned out to be
-finished (``yielded``) or cut off (``lost``) does not. Every commit of a prompt's state is fenced (`Claims.fence`): a
-holder whose lease ran out or was taken over stops before its next commit. A worker that finds a live lease does not
-wait: the row comes back as ``busy``, and the driver hands it out again as soon as the holder is done.
+Executors only dispatch rows to `process_row`. Per prompt, attempt n is claimed create-only (``claims/<id>/<n>.json``)
+with a lease renewed by a heartbeat; ``done/<id>.json`` is created create-only after the video and stats, so at most
+one attempt ever finishes a prompt. The non-obvious part: every other commit is fenced (`Claims.fence`), so a holder
+whose lease ran out or was taken over stops before its next commit, and a live lease elsewhere sends the row back
+``busy`` instead of waiting.
 """
 
 from __future__ import annotations
@@ -32,12 +23,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jobs.done_index import done_markers
+from jobs.layout import STATS_KEY, VIDEO_KEY, JobOutput
 from jobs.markers import check_claim, check_done, check_lease
 from jobs.spec import JobSpec
 from jobs.table import PromptRow
 from pipeline.errors import CorruptStateError, LeaseLostError, StoreError, TokentrimError, TransientError
 from pipeline.hashing import canonical, digest_canonical
-from pipeline.store import KeyNotFound, Store
+from pipeline.store import KeyNotFound
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -46,8 +38,6 @@ if TYPE_CHECKING:
     from pipeline.outputs.render import RenderResult
 
 logger = logging.getLogger(__name__)
-
-VIDEO_KEY, STATS_KEY = "videos/{id}.mp4", "stats/{id}.parquet"
 
 # The one definition of a results row: name, Arrow type and what it holds (the Parquet field's "description").
 # `result_row` and `results_schema` are built from it.
@@ -168,9 +158,12 @@ def owner_token() -> str:
 class Claims:
     """Claims, leases and done markers of one job output."""
 
-    def __init__(self, store: Store, *, lease_s: float, max_attempts: int,
+    def __init__(self, output: JobOutput, *, lease_s: float, max_attempts: int,
                  clock: Callable[[], float] = time.time) -> None:
-        self.store, self.lease_s, self.max_attempts, self.clock = store, lease_s, max_attempts, clock
+        if not isinstance(output, JobOutput):
+            raise TypeError(f"`output` must be a JobOutput, got {type(output).__name__}")
+        self.output, self.lease_s, self.max_attempts, self.clock = output, lease_s, max_attempts, clock
+        self.store = output.store
 
     @property
     def margin_s(self) -> float:
@@ -180,7 +173,7 @@ class Claims:
     def done(self, prompt_id: str) -> dict | None:
         """The done marker of a prompt, checked strictly (`jobs.markers.check_done`), or None;
         `CorruptStateError` when it is anything else."""
-        key = f"done/{prompt_id}.json"
+        key = self.output.done_key(prompt_id)
         try:
             marker = self.store.get_json(key)
         except KeyNotFound:
@@ -199,7 +192,7 @@ class Claims:
         """Create the done marker, create-only: True if this call made it; False if a valid marker with the same
         ``row_hash`` was there first (another attempt finished the prompt). A corrupt marker, or one written under
         other settings, is replaced."""
-        key = f"done/{prompt_id}.json"
+        key = self.output.done_key(prompt_id)
         body = json.dumps(summary, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
         for _ in range(3):
             if self.store.create_only(key, body):
@@ -211,9 +204,7 @@ class Claims:
         return False
 
     def attempts(self, prompt_id: str) -> list[int]:
-        keys = self.store.list(f"claims/{prompt_id}/")
-        names = (k.rsplit("/", 1)[1][:-5] for k in keys if k.endswith(".json"))
-        return sorted(int(n) for n in names if n.isdigit())
+        return self.output.attempts(prompt_id)
 
     def acquire(self, prompt_id: str) -> Claim | Busy | str:
         """A new claim, `Busy` (a live lease exists) or ``"poison"`` (failed attempts used up).
@@ -228,7 +219,7 @@ class Claims:
         n = attempts[-1] + 1 if attempts else 0
         token = owner_token()
         body = json.dumps({"owner": token, "attempt": n, "claimed_at": self.clock(), "lease_s": self.lease_s})
-        if not self.store.create_only(f"claims/{prompt_id}/{n}.json", body.encode()):
+        if not self.store.create_only(self.output.claim_key(prompt_id, n), body.encode()):
             return Busy(self.clock())  # another worker created attempt n just now: its lease tells how long
         claim = Claim(prompt_id, n, token)
         self.renew(claim)
@@ -273,20 +264,20 @@ class Claims:
             raise LeaseLostError(f"attempt {claim.attempt} on {claim.prompt_id} is not current: {claim.lost}")
 
     def _put_lease(self, claim: Claim, state: str, expires_at: float) -> None:
-        self.store.put_json(f"claims/{claim.prompt_id}/{claim.attempt}.lease",
+        self.store.put_json(self.output.lease_key(claim.prompt_id, claim.attempt),
                             {"owner": claim.token, "state": state, "expires_at": expires_at})
 
     def _lease(self, prompt_id: str, attempt: int) -> dict[str, Any]:
         """Attempt n's lease, checked against its claim; a claim whose lease is not written yet is held until
         ``claimed_at + lease_s``."""
-        key = f"claims/{prompt_id}/{attempt}"
-        claim = check_claim(self.store.get_json(f"{key}.json"), f"{key}.json", attempt)
+        claim_key, lease_key = self.output.claim_key(prompt_id, attempt), self.output.lease_key(prompt_id, attempt)
+        claim = check_claim(self.store.get_json(claim_key), claim_key, attempt)
         try:
-            lease = self.store.get_json(f"{key}.lease")
+            lease = self.store.get_json(lease_key)
         except KeyNotFound:
             lease = {"owner": claim["owner"], "state": "held",
                      "expires_at": float(claim["claimed_at"]) + float(claim["lease_s"])}
-        return check_lease(lease, f"{key}.lease", claim, self.clock())
+        return check_lease(lease, lease_key, claim, self.clock())
 
     def last_lease(self, prompt_id: str) -> tuple[int, dict[str, Any], float | None] | None:
         """The latest attempt on a prompt: its number, its lease and when it was claimed (None: never claimed)."""
@@ -294,7 +285,7 @@ class Claims:
         if not attempts:
             return None
         try:
-            claim = self.store.get_json(f"claims/{prompt_id}/{attempts[-1]}.json")
+            claim = self.store.get_json(self.output.claim_key(prompt_id, attempts[-1]))
             claimed_at = float(claim["claimed_at"]) if isinstance(claim, dict) else None
         except (KeyNotFound, CorruptStateError, KeyError, TypeError, ValueError):
             claimed_at = None
@@ -378,7 +369,7 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
         if isinstance(claim, Busy):
             return result_row(row, "busy", "another worker holds a live lease", retry_at=claim.until)
         if isinstance(claim, str):
-            return result_row(row, "poison", f"failed {spec.max_attempts} attempts; not tried again")
+            return result_row(row, "poison", f"failed {spec.execution.max_attempts} attempts; not tried again")
         try:
             with Heartbeat(claims, claim):  # stopped before the lease is given up below: no renewal after that
                 # finished while we claimed (a concurrent job's worker): the claim is given back unspent
@@ -399,7 +390,7 @@ def _process(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: Claims,
             claims.finish(claim, "failed")
             return result_row(row, "failed", f"{type(exc).__name__}: {exc}", attempt=claim.attempt)
         if rendered:
-            drop_state(claims.store, row.prompt_id, keep=spec.keep_state)
+            drop_state(claims.output, row.prompt_id, keep=spec.execution.keep_state)
         return result
 
 
@@ -410,12 +401,12 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
     from pipeline.outputs.render import render_prompts
 
     began = time.perf_counter()
-    out = claims.store
-    config = dataclasses.replace(spec.rollout, num_chunks=row.num_chunks)
-    state = Store(out.join(f"rollouts/{row.prompt_id}"), out.storage_options)
-    result = render_prompts(backend, [row.prompt], [row.prompt_id], out.url, config=config, trim=spec.trim,
-                            seeds=[row.seed], state_url=state, storage_options=out.storage_options,
-                            force_restart=force, names=(VIDEO_KEY, STATS_KEY), probe=spec.probe,
+    out = claims.output
+    settings = spec.render
+    config = dataclasses.replace(settings.rollout, num_chunks=row.num_chunks)
+    result = render_prompts(backend, [row.prompt], [row.prompt_id], out.store, config=config, trim=settings.trim,
+                            seeds=[row.seed], state=out.rollout(row.prompt_id), force_restart=force,
+                            names=(VIDEO_KEY, STATS_KEY), video=settings.video, probe=settings.probe,
                             fence=lambda: claims.fence(claim))[0]
     values = {**drift_summary(result), "video": result.video_url, "stats": result.stats_url,
               "attempt": claim.attempt, "seed": row.seed, "num_chunks": row.num_chunks,
@@ -425,7 +416,7 @@ def _render_claimed(backend: WanBackend, spec: JobSpec, row: PromptRow, claims: 
         logger.warning("prompt %s: another attempt committed its done marker first", row.prompt_id)
         skipped = from_marker(row, spec, claims.done_or_none(row.prompt_id))
         if skipped is None:
-            raise StoreError(f"done/{row.prompt_id}.json could not be created (replaced three times)")
+            raise StoreError(f"{out.done_key(row.prompt_id)} could not be created (replaced three times)")
         return skipped
     return result_row(row, "ok", None, reused=False, **values)
 
@@ -449,7 +440,7 @@ def _finite(value: Any) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def drop_state(out: Store, prompt_id: str, *, keep: bool) -> int:
+def drop_state(out: JobOutput, prompt_id: str, *, keep: bool) -> int:
     """Retention: delete ``rollouts/<id>/`` once the prompt's outputs are committed (unless ``keep``).
 
     Returns the number of objects deleted. A failure is logged, never fatal: the prompt is finished either way.
@@ -457,21 +448,23 @@ def drop_state(out: Store, prompt_id: str, *, keep: bool) -> int:
     if keep:
         return 0
     try:
-        keys = out.list(f"rollouts/{prompt_id}/")
+        state = out.rollout(prompt_id)
+        keys = state.list()
         for key in keys:
-            out.delete(key)
+            state.delete(key)
     except TokentrimError as exc:
         logger.warning("could not delete the rollout state of %s: %s", prompt_id, exc)
         return 0
     return len(keys)
 
 
-def finished_rows(spec: JobSpec, rows: list[PromptRow], out: Store) -> tuple[list[dict[str, Any]], list[PromptRow]]:
+def finished_rows(spec: JobSpec, rows: list[PromptRow], out: JobOutput
+                  ) -> tuple[list[dict[str, Any]], list[PromptRow]]:
     """The driver's first pass, before any worker starts: rows already done get their result row here (a marker
     that cannot be read now: a failed row); the others (a corrupt done marker included: the prompt is not
     finished) are returned to be rendered."""
-    def reader(store: Store) -> Callable[[str], dict | None]:
-        return Claims(store, lease_s=spec.lease_s, max_attempts=spec.max_attempts).done_or_none
+    def reader(output: JobOutput) -> Callable[[str], dict | None]:
+        return Claims(output, lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts).done_or_none
 
     markers = done_markers(out, reader, [row.prompt_id for row in rows])  # concurrent, and from the done-index
     results: list[dict[str, Any]] = []

@@ -1,28 +1,23 @@
-"""What a running job has committed, read back from its output while it runs: the feed of the driver's progress bar.
+"""What a running job has committed, read back from its output while it runs: the feed of the progress bar.
 
-`JobWatcher` polls the job's store from a thread of its own: ``done/`` markers (prompts finished, with their numbers)
-and the chunk markers under ``rollouts/<id>/`` (the chunk each unfinished prompt has committed, the chunks TokenTrim
-pruned). It works the same for the local and the Ray executor, since both commit the same objects; it only reads.
-Each poll hands a `JobSnapshot` to a `JobProgress` (the command line's display); nothing here writes to a terminal.
+`JobWatcher` polls the done markers and the rollouts' chunk markers from a thread of its own; it only reads, so it
+works the same for the local and the Ray executor.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from jobs.layout import JobOutput
 from jobs.table import PromptRow
 from pipeline.errors import TokentrimError
-from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
-
-_CHUNK_MARKER = re.compile(r"^rollouts/([^/]+)/chunk-(\d{6})\.json$")
 
 
 @dataclass
@@ -67,7 +62,7 @@ class JobProgress(Protocol):
 class JobWatcher:
     """Polls ``out`` every ``interval_s`` for the rows being rendered and reports to ``progress``."""
 
-    def __init__(self, out: Store, rows: list[PromptRow], progress: JobProgress, *, label: str = "",
+    def __init__(self, out: JobOutput, rows: list[PromptRow], progress: JobProgress, *, label: str = "",
                  interval_s: float = 1.0) -> None:
         self.out, self.progress, self.interval_s = out, progress, interval_s
         self.chunks = {r.prompt_id: r.num_chunks for r in rows}
@@ -99,7 +94,7 @@ class JobWatcher:
         snap = self.snapshot
         snap.finished = []
         try:
-            done = {k[len("done/"):-len(".json")] for k in self.out.list("done/") if k.endswith(".json")}
+            done = self.out.done_ids()
             for pid in sorted((done & set(self.chunks)) - self._seen_done):
                 self._seen_done.add(pid)
                 finished = self._finished(pid)
@@ -116,7 +111,7 @@ class JobWatcher:
 
     def _finished(self, prompt_id: str) -> Finished:
         try:
-            marker = self.out.get_json(f"done/{prompt_id}.json")
+            marker = self.out.store.get_json(self.out.done_key(prompt_id))
         except (TokentrimError, OSError):
             marker = None
         marker = marker if isinstance(marker, dict) else {}
@@ -125,11 +120,9 @@ class JobWatcher:
 
     def _running(self) -> dict[str, tuple[int, int]]:
         committed: dict[str, int] = {}
-        for key in self.out.list("rollouts/"):
-            match = _CHUNK_MARKER.match(key)
-            if match is None or match[1] not in self.chunks or match[1] in self._seen_done:
+        for pid, index, key in self.out.chunk_markers():
+            if pid not in self.chunks or pid in self._seen_done:
                 continue
-            pid, index = match[1], int(match[2])
             committed[pid] = max(committed.get(pid, 0), index + 1)
             pruned = self._pruned_live.setdefault(pid, {})
             if index not in pruned:
@@ -140,7 +133,7 @@ class JobWatcher:
 
     def _pruned_in(self, key: str) -> int:
         try:
-            marker = self.out.get_json(key)
+            marker = self.out.store.get_json(key)
         except (TokentrimError, OSError):
             return 0
         rows = marker.get("rows") if isinstance(marker, dict) else None
@@ -156,7 +149,7 @@ def _float(value: Any) -> float | None:
 
 
 @contextmanager
-def watching(out: Store, rows: list[PromptRow], progress: JobProgress | None, *, label: str = "",
+def watching(out: JobOutput, rows: list[PromptRow], progress: JobProgress | None, *, label: str = "",
              interval_s: float = 1.0) -> Iterator[None]:
     """Report the job's progress to ``progress`` (when given) while the block runs."""
     if progress is None:

@@ -1,18 +1,9 @@
-"""What the regression measures from the rendered videos themselves (the drift metrics come from the stats tables):
+"""What the regression measures from the rendered videos themselves: on the canary what the detector sees, and what
+a known corruption (`pipeline.rollout.probe`) does. Every metric is "higher is worse".
 
-- canary-aware metrics (`--model canary` only; `canary.detect`): ``canary_miss`` (1 when the detector does
-  not find the named colour moving the named way), ``traj_err`` (px per frame off the named motion),
-  ``mass_err`` (|1 - named-colour pixels / shape area|) and ``background_err`` (mean |pixel - true background|
-  away from objects, 0-255);
-- what a known corruption (`pipeline.rollout.probe`, TokenTrim on) does, measured as an effect, not as identity
-  (a regenerated chunk differs from the clean run by construction): ``probe_missed``, the share of the probe's
-  tokens TokenTrim did not prune while generating the probed chunk and the next (it still finds them); on the canary
-  also what the detector sees in the chunks after the probed one, decoded by a decoder warmed on the clean run's
-  chunks up to the probed one (`canary.effect.warm_decode`, so the VAE's causal cache does not carry the
-  corrupted chunk's look forward): ``probe_artefacts`` (share of those chunks with an artefact label: vanish, split,
-  foreign object, wrong colour), ``probe_mass_err`` and ``probe_traj_err``.
-
-Every metric is "higher is worse"; `jobs.regress.compare` judges them against the baseline.
+The probe is judged by its effect, not by identity (a regenerated chunk differs from the clean run by construction):
+the chunks after it are decoded by a decoder warmed on the clean run, so the VAE's causal cache does not carry the
+corrupted chunk's look forward.
 """
 
 from __future__ import annotations
@@ -21,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.layout import JobOutput
 from pipeline.rollout.probe import Probe
 from pipeline.store import Store
 
@@ -54,13 +46,12 @@ def canary_measures(frames: np.ndarray, prompt: str) -> dict[str, float]:
             "background_err": float(m["background_err"].mean())}
 
 
-def probe_records(out: Store, row: dict[str, Any]) -> list[Any]:
+def probe_records(out: JobOutput, row: dict[str, Any]) -> list[Any]:
     """The verified `ChunkRecord`s a rollout kept under ``rollouts/<id>/`` (the job ran with ``keep_state``)."""
     from pipeline.outputs.checkpoint import RolloutCheckpoints
 
     pid = row["prompt_id"]
-    records = RolloutCheckpoints(Store(out.join(f"rollouts/{pid}"), out.storage_options), row["render_hash"],
-                                 [pid]).load()
+    records = RolloutCheckpoints(out.rollout(pid), row["render_hash"], [pid]).load()
     expected = row.get("num_chunks")
     if not records or (isinstance(expected, int) and len(records) != expected):
         raise ValueError(f"{pid}: {len(records)} committed chunks under rollouts/{pid}/, expected {expected}")

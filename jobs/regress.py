@@ -1,13 +1,8 @@
-"""Nightly quality regression: a fixed prompt set rendered with and without TokenTrim, drift metrics per video
-compared with a stored baseline, an HTML page (`jobs.report`) and a markdown report with the curves (matplotlib
-SVG), and a failing exit on regression. The TokenTrim-off variant is ``no-trim``; "baseline" is only the stored
-figures a run is compared with.
+"""Nightly quality regression: a fixed prompt set rendered as three jobs (``tokentrim``, ``no-trim``, ``probe``),
+drift metrics compared with a stored baseline, a report, and a failing exit on regression.
 
-Drift of a metric over a video: ``delta = mean(last quarter of chunks) - mean(first quarter)``. The metrics are
-model-free (REFERENCE: drift proxies): latent distance to the first chunk, colour-histogram distance to the first
-chunk, luma, and steadiness (VBench's temporal-flickering score, higher = steadier). A run regresses when a
-variant's mean |delta| of a metric grows beyond ``tolerance`` (relative) + ``slack`` (absolute) over the baseline, or
-when any prompt fails to render.
+A metric's drift over a video is ``mean(last quarter of chunks) - mean(first quarter)``; "baseline" only ever means
+the stored figures a run is compared with, never the TokenTrim-off variant.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+from jobs.layout import JobOutput
 from jobs.progress import JobProgress
 from jobs.quality import (
     CANARY_METRICS,
@@ -33,7 +29,7 @@ from jobs.quality import (
     video_frames,
 )
 from jobs.run import plan, submit
-from jobs.spec import JobSpec, OptionError
+from jobs.spec import JobSpec, OptionError, absolute_url
 from pipeline.errors import InputError
 from pipeline.hashing import digest as config_hash
 from pipeline.rollout.probe import Probe
@@ -93,12 +89,13 @@ def drift_delta(values: list[float]) -> float:
     return sum(values[-k:]) / k - sum(values[:k]) / k
 
 
-def _stats(out: Store, prompt_id: str) -> dict[str, list[float]]:
-    table = out.get_table(f"stats/{prompt_id}.parquet")
+def _stats(out: JobOutput, prompt_id: str) -> dict[str, list[float]]:
+    table = out.store.get_table(out.stats_key(prompt_id))
     return {m: [float(v) for v in table.column(m).to_pylist()] for m in METRICS}
 
 
-def measure(out: Store, results: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+def measure(out: JobOutput, results: list[dict[str, Any]]
+            ) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
     """Mean |delta| per metric over the rendered prompts, mean curves, and the prompts that did not render."""
     ok, failed = ok_ids(results), failed_rows(results)
     if not ok:
@@ -189,21 +186,22 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store, clean_rows: list[dict[str, Any]],
+def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: JobOutput, clean_rows: list[dict[str, Any]],
                    metrics: dict[str, dict[str, float]], progress: JobProgress | None = None) -> list[str]:
     """Render the probe variant (TokenTrim on, `probe` injected); ``metrics["probe"]``: ``probe_missed`` and, on the
     canary, the detector's figures after the probed chunk (`jobs.quality`), decoded after the clean run's chunks."""
-    vspec = dataclasses.replace(spec, output_url=out.join(PROBE_VARIANT), probe=probe, keep_state=True)
-    report = submit(vspec, progress=progress)
-    probed = Store(vspec.output_url, spec.storage_options)
+    probed = JobOutput(out.child(PROBE_VARIANT))
+    vspec = dataclasses.replace(spec, output_url=probed.url, render=dataclasses.replace(spec.render, probe=probe),
+                                execution=dataclasses.replace(spec.execution, keep_state=True))
+    report = submit(vspec, progress=progress, output=probed)
     clean_by_id = {r["prompt_id"]: r for r in clean_rows if r["status"] == "ok"}
     rows = [r for r in report.results if r["status"] == "ok" and r["prompt_id"] in clean_by_id]
     per_prompt: list[dict[str, float]] = []
     backend = None
-    if spec.model == "canary" and rows:
+    if spec.model.model == "canary" and rows:
         from jobs.executors import load_model
 
-        backend = load_model(spec)
+        backend = load_model(spec.model, spec.resolved_device)
     prompts = {row.prompt_id: row.prompt for row in plan(spec)[1]}
     for row in rows:
         records = probe_records(probed, row)
@@ -211,7 +209,7 @@ def _probe_variant(spec: JobSpec, out: Store, probe: Probe, clean: Store, clean_
         if backend is not None:
             clean_records = probe_records(clean, clean_by_id[row["prompt_id"]])
             figures.update(probe_quality(backend, clean_records, records, probe, prompts[row["prompt_id"]],
-                                         spec.rollout.chunk_frames))
+                                         spec.render.rollout.chunk_frames))
         per_prompt.append(figures)
     names = ("probe_missed", *(PROBE_CANARY_METRICS if backend is not None else ()))
     metrics[PROBE_VARIANT] = (mean_measures(per_prompt, names) if per_prompt
@@ -228,15 +226,15 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     detector (`jobs.quality`)."""
     if not tolerance >= 0 or not slack >= 0:
         raise InputError(f"`tolerance` and `slack` must be >= 0, got {tolerance!r} and {slack!r}")
-    if spec.trim is None:
+    if spec.render.trim is None:
         raise InputError("`trim` must be set: the regression renders with and without TokenTrim itself")
-    out = Store(spec.output_url, spec.storage_options)
+    out = Store(absolute_url(spec.output_url), spec.storage_options)  # the variants' jobs record absolute URLs
     base_store, key = ((out, "baseline.json") if baseline_url is None
                        else split_url(baseline_url, spec.storage_options))
     rows, refused = plan(spec)[1:]
     if invalid := [r for r in refused if r["status"] == "invalid"]:  # a regression judges every prompt it names
         raise OptionError(f"the regression's prompt table has invalid rows: {invalid[0]['error']}")
-    probe = default_probe(spec.rollout.num_chunks) if probe_on else None
+    probe = default_probe(spec.render.rollout.num_chunks) if probe_on else None
     settings = settings_of(spec, [row.prompt_id for row in rows], probe)
     try:
         baseline = None if update_baseline else base_store.get_json(key)
@@ -251,16 +249,18 @@ def run_regression(spec: JobSpec, *, baseline_url: str | None = None, tolerance:
     prompts = {row.prompt_id: row.prompt for row in rows}
     stores, results = {}, {}
     for variant in VARIANTS:
-        vspec = dataclasses.replace(spec, output_url=out.join(variant),
-                                    trim=spec.trim if variant == "tokentrim" else None,
-                                    keep_state=spec.keep_state or (variant == "tokentrim" and probe is not None))
-        report = submit(vspec, progress=progress)
+        stores[variant] = JobOutput(out.child(variant))
+        keep = spec.execution.keep_state or (variant == "tokentrim" and probe is not None)
+        vspec = dataclasses.replace(
+            spec, output_url=stores[variant].url,
+            render=dataclasses.replace(spec.render, trim=spec.render.trim if variant == "tokentrim" else None),
+            execution=dataclasses.replace(spec.execution, keep_state=keep))
+        report = submit(vspec, progress=progress, output=stores[variant])
         results[variant] = report.results
-        stores[variant] = Store(vspec.output_url, spec.storage_options)
         metrics[variant], curves[variant], failed = measure(stores[variant], report.results)
         failures += [f"{variant}: {f}" for f in failed]
-        if spec.model == "canary":
-            per_video = [canary_measures(video_frames(stores[variant], f"videos/{pid}.mp4"), prompts[pid])
+        if spec.model.model == "canary":
+            per_video = [canary_measures(video_frames(stores[variant].store, JobOutput.video_key(pid)), prompts[pid])
                          for pid in ok_ids(report.results)]
             metrics[variant].update(mean_measures(per_video, CANARY_METRICS))
     if probe is not None:

@@ -1,10 +1,7 @@
-"""`tokentrim report`: one static HTML page per job output (``report.html`` under the job) and per regression.
+"""`tokentrim report`: one static HTML page per job output (``report.html``) and per regression.
 
-Job page: per prompt its video, a chart of TokenTrim's severity and threshold per chunk (pruned chunks marked), its
-drift figures, in one table that sorts and filters in the page; the rows that did not render, with their errors.
-The pages make no network request: charts are inline SVG (`jobs.plots`), style and script are inline, videos are
-relative links (``videos/<id>.mp4``), so the folder can be copied anywhere or served by any static server.
-Everything read back from the store is checked before it is shown; the template engine escapes all text.
+The pages make no network request (inline SVG charts, style and script; videos linked relative to the page), so the
+folder can be copied anywhere; everything read back from the store is checked before it is shown.
 """
 
 from __future__ import annotations
@@ -17,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from jobs.policy import STATS_KEY, STATUSES, VIDEO_KEY
+from jobs.layout import PAGE_KEY, RESULTS_KEY, JobOutput
+from jobs.policy import STATUSES
 from jobs.run import load_spec
 from pipeline.errors import CorruptStateError
 from pipeline.rollout.chunk_stats import VERDICTS
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
     from jobs.regress import Regression
     from jobs.spec import JobSpec
 
-PAGE_KEY = "report.html"
 # results columns shown per prompt, with their meaning (column headers' tooltips)
 FIGURES = {"mean_severity": "mean TokenTrim severity over judged chunks (latent L2 drift of the top-p tokens)",
            "latent_dist_first": "latent RMS distance of the last chunk to the first",
@@ -104,12 +101,12 @@ def _count(value: Any, where: str) -> int | None:
     return value
 
 
-def read_results(out: Store) -> list[dict[str, Any]]:
+def read_results(out: JobOutput) -> list[dict[str, Any]]:
     """``results.parquet`` as checked rows (prompt id, status in `STATUSES`, error, counts, figures)."""
     try:
-        rows = out.get_table("results.parquet").to_pylist()
+        rows = out.store.get_table(RESULTS_KEY).to_pylist()
     except KeyNotFound as exc:
-        raise CorruptStateError(f"no results.parquet under {out.url!r}: run or resume the job first") from exc
+        raise CorruptStateError(f"no {RESULTS_KEY} under {out.url!r}: run or resume the job first") from exc
     checked = []
     for i, r in enumerate(rows):
         where = f"results.parquet row {i}"
@@ -127,10 +124,10 @@ def read_results(out: Store) -> list[dict[str, Any]]:
     return checked
 
 
-def read_chunks(out: Store, prompt_id: str) -> dict[str, list[Any]]:
+def read_chunks(out: JobOutput, prompt_id: str) -> dict[str, list[Any]]:
     """The per-chunk columns a chart needs from ``stats/<id>.parquet``, checked."""
-    key = STATS_KEY.format(id=prompt_id)
-    table = out.get_table(key)
+    key = out.stats_key(prompt_id)
+    table = out.store.get_table(key)
     names = ("chunk", "severity", "threshold", "verdict", "latent_dist_first")
     missing = [n for n in names if n not in table.column_names]
     if missing:
@@ -153,10 +150,10 @@ def prompt_verdict(verdicts: list[str]) -> str:
 
 def video_href(prompt_id: str, folder: str = "") -> str:
     """The page-relative link of a prompt's mp4 (``folder`` for a variant's job under a regression)."""
-    return quote(folder + VIDEO_KEY.format(id=prompt_id))
+    return quote(folder + JobOutput.video_key(prompt_id))
 
 
-def prompt_view(out: Store, row: dict[str, Any], prompts: dict[str, str]) -> PromptView:
+def prompt_view(out: JobOutput, row: dict[str, Any], prompts: dict[str, str]) -> PromptView:
     """A results row with its chart and video link; a prompt whose stats cannot be read keeps its row, with why."""
     from jobs.plots import severity_chart
 
@@ -189,10 +186,9 @@ def prompt_texts(spec: JobSpec) -> dict[str, str]:
         return {}
 
 
-def job_report(output_url: str, storage_options: dict[str, Any] | None = None) -> str:
+def job_report(out: JobOutput) -> str:
     """Write ``report.html`` under a job output; returns its URL."""
-    out = Store(output_url, storage_options)
-    spec = load_spec(output_url, storage_options)
+    spec = load_spec(out)
     results = read_results(out)
     prompts = prompt_texts(spec)
     views = [prompt_view(out, r, prompts) for r in results if r["status"] not in SHOWN_ERRORS + ("excluded",)]
@@ -204,8 +200,8 @@ def job_report(output_url: str, storage_options: dict[str, Any] | None = None) -
         counts=counts, views=views, errors=[r for r in results if r["status"] in SHOWN_ERRORS],
         figures=FIGURES, verdicts=("pruned", "accepted", "not judged", "none"), date=now_utc(),
         commit=source_commit())
-    out.put_bytes(PAGE_KEY, html.encode("utf-8"))
-    return out.join(PAGE_KEY)
+    out.store.put_bytes(PAGE_KEY, html.encode("utf-8"))
+    return out.store.join(PAGE_KEY)
 
 
 def regression_page(out: Store, result: Regression) -> str:
@@ -216,8 +212,9 @@ def regression_page(out: Store, result: Regression) -> str:
 
     curves = {m: curves_chart(m, METRIC_UNITS.get(m, ""), {v: c[m] for v, c in result.curves.items() if m in c})
               for m in METRIC_UNITS if any(m in c for c in result.curves.values())}
-    variants = [v for v in result.variants if out.exists(f"{v}/results.parquet")]
-    videos = {pid: {v: video_href(pid, f"{v}/") if out.exists(f"{v}/{VIDEO_KEY.format(id=pid)}") else None
+    jobs = {v: JobOutput(out.child(v)) for v in result.variants}
+    variants = [v for v in result.variants if jobs[v].store.exists(RESULTS_KEY)]
+    videos = {pid: {v: video_href(pid, f"{v}/") if jobs[v].store.exists(jobs[v].video_key(pid)) else None
                     for v in variants} for pid in result.prompts}
     html = environment().get_template("regress.html.j2").render(
         title=f"tokentrim regression {out.url}", output=out.url, passed=result.passed, failures=result.failures,

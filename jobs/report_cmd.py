@@ -22,9 +22,10 @@ def report(out_url: str, storage_options: str | None) -> None:
     Example:
       tokentrim report out/job && xdg-open out/job/report.html
     """
+    from jobs.layout import JobOutput
     from jobs.report import job_report
 
     try:
-        click.echo(f"report: {job_report(out_url, parse_storage_options(storage_options))}")
+        click.echo(f"report: {job_report(JobOutput.open(out_url, parse_storage_options(storage_options)))}")
     except TokentrimError as exc:
         raise click.ClickException(str(exc)) from exc

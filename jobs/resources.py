@@ -30,7 +30,8 @@ class ClusterResourceError(TokentrimError):
 
 def worker_resources(spec: JobSpec) -> dict[str, float]:
     """What one Ray worker claims (`jobs.executors.RayExecutor`)."""
-    return {"CPU": 1.0, **({"GPU": float(spec.gpus_per_worker)} if spec.gpus_per_worker > 0 else {})}
+    gpus = spec.execution.gpus_per_worker
+    return {"CPU": 1.0, **({"GPU": float(gpus)} if gpus > 0 else {})}
 
 
 def fits(need: Mapping[str, float], have: Mapping[str, Any]) -> bool:
@@ -79,7 +80,7 @@ def check_cluster(spec: JobSpec, *, wait_s: float = AUTOSCALE_WAIT_S, ray: Any =
     cluster can hold one worker of ``spec`` (`worker_resources`); a local executor needs no check. With an autoscaler
     whose node groups could hold one, wait up to ``wait_s`` seconds for such a node (logged), then give up."""
     need = worker_resources(spec)
-    if spec.executor != "ray" or (ray is None and not _connected_or_remote() and "GPU" not in need):
+    if spec.execution.executor != "ray" or (ray is None and not _connected_or_remote() and "GPU" not in need):
         return  # a local Ray started for this job has this machine's CPUs: a CPU worker always fits
     if ray is None:
         from jobs.executors import connect_ray

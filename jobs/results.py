@@ -1,9 +1,7 @@
 """``results.parquet`` as the job goes: rewritten whole every ``every_rows`` finished rows or ``every_s`` seconds.
 
-A reader (``status``, a report, a user) sees the rows finished so far and the invalid and excluded ones, always as
-one complete object; a driver that dies loses at most one interval of results (its done markers hold the rest, and
-the next run answers them). The done-index (`jobs.done_index`) is brought up to date at most every ``every_s`` and at
-the end, so a later start reads only the markers written after it.
+A driver that dies loses at most one interval (its done markers hold the rest); the done-index is refreshed on the
+same clock.
 """
 
 from __future__ import annotations
@@ -14,22 +12,21 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from jobs.done_index import Entries, load_index, refresh_index
+from jobs.layout import RESULTS_KEY, JobOutput
 from jobs.policy import fit_result, results_schema
 from pipeline.errors import TokentrimError
-from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
 
-RESULTS_KEY = "results.parquet"
 RENDERED = "ok"  # the status of a row whose done marker this job wrote
 
 
-def write_results(out: Store, results: list[dict[str, Any]]) -> None:
+def write_results(out: JobOutput, results: list[dict[str, Any]]) -> None:
     """The results table, one row per row of the prompt table (sorted by row), as one whole object."""
     import pyarrow as pa
 
     ordered = [fit_result(r) for r in sorted(results, key=lambda r: r["row"])]  # one bad value never stops it
-    out.put_table(RESULTS_KEY, pa.Table.from_pylist(ordered, schema=results_schema()))
+    out.store.put_table(RESULTS_KEY, pa.Table.from_pylist(ordered, schema=results_schema()))
 
 
 class ResultsWriter:
@@ -42,7 +39,7 @@ class ResultsWriter:
         every_s: rewrite it once this many seconds passed since the last write (if any row finished meanwhile).
     """
 
-    def __init__(self, out: Store, rows: Iterable[dict[str, Any]] = (), *, every_rows: int = 1000,
+    def __init__(self, out: JobOutput, rows: Iterable[dict[str, Any]] = (), *, every_rows: int = 1000,
                  every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         if every_rows < 1:
             raise ValueError(f"`every_rows` must be >= 1, got {every_rows!r}")
@@ -92,4 +89,4 @@ class ResultsWriter:
         self.indexed_at = self.clock()
 
 
-__all__ = ["RESULTS_KEY", "ResultsWriter", "write_results"]
+__all__ = ["ResultsWriter", "write_results"]

@@ -1,9 +1,7 @@
 """Submit, resume and inspect render jobs: validate, record, dispatch to an executor, write the results.
 
-Output layout under the job URL: ``job.json`` (spec, config hash, version), ``videos/<id>.mp4``,
-``stats/<id>.parquet``, ``rollouts/<id>/`` (latent context, deleted once the prompt is done unless ``keep_state``),
-``claims/`` and ``done/`` (bookkeeping, see `jobs.policy`), ``done_index.parquet`` (a cache of ``done/``, see
-`jobs.done_index`), ``results.parquet`` (one row per row of the table, rewritten as rows finish: `jobs.results`).
+Everything that can be checked is checked before anything is written; finished rows are answered from their done
+markers by the driver, before any worker starts. The output's layout is `jobs.layout`.
 """
 
 from __future__ import annotations
@@ -18,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.executors import Executor, make_executor
+from jobs.layout import JOB_KEY, RESULTS_KEY, JobOutput
 from jobs.policy import RESULT_FIELDS, Claims, finished_rows, result_row
 from jobs.progress import JobProgress, watching
 from jobs.results import ResultsWriter, write_results
 from jobs.spec import JOB_FORMAT, JobSpec, absolute_url, check_device, check_prompt, settings_differ
 from jobs.table import BadRow, PromptRow, read_table, validate_rows
 from pipeline.errors import CorruptStateError, InputError, OutputConflictError, UsageError
-from pipeline.store import KeyNotFound, Store
+from pipeline.store import KeyNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -63,27 +62,28 @@ def check_model(spec: JobSpec) -> None:
     whose workers may mount it."""
     from pipeline.model.backend import PRESETS
 
-    remote = spec.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
+    model, run = spec.model, spec.execution
+    remote = run.executor == "ray" and bool(os.environ.get("RAY_ADDRESS"))
     # the workers run on this machine and claim no GPU of Ray's: it must have the device they will ask for (workers
     # that claim GPUs are placed by Ray on nodes that have them: `jobs.resources` checks that before any work)
-    if spec.executor == "local" or not (remote or spec.gpus_per_worker):
+    if run.executor == "local" or not (remote or run.gpus_per_worker):
         check_device(spec.resolved_device)
-    if spec.model not in PRESETS:
-        if os.path.isdir(spec.model):
-            if not os.path.isdir(os.path.join(spec.model, "transformer")):
-                raise UsageError(f"`model` {spec.model!r} is a folder without transformer/: not a diffusers Wan2.1 "
+    if model.model not in PRESETS:
+        if os.path.isdir(model.model):
+            if not os.path.isdir(os.path.join(model.model, "transformer")):
+                raise UsageError(f"`model` {model.model!r} is a folder without transformer/: not a diffusers Wan2.1 "
                                  "folder")
-        elif not (remote and "/" in spec.model):
+        elif not (remote and "/" in model.model):
             raise UsageError(f"`model` must be one of {sorted(PRESETS)} or a diffusers Wan2.1 folder, got "
-                             f"{spec.model!r}")
-    if spec.weights is not None and not os.path.isfile(spec.weights) and not remote:
-        raise UsageError(f"`weights` {spec.weights!r} is not a file")
+                             f"{model.model!r}")
+    if model.weights is not None and not os.path.isfile(model.weights) and not remote:
+        raise UsageError(f"`weights` {model.weights!r} is not a file")
 
 
-def check_output(out: Store, spec: JobSpec, *, force: bool) -> None:
+def check_output(out: JobOutput, spec: JobSpec, *, force: bool) -> None:
     """Refuse an output written by a job with other render settings (unless ``force``)."""
     try:
-        old = out.get_json("job.json")
+        old = out.store.get_json(JOB_KEY)
     except KeyNotFound:
         return
     if isinstance(old, dict) and old.get("config_hash") != spec.config_hash() and not force:
@@ -102,21 +102,21 @@ def _differ(old: dict[str, Any], spec: JobSpec) -> str:
     return ", ".join(settings_differ(recorded, spec.render_settings())) or "no named setting"
 
 
-def write_job_json(out: Store, spec: JobSpec) -> None:
-    out.put_json("job.json", {"format": JOB_FORMAT, "version": _version(), "config_hash": spec.config_hash(),
+def write_job_json(out: JobOutput, spec: JobSpec) -> None:
+    out.store.put_json(JOB_KEY, {"format": JOB_FORMAT, "version": _version(), "config_hash": spec.config_hash(),
                               "spec": spec.to_dict(), "updated_at": time.time()})
 
 
-def load_spec(output_url: str, storage_options: dict | None = None) -> JobSpec:
-    """The spec recorded in ``job.json`` of an output, writing to ``output_url`` (wherever it was first written)."""
+def load_spec(out: JobOutput) -> JobSpec:
+    """The spec recorded in ``job.json`` of an output, writing to ``out`` (wherever it was first written)."""
     try:
-        doc = Store(output_url, storage_options).get_json("job.json")
+        doc = out.store.get_json(JOB_KEY)
     except KeyNotFound as exc:
-        raise UsageError(f"no job.json under {output_url!r}: not a tokentrim job output") from exc
+        raise UsageError(f"no {JOB_KEY} under {out.url!r}: not a tokentrim job output") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
-        raise UsageError(f"job.json under {output_url!r} holds no job spec")
-    spec = dict(doc["spec"], output_url=absolute_url(output_url))
-    return JobSpec.from_dict(spec, storage_options)
+        raise UsageError(f"{JOB_KEY} under {out.url!r} holds no job spec")
+    spec = dict(doc["spec"], output_url=absolute_url(out.url))
+    return JobSpec.from_dict(spec, out.store.storage_options)
 
 
 def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]:
@@ -125,8 +125,8 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
     spec = dataclasses.replace(spec, input_url=absolute_url(spec.input_url),
                                output_url=absolute_url(spec.output_url))
     good, bad = validate_rows(read_table(spec.input_url, spec.storage_options),
-                              default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
-    refused = {r.row: error for r in good if (error := check_prompt(spec, r.prompt)) is not None}
+                              default_chunks=spec.render.rollout.num_chunks, base_seed=spec.render.seed)
+    refused = {r.row: error for r in good if (error := check_prompt(spec.model, r.prompt)) is not None}
     bad += [BadRow(r.row, r.prompt_id, f"row {r.row}: {refused[r.row]}") for r in good if r.row in refused]
     good = [r for r in good if r.row not in refused]
     if not good:
@@ -135,45 +135,51 @@ def plan(spec: JobSpec) -> tuple[JobSpec, list[PromptRow], list[dict[str, Any]]]
     for b in bad:
         logger.warning("skipping %s", b.error)
     other = [result_row({"prompt_id": b.prompt_id, "row": b.row}, "invalid", b.error) for b in bad]
-    if spec.limit is not None:
-        other += [result_row(r, "excluded", f"beyond --limit {spec.limit}") for r in good[spec.limit:]]
-        good = good[:spec.limit]
+    limit = spec.execution.limit
+    if limit is not None:
+        other += [result_row(r, "excluded", f"beyond --limit {limit}") for r in good[limit:]]
+        good = good[:limit]
     return spec, good, other
 
 
 def submit(spec: JobSpec, *, force: bool = False, executor: Executor | None = None,
-           progress: JobProgress | None = None) -> JobReport:
+           progress: JobProgress | None = None, output: JobOutput | None = None) -> JobReport:
     """Render every valid row of the spec's prompt table; finished prompts are skipped (decided here, before any
     worker starts), unfinished rollouts continue from their last committed chunk. Writes ``results.parquet``.
-    ``progress`` is told what the job commits while it runs (`jobs.progress`)."""
+    ``progress`` is told what the job commits while it runs (`jobs.progress`). ``output``: the spec's output, when
+    the caller has it open already (at the spec's absolute ``output_url``)."""
     began = time.perf_counter()
     check_model(spec)
     spec, rows, results = plan(spec)
-    out = Store(spec.output_url, spec.storage_options)
+    if output is not None and output.url != spec.output_url:
+        raise ValueError(f"`output` {output.url!r} is not the spec's output {spec.output_url!r}")
+    out = output or JobOutput.open(spec.output_url, spec.storage_options)
     check_output(out, spec, force=force)
     write_job_json(out, spec)
-    writer = ResultsWriter(out, results, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
+    writer = ResultsWriter(out, results, every_rows=spec.execution.results_every_rows,
+                           every_s=spec.execution.results_every_s)
     with watching(out, rows, progress, label=spec.output_url.rstrip("/").rsplit("/", 1)[-1]):
-        run_rows(spec, rows, executor or make_executor(spec, force=force), out, writer)
+        run_rows(spec, rows, executor or make_executor(spec, out, force=force), out, writer)
     results = sorted(writer.close(), key=lambda r: r["row"])
     counts = dict(Counter(r["status"] for r in results))
-    return JobReport(spec.output_url, counts, out.join("results.parquet"), time.perf_counter() - began, results)
+    return JobReport(spec.output_url, counts, out.store.join(RESULTS_KEY), time.perf_counter() - began, results)
 
 
-def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: Store,
+def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: JobOutput,
              writer: ResultsWriter | None = None) -> list[dict[str, Any]]:
     """Rows already done are answered from their markers; the rest go to the executor in rounds: a row that came
     back ``busy`` (a live lease elsewhere) is handed out again as soon as a holder is done, fails or loses its lease
     (watched with a short poll), at the latest once that lease could have run out. Each final row goes to
     ``writer`` as it comes; returns the final rows of this call.
     """
-    writer = writer or ResultsWriter(out, every_rows=spec.results_every_rows, every_s=spec.results_every_s)
+    run = spec.execution
+    writer = writer or ResultsWriter(out, every_rows=run.results_every_rows, every_s=run.results_every_s)
     first = len(writer.rows)
     results, todo = finished_rows(spec, rows, out)
     writer.add(results)
     writer.write()  # what is known before any work: rows done earlier, invalid and excluded rows
     by_id = {r.prompt_id: r for r in rows}
-    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    claims = Claims(out, lease_s=run.lease_s, max_attempts=run.max_attempts)
     while todo:
         seen, busy = collect(executor.run(todo), writer)
         writer.add([result_row(r, "failed", "the executor returned no result for this row")
@@ -217,11 +223,10 @@ def collect(work: Iterable[dict[str, Any]], writer: ResultsWriter) -> tuple[set[
     return seen, busy
 
 
-def status(output_url: str, storage_options: dict | None = None) -> dict[str, Any]:
+def status(out: JobOutput) -> dict[str, Any]:
     """Progress of a job output, also while it runs: rows by state, live leases, last results, stored bytes."""
-    out = Store(output_url, storage_options)
-    spec = load_spec(output_url, storage_options)
-    done = {k[len("done/"):-len(".json")] for k in out.list("done/") if k.endswith(".json")}
+    spec = load_spec(out)
+    done = out.done_ids()
     report: dict[str, Any] = {"output": out.url, "config_hash": spec.config_hash(), "input": spec.input_url}
     chunks_asked: dict[str, int] = {}
     try:
@@ -233,27 +238,24 @@ def status(output_url: str, storage_options: dict | None = None) -> dict[str, An
                           "invalid": counts["invalid"], "excluded": counts["excluded"]}
     except InputError as exc:
         report["rows"] = {"error": str(exc)}
-    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    claims = Claims(out, lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts)
     report["leases"] = leases(out, claims, done, chunks_asked)
     report["in_progress"] = [lease["prompt_id"] for lease in report["leases"] if lease["state"] == "live"]
     try:
-        report["results"] = dict(Counter(out.get_table("results.parquet").column("status").to_pylist()))
+        report["results"] = dict(Counter(out.store.get_table(RESULTS_KEY).column("status").to_pylist()))
     except KeyNotFound:
         report["results"] = None
     report["stored_bytes"] = stored_bytes(out)
-    report["eta_s"] = _eta(out, sorted(done), report["rows"].get("remaining"), spec.workers)
+    report["eta_s"] = _eta(out, sorted(done), report["rows"].get("remaining"), spec.execution.workers)
     return report
 
 
-def leases(out: Store, claims: Claims, done: set[str], chunks_asked: dict[str, int]) -> list[dict[str, Any]]:
+def leases(out: JobOutput, claims: Claims, done: set[str], chunks_asked: dict[str, int]) -> list[dict[str, Any]]:
     """The latest lease of every unfinished prompt that has one: ``live`` (held, not run out) or ``stale`` (held,
     but run out: its worker died or hangs), with its age and the chunks its rollout has committed."""
-    committed: Counter[str] = Counter()
-    for key in out.list("rollouts/"):
-        if key.endswith(".json") and key.rsplit("/", 1)[-1].startswith("chunk-"):
-            committed[key.split("/")[1]] += 1
+    committed = Counter(pid for pid, _, _ in out.chunk_markers())
     now, found = time.time(), []
-    for pid in sorted({k.split("/")[1] for k in out.list("claims/")} - done):
+    for pid in sorted(out.claimed_ids() - done):
         last = claims.last_lease(pid)
         if last is None or last[1].get("state") != "held":
             continue
@@ -265,7 +267,7 @@ def leases(out: Store, claims: Claims, done: set[str], chunks_asked: dict[str, i
     return found
 
 
-def _eta(out: Store, done: list[str], remaining: int | None, workers: int, sample: int = 32) -> float | None:
+def _eta(out: JobOutput, done: list[str], remaining: int | None, workers: int, sample: int = 32) -> float | None:
     """Seconds left: the mean render time of (up to ``sample``) finished prompts times the prompts left, over the
     workers; None when nothing is left or no finished prompt records its time."""
     if not remaining:
@@ -273,7 +275,7 @@ def _eta(out: Store, done: list[str], remaining: int | None, workers: int, sampl
     seconds = []
     for pid in done[-sample:]:
         try:
-            marker = out.get_json(f"done/{pid}.json")
+            marker = out.store.get_json(out.done_key(pid))
         except (KeyNotFound, CorruptStateError):
             continue
         if isinstance(marker, dict) and isinstance(marker.get("seconds"), (int, float)):
@@ -281,10 +283,10 @@ def _eta(out: Store, done: list[str], remaining: int | None, workers: int, sampl
     return sum(seconds) / len(seconds) * remaining / workers if seconds else None
 
 
-def stored_bytes(out: Store) -> dict[str, int]:
+def stored_bytes(out: JobOutput) -> dict[str, int]:
     """Bytes under the output by top-level folder (videos, stats, rollouts, ...) and in total."""
     sizes: Counter[str] = Counter()
-    for key, size in out.sizes().items():
+    for key, size in out.store.sizes().items():
         sizes[key.split("/", 1)[0] if "/" in key else "other"] += size
     return {**dict(sizes), "total": sum(sizes.values())}
 

@@ -1,12 +1,9 @@
-"""Whole-object key/value storage on any fsspec URL: the only module that touches fsspec.
+"""Whole-object key/value storage on any fsspec URL (`Store`, and `child` stores under a prefix): the only module that
+touches fsspec.
 
-Keys are '/'-separated relative paths, validated so that no key (a hostile prompt id such as
-`../x` included) can name anything outside the root. Every write is one whole object: a reader
-sees the old object, the new one or nothing, never a partial one. `create_only` is an atomic
-claim on every backend. Calls that fail in a way a retry may fix are retried with exponential
-backoff and then raise `TransientStoreError`; other failures raise `StoreError` (a missing key:
-`KeyNotFound`). Only the protocols in `PROTOCOLS` are accepted (`UnsupportedURLError` otherwise, before any
-filesystem is made); chained URLs (``a::b``) never. Nothing is ever unpickled.
+Every write is one whole object and `create_only` is an atomic claim on every backend; keys are validated so that
+none (a hostile ``../x`` included) names anything outside the root. Only `PROTOCOLS` are accepted, transient
+failures are retried then raise `TransientStoreError`, and nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -214,6 +211,16 @@ class Store:
     def join(self, *parts: str) -> str:
         """Full URL of the key made of `parts` joined by '/'."""
         return f"{self.url}/{validate_key('/'.join(parts))}"
+
+    def child(self, prefix: str) -> Store:
+        """The store rooted at `prefix` under this one (``store.child("a").get_bytes("b")`` reads ``a/b``): the same
+        options, retries and filesystem, no new connection pool."""
+        prefix = validate_key(prefix.rstrip("/"), name="prefix")
+        view = Store.__new__(Store)
+        view.url, view.storage_options = f"{self.url}/{prefix}", self.storage_options
+        view.retries, view.backoff_s = self.retries, self.backoff_s
+        view._fs, view._protocol, view._root = self._fs, self._protocol, f"{self._root}/{prefix}"
+        return view
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}"

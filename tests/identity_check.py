@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -24,12 +25,15 @@ import torch
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.rollout.probe import Probe
+from pipeline.store import Store
 from tokentrim import TrimConfig
 
 try:  # renamed from `render` (three functions shared the name)
     from pipeline.outputs.render import render_prompts
 except ImportError:  # an older checkout
     from pipeline.outputs.render import render as render_prompts  # type: ignore[no-redef]
+# stores passed down (`out: Store, state: Store`) since the job-output step; URL strings before it
+TAKES_STORES = "state" in inspect.signature(render_prompts).parameters
 
 PROMPTS = {"canary": ["a red circle moving right on a plain background", "a blue square moving left"],
            "tiny": ["a cat", "a dog in the snow"]}
@@ -65,7 +69,9 @@ def _case(backend: Any, name: str, config: RolloutConfig, trim: TrimConfig | Non
     out, state = work / name / "out", work / name / "state"
     prompts = PROMPTS[backend.spec.name]
     ids = [f"p{i}" for i in range(len(prompts))]
-    kwargs = {"config": config, "trim": trim, "seeds": SEEDS, "state_url": str(state), "probe": probe}
+    kwargs: dict[str, Any] = {"config": config, "trim": trim, "seeds": SEEDS, "probe": probe}
+    kwargs.update({"state": Store(str(state))} if TAKES_STORES else {"state_url": str(state)})
+    target = Store(str(out)) if TAKES_STORES else str(out)
     if cut is not None:  # a partial rollout: stop before the commit of chunk ``cut``
         calls = {"n": 0}
 
@@ -75,12 +81,12 @@ def _case(backend: Any, name: str, config: RolloutConfig, trim: TrimConfig | Non
                 raise Stop
 
         try:
-            render_prompts(backend, prompts, ids, str(out), fence=fence, **kwargs)
+            render_prompts(backend, prompts, ids, target, fence=fence, **kwargs)
         except Stop:
             pass
         else:
             raise RuntimeError(f"{name}: the render was not cut")
-    results = render_prompts(backend, prompts, ids, str(out), **kwargs)
+    results = render_prompts(backend, prompts, ids, target, **kwargs)
     return {"resumed_from": [r.resumed_from for r in results], "config_hash": results[0].config_hash,
             "verdicts": [[row["verdict"] for row in r.rows] for r in results],
             "latents": _latents_hash(state),

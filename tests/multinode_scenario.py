@@ -166,16 +166,17 @@ def render_oracles(spec: Any, prompt_ids: list[str], folder: Path) -> None:
     has the actors' thread settings (``OMP_NUM_THREADS=1``): CPU renders are bit-identical only at equal ones."""
     import dataclasses
 
+    from jobs.layout import JobOutput
     from jobs.policy import Claims, process_row
     from jobs.table import read_table, validate_rows
     from pipeline.model.backend import load_backend
-    from pipeline.store import Store
 
-    backend = load_backend(spec.model)
-    rows, _ = validate_rows(read_table(spec.input_url), default_chunks=spec.rollout.num_chunks, base_seed=spec.seed)
+    backend = load_backend(spec.model.model)
+    rows, _ = validate_rows(read_table(spec.input_url), default_chunks=spec.render.rollout.num_chunks,
+                            base_seed=spec.render.seed)
     for row in (r for r in rows if r.prompt_id in prompt_ids):
         alone = dataclasses.replace(spec, output_url=str(folder / row.prompt_id))
-        process_row(backend, alone, row, Claims(Store(alone.output_url), lease_s=60, max_attempts=1))
+        process_row(backend, alone, row, Claims(JobOutput.open(alone.output_url), lease_s=60, max_attempts=1))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,7 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table = root.parent / "prompts.parquet"
     ids = [f"p{i}" for i in range(args.prompts)]
     pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a lighthouse in a storm, take {i}" for i in ids]}), table)
-    spec = JobSpec(input_url=str(table), output_url=str(root), rollout=RolloutConfig(num_chunks=args.chunks),
+    spec = JobSpec.from_fields(input_url=str(table), output_url=str(root),
+                               rollout=RolloutConfig(num_chunks=args.chunks),
                    workers=args.workers, lease_s=args.lease_s, device="cpu", allow_any_prompt=True,
                    keep_state=True)  # the write watcher counts every chunk marker, so none is deleted under it
     t0 = time.monotonic()

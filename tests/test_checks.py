@@ -15,11 +15,11 @@ import jobs.regress
 import jobs.render_cmd  # noqa: F401 - imported here so that the timed commands pay no import
 from canary.grammar import BACKGROUNDS, COLOURS, SHAPES
 from jobs.cli import main
+from jobs.layout import JobOutput
 from jobs.run import plan, submit, write_job_json
 from jobs.spec import JobSpec
 from pipeline.config import RolloutConfig
 from pipeline.errors import ConfigMismatchError
-from pipeline.store import Store
 from tokentrim import TrimConfig
 
 GOOD = "a red circle moving left on a plain background"
@@ -66,14 +66,16 @@ def test_render_refuses_a_prompt_outside_the_canary_grammar_in_one_line_that_sta
 
 def test_a_table_row_outside_the_canary_grammar_is_invalid_unless_allowed(tmp_path):
     table = _table(tmp_path / "p.parquet", [GOOD, "a cat surfing a wave"])
-    spec = JobSpec(input_url=table, output_url=str(tmp_path / "out"), executor="local")
+    spec = JobSpec.from_fields(input_url=table, output_url=str(tmp_path / "out"), executor="local")
     _, rows, other = plan(spec)
     assert [r.prompt_id for r in rows] == ["p0"]
     assert [(r["prompt_id"], r["status"]) for r in other] == [("p1", "invalid")]
     assert other[0]["error"].startswith("row 1: `prompt` 'a cat surfing a wave' is outside the canary grammar (a ")
-    assert [r.prompt_id for r in plan(JobSpec(input_url=table, output_url="x", allow_any_prompt=True))[1]] == \
+    assert [r.prompt_id for r in plan(JobSpec.from_fields(input_url=table, output_url="x",
+                                                          allow_any_prompt=True))[1]] == \
         ["p0", "p1"]
-    assert [r.prompt_id for r in plan(JobSpec(input_url=table, output_url="x", model="tiny"))[1]] == ["p0", "p1"]
+    assert [r.prompt_id for r in plan(JobSpec.from_fields(input_url=table, output_url="x",
+                                                          model="tiny"))[1]] == ["p0", "p1"]
 
 
 def test_regress_refuses_a_table_outside_the_canary_grammar_before_rendering(tmp_path, monkeypatch):
@@ -90,14 +92,14 @@ def test_regress_refuses_a_table_outside_the_canary_grammar_before_rendering(tmp
 
 def test_resubmitting_under_other_settings_names_the_settings_that_differ(tmp_path):
     table = _table(tmp_path / "p.parquet", [GOOD])
-    first = JobSpec(input_url=table, output_url=str(tmp_path / "out"), executor="local")
-    write_job_json(Store(str(tmp_path / "out")), plan(first)[0])  # a job written under the first settings
+    first = JobSpec.from_fields(input_url=table, output_url=str(tmp_path / "out"), executor="local")
+    write_job_json(JobOutput.open(str(tmp_path / "out")), plan(first)[0])  # a job written under the first settings
 
     class NoWork:
         def run(self, rows):
             raise AssertionError("rendered under other settings")
 
-    other = JobSpec(input_url=table, output_url=str(tmp_path / "out"), executor="local",
+    other = JobSpec.from_fields(input_url=table, output_url=str(tmp_path / "out"), executor="local",
                     rollout=RolloutConfig(num_chunks=5), trim=TrimConfig(lam=2.0))
     with pytest.raises(ConfigMismatchError) as caught:
         submit(other, executor=NoWork())

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.done_index import INDEX_KEY, marker_key, name_prefixes
+from jobs.done_index import name_prefixes
+from jobs.layout import INDEX_KEY, JobOutput
 from jobs.policy import Claims, finished_rows, from_marker, result_row, row_hash
 from jobs.run import plan, status, submit
 from jobs.spec import JobSpec
@@ -43,7 +44,7 @@ class CountingStore(Store):
 def serial_first_pass(spec, rows, out):
     """The first pass as it was: one marker read after another through `Claims.done_or_none` (the oracle: a corrupt
     marker means the prompt is not finished)."""
-    claims = Claims(out, lease_s=spec.lease_s, max_attempts=spec.max_attempts)
+    claims = Claims(JobOutput(out), lease_s=spec.execution.lease_s, max_attempts=spec.execution.max_attempts)
     results, todo = [], []
     for row in rows:
         try:
@@ -59,7 +60,8 @@ def _job(tmp_path, url, options, n):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": [f"q{i:03d}" for i in range(n)], "prompt": [f"p {i}" for i in range(n)]}),
                    table)
-    return plan(JobSpec(input_url=str(table), output_url=url, executor="local", model="tiny", storage_options=options))
+    return plan(JobSpec.from_fields(input_url=str(table), output_url=url, executor="local", model="tiny",
+                                    storage_options=options))
 
 
 def _plant(out, spec, rows):
@@ -67,11 +69,12 @@ def _plant(out, spec, rows):
     for i, row in enumerate(rows):
         kind = i % 5
         if kind in (0, 1):
-            out.put_json(marker_key(row.prompt_id), {"row_hash": row_hash(spec, row), "attempt": i, "seed": row.seed})
+            marker = {"row_hash": row_hash(spec, row), "attempt": i, "seed": row.seed}
+            out.put_json(JobOutput.done_key(row.prompt_id), marker)
         elif kind == 2:
-            out.put_json(marker_key(row.prompt_id), {"row_hash": "other", "attempt": i})
+            out.put_json(JobOutput.done_key(row.prompt_id), {"row_hash": "other", "attempt": i})
         elif kind == 3:
-            out.put_bytes(marker_key(row.prompt_id), b'{"trunc' if i % 2 else b"[1, 2]")
+            out.put_bytes(JobOutput.done_key(row.prompt_id), b'{"trunc' if i % 2 else b"[1, 2]")
 
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
@@ -89,19 +92,20 @@ def test_the_concurrent_first_pass_and_the_index_answer_as_the_serial_one_did(ba
     assert all(r["reused"] for r in expected[0])
 
     CountingStore.marker_reads = 0
-    assert finished_rows(spec, rows, out) == expected  # cold: every marker read (concurrently), the index written
+    # cold: every marker read (concurrently), the index written
+    assert finished_rows(spec, rows, JobOutput(out)) == expected
     assert CountingStore.marker_reads == 32 and out.exists(INDEX_KEY)
     CountingStore.marker_reads = 0
-    assert finished_rows(spec, rows, out) == expected  # warm: the index answers, parsed by the same reader
+    assert finished_rows(spec, rows, JobOutput(out)) == expected  # warm: the index answers, parsed by the same reader
     assert CountingStore.marker_reads == 0  # even an unreadable marker's bytes: the reader refuses them again
 
     # the index is a cache: a rewritten or deleted marker wins over it
-    out.put_json(marker_key(rows[0].prompt_id), {"row_hash": "re-rendered under other settings"})
-    out.delete(marker_key(rows[1].prompt_id))
-    out.put_json(marker_key(rows[2].prompt_id), {"row_hash": row_hash(spec, rows[2]), "attempt": 7})
+    out.put_json(JobOutput.done_key(rows[0].prompt_id), {"row_hash": "re-rendered under other settings"})
+    out.delete(JobOutput.done_key(rows[1].prompt_id))
+    out.put_json(JobOutput.done_key(rows[2].prompt_id), {"row_hash": row_hash(spec, rows[2]), "attempt": 7})
     changed = serial_first_pass(spec, rows, out)
     CountingStore.marker_reads = 0
-    assert finished_rows(spec, rows, out) == changed != expected
+    assert finished_rows(spec, rows, JobOutput(out)) == changed != expected
     assert CountingStore.marker_reads == 2  # the two rewritten markers read again, the deleted one not at all
 
 
@@ -111,8 +115,8 @@ def test_a_corrupt_index_is_dropped_and_rebuilt_from_the_markers(tmp_path):
     _plant(out, spec, rows)
     expected = serial_first_pass(spec, rows, out)
     out.put_table(INDEX_KEY, pa.table({"prompt_id": [rows[2].prompt_id], "version": ["x"], "marker": ["forged"]}))
-    assert finished_rows(spec, rows, out) == expected
-    assert finished_rows(spec, rows, out) == expected
+    assert finished_rows(spec, rows, JobOutput(out)) == expected
+    assert finished_rows(spec, rows, JobOutput(out)) == expected
 
 
 def test_the_row_hash_is_the_digest_of_the_settings_and_the_rows_values(tmp_path):
@@ -125,7 +129,7 @@ def test_the_row_hash_is_the_digest_of_the_settings_and_the_rows_values(tmp_path
 @given(st.lists(st.from_regex(ID_PATTERN, fullmatch=True), max_size=150), st.integers(1, 20))
 def test_listing_prefixes_cover_every_marker_in_small_groups(ids, limit):
     prefixes = name_prefixes(ids, limit)
-    names = {marker_key(i)[len("done/"):] for i in ids}
+    names = {JobOutput.done_key(i)[len("done/"):] for i in ids}
     for name in names:
         assert any(name.startswith(p) for p in prefixes), name
     for p in prefixes:
@@ -136,14 +140,14 @@ def test_listing_prefixes_cover_every_marker_in_small_groups(ids, limit):
 def test_results_are_written_as_rows_finish(tmp_path):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "b", "c", "../bad"], "prompt": ["x", "y", "z", "w"]}), table)
-    spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "out"), executor="local", model="tiny",
+    spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "out"), executor="local", model="tiny",
                    results_every_rows=1)
     seen = []
 
     class Executor:
         def run(self, rows):
             for row in rows:
-                seen.append(status(str(tmp_path / "out"))["results"])
+                seen.append(status(JobOutput.open(str(tmp_path / "out")))["results"])
                 yield {**result_row(row, "ok", None, attempt=0), "retry_at": None}
 
     report = submit(spec, executor=Executor())
@@ -180,9 +184,9 @@ def test_the_index_learns_the_rows_rendered_in_a_run_at_its_end(tmp_path):
 
     out = Store(f"file://{tmp_path}/out")
     for pid in ("a", "b"):
-        out.put_json(marker_key(pid), {"row_hash": pid})
-    writer = ResultsWriter(out, every_rows=10)
+        out.put_json(JobOutput.done_key(pid), {"row_hash": pid})
+    writer = ResultsWriter(JobOutput(out), every_rows=10)
     writer.add([{**result_row({"prompt_id": pid, "row": i}, "ok"), "retry_at": None} for i, pid in enumerate("ab")])
     writer.close()
-    versions = marker_versions(out, ["a", "b"])
-    assert load_index(out) == {pid: (versions[pid], out.get_bytes(marker_key(pid))) for pid in "ab"}
+    versions = marker_versions(JobOutput(out), ["a", "b"])
+    assert load_index(JobOutput(out)) == {pid: (versions[pid], out.get_bytes(JobOutput.done_key(pid))) for pid in "ab"}

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
+from jobs.layout import JobOutput
 from jobs.markers import CLOCK_SKEW_S
 from jobs.policy import Claims, Heartbeat, fit_result, process_row, result_row, results_schema, row_hash
 from jobs.run import submit
@@ -37,7 +38,7 @@ def _table(path: Path, n: int = 2, chunks: int = 2) -> str:
 def _local(table: str, out: Path, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=2))
     kw.setdefault("model", "tiny")
-    return JobSpec(input_url=table, output_url=str(out), executor="local", **kw)
+    return JobSpec.from_fields(input_url=table, output_url=str(out), executor="local", **kw)
 
 
 def _results(out: Path) -> dict[str, dict]:
@@ -61,12 +62,12 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_its_next_commit(bac
     host, port = urlparse(s3.endpoint).hostname, urlparse(s3.endpoint).port
     url = f"{s3.url}/fence/{tmp_path.name}"
     row = PromptRow(0, "p", "a lighthouse in a storm", 5, 8)
-    spec = JobSpec(input_url="-", output_url=url, rollout=RolloutConfig(num_chunks=8), lease_s=3.0,
+    spec = JobSpec.from_fields(input_url="-", output_url=url, rollout=RolloutConfig(num_chunks=8), lease_s=3.0,
                    storage_options=s3.storage_options)
     direct = Store(url, s3.storage_options)
     with StoreProxy((host, port)) as proxy:
         frozen_options = {**s3.storage_options, "client_kwargs": {"endpoint_url": proxy.endpoint}}
-        claims_a = Claims(Store(url, frozen_options), lease_s=3.0, max_attempts=3)
+        claims_a = Claims(JobOutput.open(url, frozen_options), lease_s=3.0, max_attempts=3)
         results: dict[str, dict] = {}
         worker_a = threading.Thread(target=lambda: results.setdefault(
             "a", process_row(load_backend("tiny"), spec, row, claims_a)))
@@ -77,7 +78,7 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_its_next_commit(bac
             time.sleep(0.05)
         proxy.freeze()
         time.sleep(3.0 + 0.5)  # A's lease runs out while A is alive but cut off
-        results["b"] = process_row(backend, spec, row, Claims(direct, lease_s=3.0, max_attempts=3))
+        results["b"] = process_row(backend, spec, row, Claims(JobOutput(direct), lease_s=3.0, max_attempts=3))
         proxy.thaw()
         worker_a.join(timeout=120)
     assert not worker_a.is_alive()
@@ -86,8 +87,9 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_its_next_commit(bac
     assert _leases(direct, "p") == ["done", "lost"]  # one render counted
     assert direct.get_json("done/p.json")["attempt"] == 1
     clean = Store(str(tmp_path / "clean"))
-    process_row(backend, JobSpec(input_url="-", output_url=clean.url, rollout=RolloutConfig(num_chunks=8)), row,
-                Claims(clean, lease_s=60, max_attempts=3))
+    process_row(backend, JobSpec.from_fields(input_url="-", output_url=clean.url,
+                                             rollout=RolloutConfig(num_chunks=8)), row,
+                Claims(JobOutput(clean), lease_s=60, max_attempts=3))
     assert direct.get_bytes("videos/p.mp4") == clean.get_bytes("videos/p.mp4")
 
 
@@ -95,7 +97,7 @@ def test_the_fence_trips_when_the_lease_ran_out_unrenewed_or_a_newer_attempt_exi
     from pipeline.errors import TransientStoreError
 
     now = [1000.0]
-    claims = Claims(Store(str(tmp_path)), lease_s=60, max_attempts=3, clock=lambda: now[0])
+    claims = Claims(JobOutput.open(str(tmp_path)), lease_s=60, max_attempts=3, clock=lambda: now[0])
     claim = claims.acquire("p")
     claims.fence(claim)  # fresh: current
     now[0] += 60 - claims.margin_s + 0.01  # too little time left to commit; nobody took over: renewed here
@@ -109,7 +111,7 @@ def test_the_fence_trips_when_the_lease_ran_out_unrenewed_or_a_newer_attempt_exi
     monkeypatch.setattr(claims, "renew", cut_off)
     with pytest.raises(LeaseLostError, match="could not be renewed"):
         claims.fence(claim)
-    other = Claims(Store(str(tmp_path)), lease_s=60, max_attempts=3, clock=lambda: now[0])
+    other = Claims(JobOutput.open(str(tmp_path)), lease_s=60, max_attempts=3, clock=lambda: now[0])
     stale = other.acquire("q")
     now[0] += 61
     assert other.acquire("q").attempt == 1  # taken over
@@ -121,7 +123,7 @@ def test_the_fence_trips_when_the_lease_ran_out_unrenewed_or_a_newer_attempt_exi
 
 def test_a_heartbeat_that_finds_a_newer_attempt_stops_renewing_and_marks_the_claim_lost(tmp_path):
     store = Store(str(tmp_path))
-    claims = Claims(store, lease_s=0.6, max_attempts=3)
+    claims = Claims(JobOutput(store), lease_s=0.6, max_attempts=3)
     claim = claims.acquire("p")
     store.create_only("claims/p/1.json", json.dumps({"owner": "x", "attempt": 1, "claimed_at": time.time(),
                                                      "lease_s": 0.6}).encode())
@@ -133,7 +135,7 @@ def test_a_heartbeat_that_finds_a_newer_attempt_stops_renewing_and_marks_the_cla
 
 
 def test_the_done_marker_is_create_only_a_second_attempt_never_writes_over_the_first(tmp_path):
-    claims = Claims(Store(str(tmp_path)), lease_s=60, max_attempts=3)
+    claims = Claims(JobOutput.open(str(tmp_path)), lease_s=60, max_attempts=3)
     assert claims.mark_done("p", {"row_hash": "h", "attempt": 1})
     assert not claims.mark_done("p", {"row_hash": "h", "attempt": 0})  # a stale holder: refused
     assert claims.done("p")["attempt"] == 1
@@ -173,7 +175,7 @@ def test_a_lease_that_does_not_read_back_as_one_is_corrupt_state(tmp_path, lease
     store = Store(str(tmp_path))
     _claim(store, "p", lease)
     with pytest.raises(CorruptStateError, match="claims/p/0.lease"):
-        Claims(store, lease_s=60, max_attempts=3).acquire("p")
+        Claims(JobOutput(store), lease_s=60, max_attempts=3).acquire("p")
 
 
 def test_a_lease_from_a_clock_far_ahead_is_corrupt_but_a_little_skew_is_not(tmp_path):
@@ -181,7 +183,7 @@ def test_a_lease_from_a_clock_far_ahead_is_corrupt_but_a_little_skew_is_not(tmp_
     ahead = time.time() + 60 + CLOCK_SKEW_S
     _claim(store, "far", json.dumps({"owner": "w", "state": "held", "expires_at": ahead + 5}))
     _claim(store, "near", json.dumps({"owner": "w", "state": "held", "expires_at": ahead - 5}))
-    claims = Claims(store, lease_s=60, max_attempts=3)
+    claims = Claims(JobOutput(store), lease_s=60, max_attempts=3)
     with pytest.raises(CorruptStateError, match="clock far ahead"):
         claims.acquire("far")
     assert claims.acquire("near").until == ahead - 5
@@ -212,7 +214,7 @@ def test_a_lease_held_forever_fails_its_row_with_the_key_instead_of_a_silent_han
 def test_a_corrupt_done_marker_means_not_finished(tmp_path, bad):
     store = Store(str(tmp_path))
     store.put_bytes("done/p.json", (bad % "h").encode())
-    claims = Claims(store, lease_s=60, max_attempts=3)
+    claims = Claims(JobOutput(store), lease_s=60, max_attempts=3)
     with pytest.raises(CorruptStateError, match="done/p.json"):
         claims.done("p")
     assert claims.done_or_none("p") is None
@@ -226,7 +228,7 @@ def test_one_bad_done_marker_never_costs_the_job_its_results(tmp_path):
     table = _table(tmp_path / "p.parquet", n=2)
     out = tmp_path / "out"
     spec, rows, _ = plan(_local(table, out))
-    write_job_json(Store(str(out)), spec)
+    write_job_json(JobOutput.open(str(out)), spec)
     (out / "done").mkdir()
     (out / "done" / "p0.json").write_text(f'{{"row_hash": "{row_hash(spec, rows[0])}", "chunks": Infinity}}')
     (out / "done" / "p1.json").write_text(f'{{"row_hash": "{row_hash(spec, rows[1])}", "flicker": 1e999}}')
@@ -254,8 +256,8 @@ def test_a_checkpoint_marker_that_is_json_but_not_a_marker_falls_back_to_the_las
     config = RolloutConfig(num_chunks=4)
 
     def run(out: str):
-        return render_prompts(backend, ["a harbour at dawn"], ["h"], str(tmp_path / out), config=config, trim=None,
-                              seeds=[3], state_url=str(tmp_path / "state"))[0]
+        return render_prompts(backend, ["a harbour at dawn"], ["h"], Store(str(tmp_path / out)), config=config,
+                              trim=None, seeds=[3], state=Store(str(tmp_path / "state")))[0]
 
     first = run("first")
     state = tmp_path / "state"
@@ -283,7 +285,7 @@ def test_a_busy_row_comes_back_as_soon_as_its_holder_is_done_not_after_its_lease
     out = tmp_path / "out"
     spec = _local(table, out, lease_s=120.0)
     planned = validate_rows(read_table(table), default_chunks=2)[0]
-    holder = Claims(Store(str(out)), lease_s=120.0, max_attempts=3)
+    holder = Claims(JobOutput.open(str(out)), lease_s=120.0, max_attempts=3)
     claim = holder.acquire("p0")  # another job's worker holds p0 for a 120 s lease ...
 
     def other_job():
@@ -331,7 +333,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     from jobs.run import plan, write_job_json
 
     spec = plan(_local(table, tmp_path / "o2"))[0]
-    write_job_json(Store(spec.output_url), spec)  # an output holding a job with TokenTrim on
+    write_job_json(JobOutput.open(spec.output_url), spec)  # an output holding a job with TokenTrim on
     other = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "o2"), "--no-trim"])
     assert other.exit_code == 2 and other.output.strip().count("\n") == 0 and "--force" in other.output
     missing = CliRunner().invoke(main, ["resume", str(tmp_path / "nothing")])

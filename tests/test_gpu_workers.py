@@ -20,10 +20,10 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from jobs.executors import worker_device
+from jobs.layout import JobOutput
 from jobs.resources import ClusterResourceError, check_cluster, fits
 from jobs.run import write_job_json
 from jobs.spec import JobSpec
-from pipeline.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _table(path: Path, n: int = 2) -> str:
 
 
 def _spec(gpus: float, executor: str = "ray") -> JobSpec:
-    return JobSpec(input_url="t.parquet", output_url="out", gpus_per_worker=gpus, executor=executor)  # type: ignore
+    return JobSpec.from_fields(input_url="t.parquet", output_url="out", gpus_per_worker=gpus, executor=executor)  # type: ignore
 
 
 # ------------------------------------------------------------------------------------------ the card of a worker
@@ -48,7 +48,7 @@ def _spec(gpus: float, executor: str = "ray") -> JobSpec:
     ("cpu", 1.0, ["0"], "0", "cpu"),
 ])
 def test_a_worker_resolves_cuda_to_its_own_card(device, gpus, ids, visible, expected):
-    spec = JobSpec(input_url="t", output_url="o", device=device, gpus_per_worker=gpus)
+    spec = JobSpec.from_fields(input_url="t", output_url="o", device=device, gpus_per_worker=gpus)
     assert worker_device(spec, ids, visible) == expected
 
 
@@ -115,7 +115,8 @@ def test_with_an_autoscaler_it_waits_for_a_node_then_gives_up_after_the_stated_t
 def test_submit_resume_regress_asking_for_gpus_on_the_cpu_cluster_exit_2_at_once(ray_cluster, tmp_path):
     table = _table(tmp_path / "p.parquet")
     out = tmp_path / "job"
-    write_job_json(Store(str(out)), JobSpec(input_url=table, output_url=str(out), gpus_per_worker=1))
+    write_job_json(JobOutput.open(str(out)), JobSpec.from_fields(input_url=table, output_url=str(out),
+                                                                 gpus_per_worker=1))
     commands = {"submit": ["submit", table, "--out", str(tmp_path / "new"), "--gpus-per-worker", "1"],
                 "resume": ["resume", str(out)],
                 "regress": ["regress", "--out", str(tmp_path / "nightly"), "--gpus-per-worker", "0.5"]}

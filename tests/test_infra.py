@@ -489,7 +489,7 @@ def test_rayjob_entrypoint_is_a_valid_tokentrim_command():
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[0] == "tokentrim"
     ctx = _parse_only(argv[1:])
-    assert ctx.params["job__dtype"] == "bfloat16" and ctx.params["job__weights"]
+    assert ctx.params["model__dtype"] == "bfloat16" and ctx.params["model__weights"]
     _workers_match(argv, doc["spec"]["rayClusterSpec"])
 
 
@@ -498,7 +498,7 @@ def test_nightly_regression_entrypoint_renders_on_the_gpus_it_requests():
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:3] == ["tokentrim", "-v", "regress"]
     ctx = _parse_only(argv[1:])
-    assert ctx.params["job__dtype"] == "bfloat16" and ctx.params["job__weights"]
+    assert ctx.params["model__dtype"] == "bfloat16" and ctx.params["model__weights"]
     assert ctx.params["rollout__mode"] == "self-forcing"
     _workers_match(argv, rayjob["spec"]["rayClusterSpec"])
 

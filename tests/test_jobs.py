@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
+from jobs.layout import JobOutput
 from jobs.policy import RESULT_FIELDS, Busy, Claims, Heartbeat, process_row, results_schema, row_hash
 from jobs.run import load_spec, status, submit
 from jobs.spec import JobSpec
@@ -45,7 +46,7 @@ def _prompts(path, n: int = 3, chunks: int = 2) -> str:
 def _local(table: str, out, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=2))
     kw.setdefault("allow_any_prompt", True)  # prompts outside the canary grammar
-    return JobSpec(input_url=table, output_url=str(out), executor="local", **kw)
+    return JobSpec.from_fields(input_url=table, output_url=str(out), executor="local", **kw)
 
 
 def _results(out) -> list[dict]:
@@ -126,7 +127,7 @@ def test_results_rows_and_the_arrow_schema_have_one_definition():
 # ------------------------------------------------------------------------------------------------ claims
 def test_claims_are_exclusive_leased_and_only_failures_count(tmp_path):
     clock = Clock()
-    claims = Claims(Store(str(tmp_path)), lease_s=60, max_attempts=2, clock=clock)
+    claims = Claims(JobOutput.open(str(tmp_path)), lease_s=60, max_attempts=2, clock=clock)
     first = claims.acquire("p")
     assert first.attempt == 0
     assert claims.acquire("p") == Busy(clock.now + 60)  # a live lease, and until when
@@ -141,7 +142,7 @@ def test_claims_are_exclusive_leased_and_only_failures_count(tmp_path):
 
 
 def test_concurrent_workers_get_one_claim(tmp_path):
-    claims = Claims(Store(str(tmp_path)), lease_s=60, max_attempts=3)
+    claims = Claims(JobOutput.open(str(tmp_path)), lease_s=60, max_attempts=3)
     won = []
     threads = [threading.Thread(target=lambda: won.append(claims.acquire("p"))) for _ in range(8)]
     for t in threads:
@@ -152,7 +153,7 @@ def test_concurrent_workers_get_one_claim(tmp_path):
 
 
 def test_a_heartbeat_keeps_a_lease_alive_whatever_the_main_thread_does(tmp_path):
-    claims = Claims(Store(str(tmp_path)), lease_s=0.6, max_attempts=3)
+    claims = Claims(JobOutput.open(str(tmp_path)), lease_s=0.6, max_attempts=3)
     claim = claims.acquire("p")
     with Heartbeat(claims, claim):
         time.sleep(1.5)  # a restore or a chunk slower than the lease: no renewal from the main thread
@@ -170,7 +171,22 @@ def backend():
 def _spec(tmp_path, **kw) -> JobSpec:
     kw.setdefault("rollout", RolloutConfig(num_chunks=3))
     kw.setdefault("allow_any_prompt", True)
-    return JobSpec(input_url=str(tmp_path / "p.parquet"), output_url=str(tmp_path / "out"), **kw)
+    return JobSpec.from_fields(input_url=str(tmp_path / "p.parquet"), output_url=str(tmp_path / "out"), **kw)
+
+
+def test_the_job_output_names_and_parses_every_key_of_its_layout(tmp_path):
+    out = JobOutput.open(str(tmp_path))
+    for key in (out.done_key("a"), "done/nested/b.json", "done/c.txt", out.claim_key("p", 0), out.lease_key("p", 0),
+                out.claim_key("p", 10), out.claim_key("q", 1)):
+        out.store.put_json(key, {})
+    state = out.rollout("p")
+    state.put_json("chunk-000002.json", {})
+    state.put_bytes("chunk-000002.safetensors", b"")
+    assert out.done_ids() == {"a"} and out.done_id("done/a.json") == "a" and out.done_id("done/.json") is None
+    assert out.chunk_markers() == [("p", 2, "rollouts/p/chunk-000002.json")]
+    assert out.attempts("p") == [0, 10] and out.claimed_ids() == {"p", "q"}
+    assert (out.video_key("a"), out.stats_key("a")) == ("videos/a.mp4", "stats/a.parquet")
+    assert out.variant("probe").url == out.store.join("probe") and state.url == out.store.join("rollouts/p")
 
 
 def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend, tmp_path):
@@ -179,7 +195,7 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
     row = PromptRow(0, "p0", "a harbour at dawn", 11, 4)
     spec = _spec(tmp_path, trim=TrimConfig(lam=0.5))
     out = Store(spec.output_url)
-    claims = Claims(out, lease_s=60, max_attempts=3)
+    claims = Claims(JobOutput(out), lease_s=60, max_attempts=3)
 
     class Stop(Exception):
         pass
@@ -189,12 +205,13 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
             raise Stop
 
     with pytest.raises(Stop):  # a worker died after committing some chunks
-        render_prompts(backend, [row.prompt], [row.prompt_id], spec.output_url, config=RolloutConfig(num_chunks=4),
-                       trim=spec.trim, seeds=[row.seed], state_url=out.join("rollouts/p0"), on_chunk=stop)
+        render_prompts(backend, [row.prompt], [row.prompt_id], out, config=RolloutConfig(num_chunks=4),
+                       trim=spec.render.trim, seeds=[row.seed], state=JobOutput(out).rollout("p0"), on_chunk=stop)
     result = process_row(backend, spec, row, claims)
     assert result["status"] == "ok" and result["resumed_from"] >= 2 and result["chunks"] == 4
     reference = _spec(tmp_path / "ref", trim=TrimConfig(lam=0.5))
-    fresh = process_row(backend, reference, row, Claims(Store(reference.output_url), lease_s=60, max_attempts=3))
+    fresh = process_row(backend, reference, row,
+                        Claims(JobOutput.open(reference.output_url), lease_s=60, max_attempts=3))
     assert fresh["resumed_from"] == 0
     assert out.get_bytes("videos/p0.mp4") == Store(reference.output_url).get_bytes("videos/p0.mp4")
     again = process_row(backend, spec, row, claims)
@@ -204,7 +221,7 @@ def test_an_interrupted_prompt_resumes_and_matches_an_uninterrupted_one(backend,
 
 def test_a_poison_prompt_is_not_tried_again(backend, tmp_path):
     spec = _spec(tmp_path, max_attempts=2)
-    claims = Claims(Store(spec.output_url), lease_s=60, max_attempts=2)
+    claims = Claims(JobOutput.open(spec.output_url), lease_s=60, max_attempts=2)
     for _ in range(2):
         claims.finish(claims.acquire("p1"), "failed")  # two earlier attempts that failed
     result = process_row(backend, spec, PromptRow(0, "p1", "x", 1, 2), claims)
@@ -222,10 +239,10 @@ def test_a_prompt_finished_while_it_was_claimed_is_given_back_unspent(backend, t
             self.calls += 1
             return None if self.calls == 1 else {"row_hash": row_hash(spec, row), "chunks": 2, "attempt": 0}
 
-    result = process_row(backend, spec, row, Racy(Store(spec.output_url), lease_s=60, max_attempts=1))
+    result = process_row(backend, spec, row, Racy(JobOutput.open(spec.output_url), lease_s=60, max_attempts=1))
     assert (result["status"], result["reused"], result["chunks"], result["attempt"]) == ("ok", True, 2, 0)
     assert _leases(spec.output_url, "p") == ["yielded"]
-    again = Claims(Store(spec.output_url), lease_s=60, max_attempts=1).acquire("p")
+    again = Claims(JobOutput.open(spec.output_url), lease_s=60, max_attempts=1).acquire("p")
     assert not isinstance(again, (str, Busy)) and again.attempt == 1  # max_attempts 1, and still not poison
 
 
@@ -236,11 +253,11 @@ def test_a_failure_in_the_bookkeeping_is_the_rows_result_not_a_crash(backend, tm
         def done(self, prompt_id):
             raise RuntimeError(f"listing {prompt_id} failed")
 
-    claims = Broken(Store(spec.output_url), lease_s=60, max_attempts=3)
+    claims = Broken(JobOutput.open(spec.output_url), lease_s=60, max_attempts=3)
     result = process_row(backend, spec, PromptRow(0, "p", "x", 1, 2), claims)
     assert result["status"] == "failed" and result["error"] == "RuntimeError: listing p failed"
-    hostile = process_row(backend, spec, PromptRow(1, "x\n", "y", 1, 2), Claims(Store(spec.output_url), lease_s=60,
-                                                                               max_attempts=3))
+    hostile = process_row(backend, spec, PromptRow(1, "x\n", "y", 1, 2),
+                          Claims(JobOutput.open(spec.output_url), lease_s=60, max_attempts=3))
     assert hostile["status"] == "failed" and "'done/x\\n.json'" in hostile["error"]
 
 
@@ -297,7 +314,7 @@ def test_retention_deletes_rollout_state_unless_kept_and_status_counts_bytes(tmp
     submit(_local(table, tmp_path / "keep", keep_state=True))
     assert not list((tmp_path / "drop").glob("rollouts/**/*.*"))
     assert len(list((tmp_path / "keep" / "rollouts" / "p0").glob("chunk-*.json"))) == 2
-    report = status(str(tmp_path / "keep"))
+    report = status(JobOutput.open(str(tmp_path / "keep")))
     files = [p for p in (tmp_path / "keep").rglob("*") if p.is_file()]
     assert report["stored_bytes"]["total"] == sum(p.stat().st_size for p in files)
     assert report["stored_bytes"]["rollouts"] == sum(p.stat().st_size for p in files if "rollouts" in p.parts)
@@ -310,10 +327,10 @@ def test_status_mid_job_counts_rows_from_the_table_and_the_markers(tmp_path):
     table = _table(tmp_path / "p.parquet", prompt_id=["a", "b", "c", "../bad"], prompt=["x", "y", "z", "w"])
     spec, rows, _ = plan(_local(table, tmp_path / "out", limit=2))
     out = Store(spec.output_url)
-    write_job_json(out, spec)
+    write_job_json(JobOutput(out), spec)
     out.put_json("done/a.json", {"row_hash": row_hash(spec, rows[0])})
-    Claims(out, lease_s=60, max_attempts=3).acquire("b")
-    report = status(str(tmp_path / "out"))
+    Claims(JobOutput(out), lease_s=60, max_attempts=3).acquire("b")
+    report = status(JobOutput.open(str(tmp_path / "out")))
     assert report["rows"] == {"to_render": 2, "done": 1, "remaining": 1, "invalid": 1, "excluded": 1}
     assert report["in_progress"] == ["b"] and report["results"] is None
     assert report["stored_bytes"]["done"] == (tmp_path / "out" / "done" / "a.json").stat().st_size
@@ -325,8 +342,8 @@ def test_a_dead_workers_lease_is_outwaited_while_a_live_one_is_left_for_other_ro
     spec = _local(table, out, lease_s=1.0)
     planned = validate_rows(read_table(table), default_chunks=2)[0]
     store = Store(str(out))
-    Claims(store, lease_s=1.0, max_attempts=3).acquire("p1")  # a worker that died right after claiming p1
-    holder = Claims(store, lease_s=1.0, max_attempts=3)
+    Claims(JobOutput(store), lease_s=1.0, max_attempts=3).acquire("p1")  # a worker that died right after claiming p1
+    holder = Claims(JobOutput(store), lease_s=1.0, max_attempts=3)
     claim = holder.acquire("p0")  # another job's live worker renders p0 ...
     order = []
 
@@ -425,9 +442,42 @@ def test_cli_exit_codes_limit_and_its_record(tmp_path):
     assert result.exit_code == 0, result.output
     assert [(r["prompt_id"], r["status"]) for r in _results(tmp_path / "o3")] == \
         [("a", "ok"), ("b", "excluded"), ("c", "excluded")]
-    assert load_spec(str(tmp_path / "o3")).limit == 1
+    assert load_spec(JobOutput.open(str(tmp_path / "o3"))).limit == 1
     resumed = CliRunner().invoke(main, ["resume", str(tmp_path / "o3")])
     assert resumed.exit_code == 0 and not (tmp_path / "o3" / "videos" / "b.mp4").exists()
+
+
+# `job.json`'s spec as format 2 wrote it (one flat object; tokentrim 41731eb), for a tiny-model local job
+FORMAT_2_SPEC = {
+    "allow_any_prompt": False, "compile": False, "device": "auto", "dtype": "float32", "executor": "local",
+    "gpus_per_worker": 0.0, "keep_state": False, "lease_s": 120.0, "limit": None, "max_attempts": 3, "model": "tiny",
+    "probe": None, "results_every_rows": 1000, "results_every_s": 60.0, "seed": 0, "weights": None, "workers": 1,
+    "rollout": {"chunk_frames": 3, "early_stop": True, "fps": 16, "height_px": None, "mode": "self-forcing",
+                "num_chunks": 2, "shift": 5.0, "sink_frames": None, "sink_rope": None, "steps": None, "width_px": None,
+                "window_frames": None},
+    "trim": {"ema_decay": 0.9, "lam": 3.0, "max_retries": 1, "measure_step": 0, "p": 0.1, "patch_size": [1, 2, 2],
+             "protect_sink": True, "prune_scope": "last", "sigma_floor": 0.05, "stats": "welford", "summary": "patch",
+             "warmup": 3},
+}
+
+
+def test_a_job_json_of_format_2_resumes_and_a_spec_of_neither_format_is_one_line(tmp_path):
+    table, out = _prompts(tmp_path / "p.parquet", n=2), tmp_path / "out"
+    first = submit(_local(table, out, model="tiny", allow_any_prompt=False, limit=1))
+    assert first.counts == {"ok": 1, "excluded": 1}
+    old, recorded = {**FORMAT_2_SPEC, "input_url": table,
+                     "output_url": str(out)}, json.loads((out / "job.json").read_text())
+    assert JobSpec.from_dict(old).config_hash() == recorded["config_hash"]  # the same render settings
+    (out / "job.json").write_text(json.dumps({"format": 2, "config_hash": recorded["config_hash"], "spec": old}))
+    result = CliRunner().invoke(main, ["resume", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["prompt_id"]: r for r in _results(out)}
+    assert (rows["p0"]["status"], rows["p0"]["reused"], rows["p1"]["status"]) == ("ok", True, "ok")
+    doc = json.loads((out / "job.json").read_text())
+    assert doc["format"] == 3 and doc["spec"]["model"]["model"] == "tiny" and doc["spec"]["execution"]["limit"] is None
+    (out / "job.json").write_text(json.dumps({"format": 2, "spec": {**old, "colour": "red"}}))
+    bad = CliRunner().invoke(main, ["resume", str(out)])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "unknown JobSpec fields ['colour']" in bad.output
 
 
 def test_resume_writes_only_under_the_given_url(tmp_path, monkeypatch):
@@ -450,7 +500,7 @@ def test_resume_writes_only_under_the_given_url(tmp_path, monkeypatch):
     assert (tmp_path / "copy" / "videos" / "p1.mp4").exists()
     assert {str(p): p.stat().st_mtime_ns for p in (first / "out").rglob("*")} == before
     assert list(elsewhere.iterdir()) == []
-    assert load_spec(str(tmp_path / "copy")).output_url == str(tmp_path / "copy")
+    assert load_spec(JobOutput.open(str(tmp_path / "copy"))).output_url == str(tmp_path / "copy")
 
 
 def test_a_killed_workers_temp_folder_is_removed_by_the_next_worker(tmp_path):
@@ -511,8 +561,9 @@ def test_regress_takes_the_job_options_and_validates_its_own(monkeypatch, tmp_pa
             str(weights), "--mode", "rolling-forcing", "--num-chunks", "5", "--prompts", "3", "--workers", "2"]
     assert CliRunner().invoke(main, args).exit_code == 0
     spec = seen["spec"]
-    assert (spec.gpus_per_worker, spec.dtype, spec.weights, spec.rollout.mode, spec.rollout.num_chunks, spec.limit,
-            spec.workers) == (1.0, "bfloat16", str(weights), "rolling-forcing", 5, 3, 2)
+    run, render = spec.execution, spec.render
+    assert (run.gpus_per_worker, spec.model.dtype, spec.model.weights, render.rollout.mode, render.rollout.num_chunks,
+            run.limit, run.workers) == (1.0, "bfloat16", str(weights), "rolling-forcing", 5, 3, 2)
     for bad in (["--prompts", "0"], ["--tolerance", "-0.5"], ["--p", "2"]):
         assert CliRunner().invoke(main, ["regress", "--out", str(tmp_path / "n"), *bad]).exit_code == 2, bad
 
@@ -541,7 +592,7 @@ def test_regression_passes_against_its_own_baseline_and_refuses_other_settings(t
     other = CliRunner().invoke(main, [*args, "--num-chunks", "6", "--out", str(tmp_path / "six"), "--baseline",
                                       str(night / "baseline.json")])
     assert other.exit_code == 1 and "rollout.num_chunks" in other.output
-    assert measure(Store(str(night)), [])[2] == ["nothing rendered: no prompt to measure"]
+    assert measure(JobOutput.open(str(night)), [])[2] == ["nothing rendered: no prompt to measure"]
 
 
 # -------------------------------------------------------------------------------------------- Ray jobs
@@ -549,7 +600,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     url = _table(tmp_path / "p.parquet", prompt_id=["cat", "dog", "../escape", "owl"],
                  prompt=["a cat", "a dog", "hostile", "an owl at night"], num_chunks=[2, 3, 2, 2])
     out = f"{s3.url}/jobs/{tmp_path.name}"
-    spec = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), workers=2,
+    spec = JobSpec.from_fields(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), workers=2,
                    storage_options=s3.storage_options, allow_any_prompt=True)
     report = submit(spec)
     assert report.counts == {"ok": 3, "invalid": 1}
@@ -565,9 +616,9 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     result = CliRunner().invoke(main, ["status", out, "--json", "--storage-options", json.dumps(s3.storage_options)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["rows"]["done"] == 3
-    again = submit(load_spec(out, s3.storage_options))
+    again = submit(load_spec(JobOutput.open(out, s3.storage_options)))
     assert again.counts == {"ok": 3, "invalid": 1}
-    other = JobSpec(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
+    other = JobSpec.from_fields(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
                     storage_options=s3.storage_options, allow_any_prompt=True)
     with pytest.raises(ConfigMismatchError, match="--force"):
         submit(other)
@@ -584,7 +635,7 @@ def test_a_worker_killed_mid_rollout_is_retried_and_resumes(ray_cluster, tmp_pat
     url = _table(tmp_path / "p.parquet", prompt_id=["long"], prompt=["a lighthouse in a storm"], num_chunks=[10])
 
     def spec(out):
-        return JobSpec(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
+        return JobSpec.from_fields(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
                        lease_s=2.0, workers=1, allow_any_prompt=True)
 
     reports = {}

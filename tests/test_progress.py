@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
+from jobs.layout import JobOutput
 from jobs.policy import Claims
 from jobs.progress import JobSnapshot, JobWatcher
 from jobs.run import plan, write_job_json
@@ -122,7 +123,7 @@ def test_the_watcher_reads_done_and_chunk_markers_into_snapshots(tmp_path):
             seen.append(("end", snap))
 
     rows = [PromptRow(0, "a", "x", 1, 2), PromptRow(1, "b", "y", 2, 4), PromptRow(2, "c", "z", 3, 4)]
-    watcher = JobWatcher(out, rows, Record(), label="job", interval_s=60)
+    watcher = JobWatcher(JobOutput(out), rows, Record(), label="job", interval_s=60)
     watcher.start()
     snap = watcher.snapshot
     assert (snap.total_prompts, snap.total_chunks, snap.done_prompts, snap.done_chunks) == (3, 10, 1, 2)
@@ -144,13 +145,14 @@ def test_the_watcher_reads_done_and_chunk_markers_into_snapshots(tmp_path):
 
 def test_status_prints_a_table_with_live_and_stale_leases_and_json_for_scripts(tmp_path):
     table = _table(tmp_path / "p.parquet", n=3)
-    spec, rows, _ = plan(JobSpec(input_url=table, output_url=str(tmp_path / "out"), executor="local", model="tiny",
+    spec, rows, _ = plan(JobSpec.from_fields(input_url=table, output_url=str(tmp_path / "out"), executor="local",
+                                             model="tiny",
                                  lease_s=30))
     out = Store(spec.output_url)
-    write_job_json(out, spec)
+    write_job_json(JobOutput(out), spec)
     out.put_json("done/p0.json", {"chunks": 2, "seconds": 20.0})
     now = [time.time()]
-    claims = Claims(out, lease_s=30, max_attempts=3, clock=lambda: now[0])
+    claims = Claims(JobOutput(out), lease_s=30, max_attempts=3, clock=lambda: now[0])
     now[0] -= 100  # p1's worker claimed 100 s ago and died: its lease ran out 70 s ago
     claims.acquire("p1")
     now[0] += 95

@@ -30,7 +30,7 @@ def _spec(tmp_path, name: str) -> JobSpec:
     with open(BASELINE, encoding="utf-8") as fh:
         settings = json.load(fh)["settings"]
     chunks = settings["render"]["rollout"]["num_chunks"]
-    return JobSpec(input_url=str(files("jobs") / "data" / "canary_prompts.parquet"),
+    return JobSpec.from_fields(input_url=str(files("jobs") / "data" / "canary_prompts.parquet"),
                    output_url=str(tmp_path / name), model="canary", rollout=RolloutConfig(num_chunks=chunks),
                    limit=len(settings["prompt_ids"]), executor="local")
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
+from jobs.layout import JobOutput
 from jobs.policy import result_row
 from jobs.regress import METRICS, default_table, run_regression
 from jobs.report import job_report
@@ -53,7 +54,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
 def nightly(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A canary regression of 2 prompts x 3 chunks against its own baseline (passes): tokentrim/, no-trim/, probe/."""
     out = tmp_path_factory.mktemp("nightly") / "night"
-    spec = JobSpec(input_url=default_table("canary"), output_url=str(out), model="canary",
+    spec = JobSpec.from_fields(input_url=default_table("canary"), output_url=str(out), model="canary",
                    rollout=RolloutConfig(num_chunks=3), limit=2, executor="local")
     result = run_regression(spec, update_baseline=True)
     assert result.passed, result.failures
@@ -133,10 +134,10 @@ def test_regression_page_shows_three_variants_metrics_and_curves(nightly, browse
 def _fake_job(tmp_path: Path) -> Store:
     """A job output written by hand: one ok prompt whose chunk 3 was pruned, one invalid and one failed row whose
     errors hold markup."""
-    spec = JobSpec(input_url=str(tmp_path / "missing.parquet"), output_url=str(tmp_path / "job"))
+    spec = JobSpec.from_fields(input_url=str(tmp_path / "missing.parquet"), output_url=str(tmp_path / "job"))
     out = Store(spec.output_url)
-    write_job_json(out, spec)
-    write_results(out, [
+    write_job_json(JobOutput(out), spec)
+    write_results(JobOutput(out), [
         result_row({"prompt_id": "cat", "row": 0}, "ok", chunks=4, pruned_chunks=1, latent_dist_first=0.5),
         result_row({"prompt_id": None, "row": 1}, "invalid", "row 1: `prompt` <b>empty</b>"),
         result_row({"prompt_id": "dog", "row": 2}, "failed", "RuntimeError: <script>alert(1)</script>"),
@@ -150,7 +151,7 @@ def _fake_job(tmp_path: Path) -> Store:
 
 def test_job_report_marks_pruned_chunks_and_lists_failed_rows_escaped(tmp_path):
     out = _fake_job(tmp_path)
-    assert job_report(out.url) == out.join("report.html")
+    assert job_report(JobOutput(out)) == out.join("report.html")
     html = out.get_bytes("report.html").decode()
     assert 'data-verdict="pruned"' in html and "pruned, regenerated" in html  # the row and the chart's marker
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html
@@ -162,10 +163,10 @@ def test_job_report_refuses_a_results_table_it_cannot_trust(tmp_path):
     out = _fake_job(tmp_path)
     out.put_table("results.parquet", pa.table({"prompt_id": ["cat"], "status": ["done?"]}))
     with pytest.raises(CorruptStateError, match="row 0 lacks the columns"):
-        job_report(out.url)
+        job_report(JobOutput(out))
     table = out.get_table("stats/cat.parquet").to_pylist()
-    write_results(out, [result_row({"prompt_id": "cat", "row": 0}, "ok", chunks=4)])
+    write_results(JobOutput(out), [result_row({"prompt_id": "cat", "row": 0}, "ok", chunks=4)])
     out.put_table("stats/cat.parquet", pa.Table.from_pylist([dict(table[0], verdict="great")]))
-    html = job_report(out.url) and out.get_bytes("report.html").decode()
+    html = job_report(JobOutput(out)) and out.get_bytes("report.html").decode()
     assert "`verdict` must be one of" in html  # the row stays, with why its chart is missing
     assert CliRunner().invoke(main, ["report", str(tmp_path / "nothing")]).exit_code == 1

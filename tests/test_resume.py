@@ -47,8 +47,10 @@ def _render(backend, out, state=None, *, mode="self-forcing", trim=TRIM, stop_af
 
     # rolling-forcing with a window: the adjacent sink is re-rotated as frames are evicted, and must replay exactly
     config = RolloutConfig(mode=mode, num_chunks=CHUNKS, window_frames=6 if mode == "rolling-forcing" else None)
-    return render_prompts(backend, [PROMPT], [PID], out, config=config, trim=trim, seeds=[1], state_url=state,
-                          storage_options=opts, force_restart=restart, on_chunk=on_chunk)[0]
+    if isinstance(state, str):
+        state = Store(state, opts)
+    return render_prompts(backend, [PROMPT], [PID], Store(out, opts), config=config, trim=trim, seeds=[1], state=state,
+                          force_restart=restart, on_chunk=on_chunk)[0]
 
 
 def _config(mode):

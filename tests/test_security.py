@@ -29,6 +29,7 @@ from click.testing import CliRunner
 import jobs.regress
 from jobs.cli import main
 from jobs.executors import RayExecutor
+from jobs.layout import JobOutput
 from jobs.regress import run_regression
 from jobs.run import load_spec, status, submit
 from jobs.spec import JobSpec
@@ -149,16 +150,17 @@ def test_credentials_never_reach_an_output_a_log_an_error_a_repr_or_a_ray_actor(
         assert result.exit_code == (1 if argv[0] == "regress" else 0), (argv, result.output)  # regress: no baseline
         _no_secret(result.output, result.exception)
     # the library: credentials in the storage options themselves
-    spec = load_spec(job, backend["private"])
+    spec = load_spec(JobOutput.open(job, backend["private"]))
     assert spec.storage_options == backend["private"]
-    _no_secret(spec, spec.to_dict(), status(job, backend["private"]))
+    _no_secret(spec, spec.to_dict(), status(JobOutput.open(job, backend["private"])))
     # what Ray would show and store for each render actor: no credential, only what the workers may see
     kwargs = RayExecutor(spec).worker_kwargs()
     assert SECRET.encode() not in pickle.dumps(kwargs) and ACCESS.encode() not in pickle.dumps(kwargs)
     assert kwargs["storage_options"] == shareable_options(backend["private"]) == backend["public"]
     # errors name the place, never the options
-    for call in (lambda: status(f"{backend['root']}/missing", backend["private"]),
-                 lambda: run_regression(JobSpec(input_url=backend["table"], output_url=f"{backend['root']}/night",
+    for call in (lambda: status(JobOutput.open(f"{backend['root']}/missing", backend["private"])),
+                 lambda: run_regression(JobSpec.from_fields(input_url=backend["table"],
+                                                            output_url=f"{backend['root']}/night",
                                                 storage_options=backend["private"]))):
         with pytest.raises(InputError) as info:
             call()
@@ -180,7 +182,8 @@ def test_a_ray_job_passes_its_workers_no_credential_and_records_none(ray_cluster
 
     table = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": [CAPTION], "num_chunks": [1]}), table)
-    spec = JobSpec(input_url=str(table), output_url=f"{s3.url}/ray-security-{uuid.uuid4().hex}", model="canary",
+    spec = JobSpec.from_fields(input_url=str(table), output_url=f"{s3.url}/ray-security-{uuid.uuid4().hex}",
+                               model="canary",
                    rollout=RolloutConfig(num_chunks=1),
                    storage_options={**s3.storage_options, "key": ACCESS, "secret": SECRET})
     assert submit(spec).counts == {"ok": 1}
@@ -200,7 +203,7 @@ def test_regress_refuses_a_missing_or_foreign_baseline_before_rendering_anything
     monkeypatch.setattr(jobs.regress, "submit", lambda *a, **k: renders.append(a) or pytest.fail("rendered"))
     table = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": [CAPTION, CAPTION_B]}), table)
-    spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "night"), executor="local",
+    spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "night"), executor="local",
                    rollout=RolloutConfig(num_chunks=4), limit=2)
     path = tmp_path / "baseline.json"
     if baseline == "other-settings":

@@ -277,5 +277,5 @@ def test_early_stop_is_an_option_of_the_command_line(argv, expected):
     params = submit_command.make_context("submit", ["t.parquet", "--out", "o", *argv]).params
     spec = spec_from({k: v for k, v in params.items() if "__" in k}, input_url="t.parquet", output_url="o",
                      no_trim=False, storage_options=None)
-    assert spec.rollout.early_stop is expected
-    assert JobSpec.from_dict(spec.to_dict()).rollout.early_stop is expected  # kept in job.json for resume
+    assert spec.render.rollout.early_stop is expected
+    assert JobSpec.from_dict(spec.to_dict()).render.rollout.early_stop is expected  # kept in job.json for resume

@@ -253,6 +253,23 @@ def test_store_pickles_for_workers(store_url: StoreRoot) -> None:
     assert clone.url == store.url and clone.get_bytes("k") == b"v"
 
 
+def test_a_child_store_is_the_folder_under_its_prefix(store_url: StoreRoot) -> None:
+    root = make_store(store_url)
+    child = root.child("rollouts/p0/")
+    child.put_bytes("a.bin", b"x")
+    assert root.get_bytes("rollouts/p0/a.bin") == b"x" and child.list() == ["a.bin"]
+    assert root.list("rollouts/") == ["rollouts/p0/a.bin"] and child.exists("a.bin")
+    assert child.url == root.join("rollouts/p0") and child.join("a.bin") == root.join("rollouts/p0/a.bin")
+    assert child.create_only("c", b"1") and not child.create_only("c", b"2")
+    assert root.get_bytes("rollouts/p0/c") == b"1"
+    assert pickle.loads(pickle.dumps(child)).get_bytes("a.bin") == b"x"
+    child.delete("a.bin")
+    assert root.list("rollouts/") == ["rollouts/p0/c"]
+    for bad in ("", "/", "../x", "a/../../b"):
+        with pytest.raises(InputError, match="prefix"):
+            root.child(bad)
+
+
 class _FakeClientError(Exception):
     def __init__(self, code: str, status: int) -> None:
         super().__init__(code)

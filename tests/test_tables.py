@@ -22,6 +22,7 @@ from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.outputs.render import render_prompts
 from pipeline.rollout.chunk_stats import STATS_FIELDS, stats_schema
+from pipeline.store import Store
 from tokentrim import TrimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +38,9 @@ def test_stats_tables_of_any_run_share_one_typed_described_schema(tmp_path):
     """An all-warm-up render (no severity anywhere) and a judged one union in pyarrow, with each column's
     description in the Parquet field metadata and units in the timing columns' names."""
     backend = load_backend("tiny")
-    warm = render_prompts(backend, ["a cat"], ["warm"], str(tmp_path), config=RolloutConfig(num_chunks=2),
+    warm = render_prompts(backend, ["a cat"], ["warm"], Store(str(tmp_path)), config=RolloutConfig(num_chunks=2),
                           trim=TrimConfig(warmup=3), seeds=[1])[0]
-    judged = render_prompts(backend, ["a dog"], ["judged"], str(tmp_path), config=RolloutConfig(num_chunks=4),
+    judged = render_prompts(backend, ["a dog"], ["judged"], Store(str(tmp_path)), config=RolloutConfig(num_chunks=4),
                             trim=TrimConfig(warmup=2), seeds=[2])[0]
     assert {r["verdict"] for r in warm.rows} == {"warmup"}
     assert {r["verdict"] for r in judged.rows} - {"warmup"}
@@ -65,7 +66,7 @@ def test_stats_tables_of_any_run_share_one_typed_described_schema(tmp_path):
 def test_results_tables_share_one_typed_described_schema(tmp_path):
     table = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "../bad"], "prompt": ["a cat", "x"]}), table)
-    spec = JobSpec(input_url=str(table), output_url=str(tmp_path / "out"), model="tiny", executor="local",
+    spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "out"), model="tiny", executor="local",
                    rollout=RolloutConfig(num_chunks=2))
     submit(spec)
     first = pq.read_table(tmp_path / "out" / "results.parquet")

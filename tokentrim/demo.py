@@ -14,10 +14,12 @@ attempt); no global RNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -28,6 +30,40 @@ from tokentrim.summary import latent_summary
 
 CHANNELS = 16
 FRAMES = 3
+CorruptKind = Literal["offset", "checkerboard"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The synthetic stream of the demo (`run_demo`'s arguments; `tokentrim demo` makes its options from them).
+
+    chunks: number of chunks to stream.
+    seed: seed of every random draw.
+    corrupt_at: chunks whose first candidate is corrupted.
+    corrupt_tokens: tokens corrupted per corrupted chunk.
+    corrupt_kind: 'offset' shifts whole patches, 'checkerboard' puts a zero-mean checkerboard inside them.
+    corrupt_scale: size of the corruption, in units of the latents' standard deviation.
+    height, width: latent size of each chunk.
+    rho: per-chunk AR(1) correlation of the drifting state.
+    jitter: per-frame noise on top of the state.
+    """
+
+    chunks: int = 24
+    seed: int = 0
+    corrupt_at: tuple[int, ...] = (12,)
+    corrupt_tokens: int = 4
+    corrupt_kind: CorruptKind = "offset"
+    corrupt_scale: float = 3.0
+    height: int = 16
+    width: int = 16
+    rho: float = 0.95
+    jitter: float = 0.05
+
+
+def report(demo: DemoConfig, config: TrimConfig) -> str:
+    """What the demo prints: the TokenTrim config, then the per-chunk table."""
+    rows = run_demo(**dataclasses.asdict(demo), config=config)
+    return f"TokenTrim demo, config {config.to_dict()}\n{format_table(rows)}"
 
 
 def _generator(seed: int, *parts: object) -> torch.Generator:
@@ -82,19 +118,22 @@ def _row(chunk: int, corrupted_positions: list[int], judgements: Sequence[Judgem
     }
 
 
+_STREAM = DemoConfig()  # run_demo's defaults
+
+
 def run_demo(
-    chunks: int = 24,
-    seed: int = 0,
-    corrupt_at: Sequence[int] = (12,),
+    chunks: int = _STREAM.chunks,
+    seed: int = _STREAM.seed,
+    corrupt_at: Sequence[int] = _STREAM.corrupt_at,
     config: TrimConfig | None = None,
     *,
-    height: int = 16,
-    width: int = 16,
-    corrupt_tokens: int = 4,
-    corrupt_scale: float = 3.0,
-    corrupt_kind: str = "offset",
-    rho: float = 0.95,
-    jitter: float = 0.05,
+    height: int = _STREAM.height,
+    width: int = _STREAM.width,
+    corrupt_tokens: int = _STREAM.corrupt_tokens,
+    corrupt_scale: float = _STREAM.corrupt_scale,
+    corrupt_kind: CorruptKind = _STREAM.corrupt_kind,
+    rho: float = _STREAM.rho,
+    jitter: float = _STREAM.jitter,
 ) -> list[dict[str, Any]]:
     """Run the controller over `chunks` synthetic chunks and return one row per chunk.
 
@@ -109,8 +148,8 @@ def run_demo(
     num_tokens = (height // p_h) * (width // p_w)
     if not 1 <= corrupt_tokens <= num_tokens:
         raise ValueError(f"`corrupt_tokens` must be in [1, {num_tokens}], got {corrupt_tokens}")
-    if corrupt_kind not in ("offset", "checkerboard"):
-        raise ValueError(f"`corrupt_kind` must be 'offset' or 'checkerboard', got {corrupt_kind!r}")
+    if corrupt_kind not in get_args(CorruptKind):
+        raise ValueError(f"`corrupt_kind` must be one of {get_args(CorruptKind)}, got {corrupt_kind!r}")
     controller = TrimController(config, batch_size=1)
     state = torch.randn(CHANNELS, height, width, generator=_generator(seed, "init"))  # [C, H, W]
     rows: list[dict[str, Any]] = []
@@ -150,16 +189,17 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, run the demo and print its table; returns the exit status."""
-    defaults = TrimConfig()
+    """Parse `argv`, run the demo and print its table; returns the exit status. (`tokentrim demo` takes every field
+    of `DemoConfig` and `TrimConfig` as an option; this entry point, which may not import click, a few of them.)"""
+    defaults, stream = TrimConfig(), DemoConfig()
     parser = argparse.ArgumentParser(prog="python -m tokentrim.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chunks", type=int, default=24, help="number of chunks to stream")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument(
-        "--corrupt-at", type=int, nargs="*", default=[12], help="chunks whose first candidate is corrupted"
-    )
-    parser.add_argument("--corrupt-tokens", type=int, default=4, help="tokens corrupted per corrupted chunk")
-    parser.add_argument("--corrupt-kind", choices=("offset", "checkerboard"), default="offset",
+    parser.add_argument("--chunks", type=int, default=stream.chunks, help="number of chunks to stream")
+    parser.add_argument("--seed", type=int, default=stream.seed, help="seed of every random draw")
+    parser.add_argument("--corrupt-at", type=int, nargs="*", default=list(stream.corrupt_at),
+                        help="chunks whose first candidate is corrupted")
+    parser.add_argument("--corrupt-tokens", type=int, default=stream.corrupt_tokens,
+                        help="tokens corrupted per corrupted chunk")
+    parser.add_argument("--corrupt-kind", choices=get_args(CorruptKind), default=stream.corrupt_kind,
                         help="shift whole patches, or a zero-mean checkerboard inside them")
     parser.add_argument("--summary", choices=("patch", "mean"), default=defaults.summary,
                         help="flattened patch per token, or the patch mean")
@@ -168,10 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="chunks that only feed the statistics")
     args = parser.parse_args(argv)
     config = TrimConfig(p=args.p, lam=args.lam, warmup=args.warmup, summary=args.summary)
-    rows = run_demo(args.chunks, args.seed, args.corrupt_at, config, corrupt_tokens=args.corrupt_tokens,
-                    corrupt_kind=args.corrupt_kind)
-    print(f"TokenTrim demo, config {config.to_dict()}")
-    print(format_table(rows))
+    demo = dataclasses.replace(stream, chunks=args.chunks, seed=args.seed, corrupt_at=tuple(args.corrupt_at),
+                               corrupt_tokens=args.corrupt_tokens, corrupt_kind=args.corrupt_kind)
+    print(report(demo, config))
     return 0
 
 

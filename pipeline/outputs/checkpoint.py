@@ -35,6 +35,12 @@ def _marker_key(index: int) -> str:
     return f"chunk-{index:06d}.json"
 
 
+def marker_index(name: str) -> int | None:
+    """The chunk index a commit marker's name holds (``chunk-000003.json`` -> 3); None for any other name."""
+    match = _MARKER.match(name)
+    return int(match.group(1)) if match else None
+
+
 def _window_key(index: int) -> str:
     return f"window-{index:06d}.safetensors"
 
@@ -187,7 +193,7 @@ class RolloutCheckpoints:
 
     def committed(self) -> list[int]:
         """Indices of the chunk markers present (not yet verified)."""
-        return sorted(int(m.group(1)) for key in self.store.list() if (m := _MARKER.match(key.rsplit("/", 1)[-1])))
+        return sorted(i for key in self.store.list() if (i := marker_index(key.rsplit("/", 1)[-1])) is not None)
 
     def load(self) -> list[ChunkRecord]:
         """The verified records 0..k-1; refuses another config's state unless ``force_restart`` (then clears it)."""

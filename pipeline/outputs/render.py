@@ -1,9 +1,9 @@
 """Render prompts to videos: rollout, streaming decode, mp4, per-chunk stats, optional checkpoints.
 
 `render_prompts` (what `tokentrim render` and the job workers call) writes ``<id>.mp4`` and ``<id>.stats.parquet``
-under ``out_url``, each as one whole object. With ``state_url`` each chunk is committed there once its video segments
-are encoded, and a render resumes from them: earlier segments are reused byte for byte, and only the last few chunks
-are decoded again, to rebuild the decoder's causal cache (`pipeline.outputs.redecode`).
+to the ``out`` store and, given a ``state`` store, commits each chunk's latent context and video segments there once
+they are encoded, and resumes from them: earlier segments are reused byte for byte, and only the last few chunks are
+decoded again to rebuild the decoder's causal cache (`pipeline.outputs.redecode`).
 """
 
 from __future__ import annotations
@@ -52,35 +52,37 @@ def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | N
                        compiled=backend.causal.compiled, probe=probe)
 
 
-def render_prompts(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out_url: str, *,
-           config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state_url: str | Store | None = None,
-           storage_options: dict | None = None, force_restart: bool = False,
+def render_prompts(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out: Store, *,
+                   config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state: Store | None = None,
+                   force_restart: bool = False,
            on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
            names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet"),
            video: VideoSettings | None = None, probe: Probe | None = None,
            fence: Callable[[], None] | None = None) -> list[RenderResult]:
     """Render a batch of prompts (one sample each) with one rollout; see the module docstring.
 
-    ``names`` are the keys of the video and the stats table under ``out_url``, ``{id}`` being the prompt id.
+    ``names`` are the keys of the video and the stats table in ``out``, ``{id}`` being the prompt id.
     ``on_chunk(index, rows)`` is called once per chunk, in order, when its rows are complete. ``video``: the
     H.264 encoder settings (default `VideoSettings()`), part of the config hash. ``probe``: a known fault injected
     into the rollout (`pipeline.rollout.probe`; regressions and benches), part of the config hash. ``fence()`` is
     called right before every commit (each checkpoint chunk, the outputs): it raises to stop the render there (a job
     worker whose claim on the prompt is no longer current).
     """
+    if not isinstance(out, Store) or not isinstance(state, (Store, type(None))):
+        raise TypeError(f"`out` and `state` must be `pipeline.store.Store`s (state: or None), got "
+                        f"{type(out).__name__} and {type(state).__name__}")
     if len(prompt_ids) != len(prompts):
         raise InputError(f"need one prompt id per prompt, got {len(prompt_ids)} ids for {len(prompts)} prompts")
     for pid in prompt_ids:
         validate_key(pid, name="prompt_id")
         if "/" in pid:
             raise InputError(f"`prompt_id` must not contain '/', got {pid!r}")
-    out = Store(out_url, storage_options)
     video = VideoSettings() if video is None else video
     digest = render_hash(backend, config, trim, video, probe)
     timer = PhaseTimer(backend.device)  # collected here, once per chunk; the rollout only records into it
     rollout = Rollout(backend, config, prompts, seeds, trim, timer, probe=probe)
     writer = ChunkWriter(backend, len(prompts), config.fps, timer, video)
-    checkpoints = _open_checkpoints(state_url, storage_options, digest, prompt_ids, force_restart)
+    checkpoints = _open_checkpoints(state, digest, prompt_ids, force_restart)
     rows: list[list[dict[str, Any]]] = [[] for _ in prompts]
 
     def complete(record: ChunkRecord, output: ChunkOutput) -> None:
@@ -124,14 +126,12 @@ def render_prompts(backend: WanBackend, prompts: list[str], prompt_ids: list[str
         writer.close()
 
 
-def _open_checkpoints(state: str | Store | None, storage_options: dict | None, digest: str, prompt_ids: list[str],
-                      force_restart: bool):
+def _open_checkpoints(state: Store | None, digest: str, prompt_ids: list[str], force_restart: bool):
     if state is None:
         return None
     from pipeline.outputs.checkpoint import RolloutCheckpoints
 
-    store = state if isinstance(state, Store) else Store(state, storage_options)
-    return RolloutCheckpoints(store, digest, prompt_ids, force_restart=force_restart)
+    return RolloutCheckpoints(state, digest, prompt_ids, force_restart=force_restart)
 
 
 def _resume(rollout: Rollout, writer: ChunkWriter, checkpoints,
