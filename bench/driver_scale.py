@@ -50,6 +50,7 @@ BUCKET = "bench"
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 VARIANTS = ("fresh", "resume-cold", "resume-warm")
 BACKENDS = ("file", "latency-file", "s3")
+_LATENCY_FS: list[Any] = []  # the child's latency-file filesystem, for its ``server_s``
 
 
 # ------------------------------------------------------------------------------------ the S3 server process
@@ -230,17 +231,37 @@ def _requests(op: str, value: Any) -> int:
 
 
 def _indexed_local_fs() -> Any:
-    """A local filesystem whose prefix listing costs what an object store's does, O(page) not O(folder): the sorted
-    names of a folder are kept while the folder's mtime stays the same (any entry added, renamed or removed changes
-    it), and only the names under the prefix are stat'ed. Everything else is fsspec's own LocalFileSystem."""
+    """A local filesystem whose prefix listing costs what an object store's does, O(page) not O(folder): it keeps a
+    sorted snapshot (name -> fsspec info) of a folder while the folder's mtime stays the same (a `Store` write renames
+    a new file into place, which changes it; so does any entry added or removed), built once under a lock and timed
+    (``server_s``: the store's own work, which a real object store does on its side). Everything else is fsspec's
+    own LocalFileSystem."""
     import bisect
 
     from fsspec.implementations.local import LocalFileSystem
 
     class IndexedLocalFileSystem(LocalFileSystem):
         cachable = False
-        _names: dict[str, tuple[int, list[str]]] = {}
-        _names_lock = threading.Lock()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.server_s = 0.0
+            self._snapshots: dict[str, tuple[int, list[str], dict[str, dict]]] = {}
+            self._snapshot_lock = threading.Lock()
+
+        def _snapshot(self, path: str) -> tuple[list[str], dict[str, dict]] | None:
+            with self._snapshot_lock:
+                try:
+                    stamp = os.stat(path).st_mtime_ns
+                except FileNotFoundError:
+                    return None
+                held = self._snapshots.get(path)
+                if held is None or held[0] != stamp:
+                    began = time.perf_counter()
+                    infos = {e.name: self.info(e) for e in os.scandir(path)}
+                    held = self._snapshots[path] = (stamp, sorted(infos), infos)
+                    self.server_s += time.perf_counter() - began
+            return held[1], held[2]
 
         def find(self, path: str, maxdepth: Any = None, withdirs: bool = False, detail: bool = False,
                  **kwargs: Any) -> Any:
@@ -248,27 +269,12 @@ def _indexed_local_fs() -> Any:
             path = self._strip_protocol(path)
             if not prefix or maxdepth is not None or withdirs:
                 return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
-            try:
-                stamp = os.stat(path).st_mtime_ns
-            except FileNotFoundError:
+            snapshot = self._snapshot(path)
+            if snapshot is None:
                 return {} if detail else []
-            with self._names_lock:
-                held = self._names.get(path)
-            if held is None or held[0] != stamp:
-                held = (stamp, sorted(os.listdir(path)))
-                with self._names_lock:
-                    self._names[path] = held
-            names = held[1]
-            first = bisect.bisect_left(names, prefix)
-            last = bisect.bisect_left(names, prefix + "\U0010ffff")
-            found = {}
-            for name in names[first:last]:
-                try:
-                    info = self.info(f"{path}/{name}")
-                except FileNotFoundError:  # removed since the names were read
-                    continue
-                if info["type"] == "file":
-                    found[info["name"]] = info
+            names, infos = snapshot
+            page = names[bisect.bisect_left(names, prefix):bisect.bisect_left(names, prefix + "\U0010ffff")]
+            found = {infos[n]["name"]: infos[n] for n in page if infos[n]["type"] == "file"}
             return found if detail else sorted(found)
 
     return IndexedLocalFileSystem()
@@ -280,6 +286,7 @@ def _latency_file(latency_s: float) -> StoreCalls:
     from pipeline.store import Store
 
     fs = _indexed_local_fs()
+    _LATENCY_FS.append(fs)
     real = Store._make_fs
 
     def make_fs(store: Store) -> Any:
@@ -314,9 +321,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if profile is not None:
         profile.dump_stats(job["profile"])
     counts = calls.counts
+    server_s = _LATENCY_FS[0].server_s if _LATENCY_FS else 0.0
     worker_reads = counts["get:done"] if job["variant"] == "fresh" else 0
     return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "base_rss_mb": base_rss / 1024, "counts": report.counts, "dispatched": executor.calls,
+            "base_rss_mb": base_rss / 1024, "counts": report.counts, "listing_snapshot_s": server_s,
+            "dispatched": executor.calls,
             "marker_reads": counts["get:done"], "results_rows": len(report.results),
             "store_calls": sum(counts.values()) - worker_reads, "requests": calls.requests - worker_reads,
             "call_counts": dict(counts), "call_seconds": {k: round(v, 3) for k, v in calls.seconds.items()}}
@@ -440,7 +449,8 @@ def bench(backend: str, n: int, args: argparse.Namespace, server: S3Server | Non
         r["server_cpu_s"] = server.cpu_s() - server_cpu if backend == "s3" and server is not None else 0.0
         r["check"] = _check(variant, n, r, latency_s)
         rows.append(r)
-        on_server = f"server CPU {r['server_cpu_s']:.1f} s  " if backend == "s3" else ""
+        on_server = (f"server CPU {r['server_cpu_s']:.1f} s  " if backend == "s3" else
+                     f"of it folder snapshot {r['listing_snapshot_s']:.1f} s  " if backend == "latency-file" else "")
         print(f"{backend:12s} {n:>7d} {variant:12s} {r['seconds']:8.2f} s  {r['seconds'] / n * 1000:7.3f} s/1k  "
               f"peak RSS {r['peak_rss_mb']:7.0f} MB ({(r['peak_rss_mb'] - r['base_rss_mb']) / n * 1000:6.1f} MB/1k "
               f"over {r['base_rss_mb']:.0f})  marker reads {r['marker_reads']:>6d}  "
