@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -196,7 +196,7 @@ class StoreCalls:
         from pipeline.store import Store
 
         self.counts: Counter[str] = Counter()
-        self.seconds: Counter[str] = Counter()
+        self.seconds: defaultdict[str, float] = defaultdict(float)
         self.requests = 0
         self.latency_s = latency_s
         self._lock = threading.Lock()
@@ -209,7 +209,7 @@ class StoreCalls:
             calls.record(f"{op}:{key.split('/', 1)[0]}", _requests(op, value), time.perf_counter() - began)
             return value
 
-        Store._invoke = invoke  # type: ignore[method-assign]
+        Store._invoke = invoke  # type: ignore[method-assign,assignment]
 
     def record(self, name: str, requests: int, seconds: float) -> None:
         if self.latency_s:
@@ -293,7 +293,7 @@ def _latency_file(latency_s: float) -> StoreCalls:
         made, protocol = real(store)
         return (fs, protocol) if protocol == "local" else (made, protocol)
 
-    Store._make_fs = make_fs  # type: ignore[method-assign]
+    Store._make_fs = make_fs  # type: ignore[method-assign,assignment]
     Store.pages_listings = property(lambda store: True)  # type: ignore[method-assign,assignment]
     return StoreCalls(latency_s)
 
