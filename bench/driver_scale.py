@@ -41,7 +41,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +49,6 @@ BUCKET = "bench"
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 VARIANTS = ("fresh", "resume-cold", "resume-warm")
 BACKENDS = ("file", "latency-file", "s3")
-_LATENCY_FS: list[Any] = []  # the child's latency-file filesystem, for its ``server_s``
 
 
 # ------------------------------------------------------------------------------------ the S3 server process
@@ -186,126 +184,15 @@ class StandInExecutor:
                 yield future.result()
 
 
-class StoreCalls:
-    """Counts and times store calls by operation and first key segment (the `Store._invoke` seam, one attempt each).
-
-    With ``latency_s`` (the ``latency-file`` backend) every call also sleeps that long per request it stands for:
-    one, or for a listing one per page of `LIST_PAGE` keys (an S3 listing pages sequentially)."""
-
-    def __init__(self, latency_s: float = 0.0) -> None:
-        from pipeline.store import Store
-
-        self.counts: Counter[str] = Counter()
-        self.seconds: defaultdict[str, float] = defaultdict(float)
-        self.requests = 0
-        self.latency_s = latency_s
-        self._lock = threading.Lock()
-        real = Store._invoke
-        calls = self
-
-        def invoke(store: Store, op: str, key: str, fn: Any) -> Any:
-            began = time.perf_counter()
-            value = real(store, op, key, fn)
-            calls.record(f"{op}:{key.split('/', 1)[0]}", _requests(op, value), time.perf_counter() - began)
-            return value
-
-        Store._invoke = invoke  # type: ignore[method-assign,assignment]
-
-    def record(self, name: str, requests: int, seconds: float) -> None:
-        if self.latency_s:
-            time.sleep(self.latency_s * requests)
-            seconds += self.latency_s * requests
-        with self._lock:
-            self.counts[name] += 1
-            self.seconds[name] += seconds
-            self.requests += requests
-
-
-def _requests(op: str, value: Any) -> int:
-    """Round trips an S3 server would take for one store call: a listing pages by `LIST_PAGE` keys."""
-    from jobs.done_index import LIST_PAGE
-
-    if op in ("list", "sizes", "versions"):
-        return max(1, -(-len(value) // LIST_PAGE))
-    return 1
-
-
-def _indexed_local_fs() -> Any:
-    """A local filesystem whose prefix listing costs what an object store's does, O(page) not O(folder): it keeps a
-    sorted snapshot (name -> fsspec info) of a folder while the folder's mtime stays the same (a `Store` write renames
-    a new file into place, which changes it; so does any entry added or removed), built once under a lock and timed
-    (``server_s``: the store's own work, which a real object store does on its side). Everything else is fsspec's
-    own LocalFileSystem."""
-    import bisect
-
-    from fsspec.implementations.local import LocalFileSystem
-
-    class IndexedLocalFileSystem(LocalFileSystem):
-        cachable = False
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.server_s = 0.0
-            self._snapshots: dict[str, tuple[int, list[str], dict[str, dict]]] = {}
-            self._snapshot_lock = threading.Lock()
-
-        def _snapshot(self, path: str) -> tuple[list[str], dict[str, dict]] | None:
-            with self._snapshot_lock:
-                try:
-                    stamp = os.stat(path).st_mtime_ns
-                except FileNotFoundError:
-                    return None
-                held = self._snapshots.get(path)
-                if held is None or held[0] != stamp:
-                    began = time.perf_counter()
-                    infos = {e.name: self.info(e) for e in os.scandir(path)}
-                    held = self._snapshots[path] = (stamp, sorted(infos), infos)
-                    self.server_s += time.perf_counter() - began
-            return held[1], held[2]
-
-        def find(self, path: str, maxdepth: Any = None, withdirs: bool = False, detail: bool = False,
-                 **kwargs: Any) -> Any:
-            prefix = kwargs.pop("prefix", "")
-            path = self._strip_protocol(path)
-            if not prefix or maxdepth is not None or withdirs:
-                return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
-            snapshot = self._snapshot(path)
-            if snapshot is None:
-                return {} if detail else []
-            names, infos = snapshot
-            page = names[bisect.bisect_left(names, prefix):bisect.bisect_left(names, prefix + "\U0010ffff")]
-            found = {infos[n]["name"]: infos[n] for n in page if infos[n]["type"] == "file"}
-            return found if detail else sorted(found)
-
-    return IndexedLocalFileSystem()
-
-
-def _latency_file(latency_s: float) -> StoreCalls:
-    """The real driver over file://, with each store call costing the round trips an object store would take (the
-    listing split by key prefix as on S3, each prefix page O(page))."""
-    from pipeline.store import Store
-
-    fs = _indexed_local_fs()
-    _LATENCY_FS.append(fs)
-    real = Store._make_fs
-
-    def make_fs(store: Store) -> Any:
-        made, protocol = real(store)
-        return (fs, protocol) if protocol == "local" else (made, protocol)
-
-    Store._make_fs = make_fs  # type: ignore[method-assign,assignment]
-    Store.pages_listings = property(lambda store: True)  # type: ignore[method-assign,assignment]
-    return StoreCalls(latency_s)
-
-
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import pipeline.outputs.render as render_module
+    from bench.store_model import LATENCY_FS, StoreCalls, latency_file
     from jobs.run import submit
     from jobs.spec import JobSpec
 
     render_module.render = _stub_render  # type: ignore[assignment]
-    latency_file = job["backend"] == "latency-file"
-    calls = _latency_file(job["latency_s"]) if latency_file else StoreCalls()
+    is_latency_file = job["backend"] == "latency-file"
+    calls = latency_file(job["latency_s"]) if is_latency_file else StoreCalls()
     spec = JobSpec(input_url=job["table"], output_url=job["out"], model="tiny", executor="local",
                    storage_options=job["storage_options"], lease_s=600.0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -321,7 +208,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if profile is not None:
         profile.dump_stats(job["profile"])
     counts = calls.counts
-    server_s = _LATENCY_FS[0].server_s if _LATENCY_FS else 0.0
+    server_s = LATENCY_FS[0].server_s if LATENCY_FS else 0.0
     worker_reads = counts["get:done"] if job["variant"] == "fresh" else 0
     return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "base_rss_mb": base_rss / 1024, "counts": report.counts, "listing_snapshot_s": server_s,
