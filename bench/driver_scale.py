@@ -11,17 +11,25 @@ RSS is the driver's memory; in ``fresh`` it includes the stand-in workers):
   resume-cold  every row done, no done-index: every marker read (concurrently)       check: all ok (reused), n reads
   resume-warm  every row done, with the done-index the job wrote                      check: all ok (reused), 0 reads
 
+Backends: ``file`` (a local folder), ``s3`` (moto behind the latency proxy: moto answers every list request by
+iterating the whole bucket, so its listings cost O(keys) of server CPU each) and ``latency-file`` (the real driver over
+a local folder, each store call sleeping ``--latency-ms`` per request it stands for, a listing one request per page of
+1,000 keys, and listed by key prefix as on S3 from a name index of the folder, O(page) a request: what a real object
+store charges, without moto's scan). Each variant prints its store calls, the requests they stand for, the time spent
+in them and the driver's CPU seconds (on s3 also the server process's); ``--profile DIR`` writes a cProfile of each.
+
 On S3 the done state of the resume variants is planted in the server's memory (real marker bytes, not through HTTP),
 and ``fresh`` runs only up to ``--fresh-max-s3`` rows (each row costs ~8 requests of the workers). Run from the
 repository root:
 
-    python -m bench.driver_scale [--sizes 1000,10000,100000] [--backends file,s3] [--latency-ms 20]
+    python -m bench.driver_scale [--sizes 1000,10000,100000] [--backends file,latency-file,s3] [--latency-ms 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import logging
 import multiprocessing
@@ -33,7 +41,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +48,7 @@ from typing import Any
 BUCKET = "bench"
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 VARIANTS = ("fresh", "resume-cold", "resume-warm")
+BACKENDS = ("file", "latency-file", "s3")
 
 
 # ------------------------------------------------------------------------------------ the S3 server process
@@ -127,6 +135,12 @@ class S3Server:
             self.conn.send(objects[i:i + 20_000])
             self.conn.recv()
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process (moto and the proxy) used so far."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def stop(self) -> None:
         self.conn.send(None)
         self.process.join(10)
@@ -170,39 +184,38 @@ class StandInExecutor:
                 yield future.result()
 
 
-def _count_reads() -> Counter[str]:
-    """Count store calls by operation and first key segment (the `Store._invoke` seam)."""
-    from pipeline.store import Store
-
-    counts: Counter[str] = Counter()
-    real = Store._invoke
-
-    def invoke(self: Store, op: str, key: str, fn: Any) -> Any:
-        counts[f"{op}:{key.split('/', 1)[0]}"] += 1
-        return real(self, op, key, fn)
-
-    Store._invoke = invoke  # type: ignore[method-assign]
-    return counts
-
-
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import pipeline.outputs.render as render_module
+    from bench.store_model import LATENCY_FS, StoreCalls, latency_file
     from jobs.run import submit
     from jobs.spec import JobSpec
 
     render_module.render_prompts = _stub_render  # type: ignore[assignment]
-    counts = _count_reads()
+    is_latency_file = job["backend"] == "latency-file"
+    calls = latency_file(job["latency_s"]) if is_latency_file else StoreCalls()
     spec = JobSpec.from_fields(input_url=job["table"], output_url=job["out"], model="tiny", executor="local",
-                   storage_options=job["storage_options"], lease_s=600.0)
+                               storage_options=job["storage_options"], lease_s=600.0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     executor = StandInExecutor(spec, job["workers"], allow=job["variant"] == "fresh")
-    began = time.perf_counter()
+    profile = cProfile.Profile() if job.get("profile") else None
+    cpu, began = time.process_time(), time.perf_counter()
+    if profile is not None:
+        profile.enable()
     report = submit(spec, executor=executor)
-    seconds = time.perf_counter() - began
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "base_rss_mb": base_rss / 1024, "counts": report.counts, "dispatched": executor.calls,
+    if profile is not None:
+        profile.disable()
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+    if profile is not None:
+        profile.dump_stats(job["profile"])
+    counts = calls.counts
+    server_s = LATENCY_FS[0].server_s if LATENCY_FS else 0.0
+    worker_reads = counts["get:done"] if job["variant"] == "fresh" else 0
+    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "base_rss_mb": base_rss / 1024, "counts": report.counts, "listing_snapshot_s": server_s,
+            "dispatched": executor.calls,
             "marker_reads": counts["get:done"], "results_rows": len(report.results),
-            "store_calls": sum(counts.values()) - (counts["get:done"] if job["variant"] == "fresh" else 0)}
+            "store_calls": sum(counts.values()) - worker_reads, "requests": calls.requests - worker_reads,
+            "call_counts": dict(counts), "call_seconds": {k: round(v, 3) for k, v in calls.seconds.items()}}
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -263,7 +276,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _check(variant: str, n: int, r: dict[str, Any]) -> str:
+def _check(variant: str, n: int, r: dict[str, Any], latency_s: float = 0.0) -> str:
     want = {"fresh": ({"ok": n}, n), "resume-cold": ({"ok": n}, 0), "resume-warm": ({"ok": n}, 0)}
     counts, dispatched = want[variant]
     problems = []
@@ -273,6 +286,12 @@ def _check(variant: str, n: int, r: dict[str, Any]) -> str:
         problems.append(f"{r['marker_reads']} marker reads, not {n}")
     if variant == "resume-warm" and r["marker_reads"]:
         problems.append(f"{r['marker_reads']} marker reads, not 0 (the index should answer)")
+    if r["backend"] == "latency-file":  # listed by prefix pages, each request delayed as it claims
+        pages = r["call_counts"].get("versions:done", 0)
+        if variant != "fresh" and pages < -(-n // 1000):
+            problems.append(f"{pages} listing calls of done/, fewer than one per 1,000 rows")
+        if sum(r["call_seconds"].values()) < latency_s * r["requests"]:
+            problems.append("store calls took less than the injected latency")
     return "; ".join(problems) or "ok"
 
 
@@ -280,6 +299,8 @@ def bench(backend: str, n: int, args: argparse.Namespace, server: S3Server | Non
     from pipeline.store import Store, split_url
 
     run = uuid.uuid4().hex[:8]
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "s3":
         assert server is not None
         options = {**CREDENTIALS, "client_kwargs": {"endpoint_url": server.endpoint}}
@@ -306,16 +327,26 @@ def bench(backend: str, n: int, args: argparse.Namespace, server: S3Server | Non
                     _plant_index(out, planted)
             if variant == "resume-cold":
                 out.delete("done_index.parquet")
+        latency_s = args.latency_ms / 1000 if backend == "latency-file" else 0.0
         job = {"variant": variant, "table": table_url, "out": out_url, "storage_options": options,
-               "workers": args.workers}
+               "workers": args.workers, "backend": backend, "latency_s": latency_s,
+               "profile": f"{args.profile}/{backend}-{n}-{variant}.prof" if args.profile else None}
+        server_cpu = server.cpu_s() if backend == "s3" and server is not None else 0.0
         r = _child(job)
-        r.update(backend=backend, rows=n, variant=variant, check=_check(variant, n, r))
+        r.update(backend=backend, rows=n, variant=variant)
+        r["server_cpu_s"] = server.cpu_s() - server_cpu if backend == "s3" and server is not None else 0.0
+        r["check"] = _check(variant, n, r, latency_s)
         rows.append(r)
-        print(f"{backend:4s} {n:>7d} {variant:12s} {r['seconds']:8.2f} s  {r['seconds'] / n * 1000:7.3f} s/1k  "
+        on_server = (f"server CPU {r['server_cpu_s']:.1f} s  " if backend == "s3" else
+                     f"of it folder snapshot {r['listing_snapshot_s']:.1f} s  " if backend == "latency-file" else "")
+        print(f"{backend:12s} {n:>7d} {variant:12s} {r['seconds']:8.2f} s  {r['seconds'] / n * 1000:7.3f} s/1k  "
               f"peak RSS {r['peak_rss_mb']:7.0f} MB ({(r['peak_rss_mb'] - r['base_rss_mb']) / n * 1000:6.1f} MB/1k "
               f"over {r['base_rss_mb']:.0f})  marker reads {r['marker_reads']:>6d}  "
-              f"store calls {r.get('store_calls', 0):>6d}  check: {r['check']}",
-              flush=True)
+              f"store calls {r['store_calls']:>6d} ({r['requests']} requests)  driver CPU {r['cpu_s']:.1f} s  "
+              f"{on_server}check: {r['check']}", flush=True)
+        print("      time in store calls (sum over threads): " + ", ".join(
+            f"{op} {r['call_counts'][op]}x {sec:.2f} s" for op, sec in sorted(r["call_seconds"].items(),
+                                                                              key=lambda kv: -kv[1])[:6]), flush=True)
     return rows
 
 
@@ -327,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=16, help="stand-in worker threads in the fresh variant")
     parser.add_argument("--fresh-max-s3", type=int, default=1000)
+    parser.add_argument("--profile", default=None, help="folder for a cProfile of each variant's driver")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -337,8 +369,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     backends = args.backends.split(",")
+    if set(backends) - set(BACKENDS):
+        parser.error(f"unknown backends {sorted(set(backends) - set(BACKENDS))}; choose from {BACKENDS}")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     command = "python -m bench.driver_scale " + " ".join(a for a in sys.argv[1:])
-    print(f"# {command.strip()}\n# latency {args.latency_ms:.0f} ms per request on s3 (proxy); "
+    print(f"# {command.strip()}\n# latency {args.latency_ms:.0f} ms per request on s3 (proxy) and latency-file; "
           f"stand-in workers {args.workers}", flush=True)
     server = S3Server.start(args.latency_ms / 1000) if "s3" in backends else None
     results = []

@@ -57,7 +57,10 @@ class ResultsWriter:
         before = len(self.rows)
         self.rows.extend(rows)
         self.pending += len(self.rows) - before
-        self._unindexed += [r["prompt_id"] for r in self.rows[before:] if r["status"] == RENDERED]
+        # rows answered from a marker (``reused``) are left out: the first pass put theirs in the index already, and
+        # one a worker found is read by the next start (refreshing the index for them would list and read it again)
+        self._unindexed += [r["prompt_id"] for r in self.rows[before:]
+                            if r["status"] == RENDERED and not r.get("reused")]
         if self.pending >= self.every_rows or (self.pending and self.clock() - self.written_at >= self.every_s):
             self.write()
 

@@ -177,7 +177,8 @@ def run_rows(spec: JobSpec, rows: list[PromptRow], executor: Executor, out: JobO
     first = len(writer.rows)
     results, todo = finished_rows(spec, rows, out)
     writer.add(results)
-    writer.write()  # what is known before any work: rows done earlier, invalid and excluded rows
+    if writer.pending or not writer.written:  # `add` wrote it already when the first pass answered many rows
+        writer.write()  # what is known before any work: rows done earlier, invalid and excluded rows
     by_id = {r.prompt_id: r for r in rows}
     claims = Claims(out, lease_s=run.lease_s, max_attempts=run.max_attempts)
     while todo:

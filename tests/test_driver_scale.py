@@ -190,3 +190,28 @@ def test_the_index_learns_the_rows_rendered_in_a_run_at_its_end(tmp_path):
     writer.close()
     versions = marker_versions(JobOutput(out), ["a", "b"])
     assert load_index(JobOutput(out)) == {pid: (versions[pid], out.get_bytes(JobOutput.done_key(pid))) for pid in "ab"}
+
+
+def test_a_resume_of_a_done_job_lists_the_markers_and_reads_the_index_once(tmp_path, monkeypatch):
+    spec, rows, _ = _job(tmp_path, f"file://{tmp_path}/out", {}, 5)
+    out = Store(spec.output_url)
+    for row in rows:
+        out.put_json(JobOutput.done_key(row.prompt_id),
+                     {"row_hash": row_hash(spec, row), "attempt": 0, "seed": row.seed})
+
+    class NoWork:
+        def run(self, todo):
+            assert not todo, "a done row was dispatched"
+            yield from ()
+
+    assert submit(spec, executor=NoWork()).counts == {"ok": 5}  # reads the markers, saves the index
+    calls: Counter[str] = Counter()
+    invoke = Store._invoke
+
+    def counting(self, op, key, fn):
+        calls[f"{op}:{key.split('/', 1)[0]}"] += 1
+        return invoke(self, op, key, fn)
+
+    monkeypatch.setattr(Store, "_invoke", counting)
+    assert submit(spec, executor=NoWork()).counts == {"ok": 5}
+    assert (calls["versions:done"], calls["get:done_index.parquet"], calls["get:done"]) == (1, 1, 0)
