@@ -197,3 +197,12 @@ def test_hashes_are_the_same_in_a_fresh_process(backend):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
     assert out.stdout.strip() == digest(job_settings("tiny", None, RolloutConfig(), TrimConfig(), "float32", 3))
+
+
+def test_a_chunk_verdict_is_in_tokentrims_vocabulary():
+    from pipeline.rollout.chunk_stats import VERDICTS, chunk_verdict
+    from tokentrim import VERDICT_KINDS
+
+    assert VERDICTS is VERDICT_KINDS
+    assert [chunk_verdict(code, 0) for code in (-1, 0, 1)] == ["accepted", "warmup", "accepted"]
+    assert {chunk_verdict(code, 3) for code in (-1, 0, 1)} == {"pruned"}  # regenerated on a pruned cache
