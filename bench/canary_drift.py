@@ -32,7 +32,7 @@ import torch
 from canary.detect import canary_metrics, detect
 from canary.grammar import parse_caption
 from canary.prompts import prompt_rows
-from canary.sample import render, write_svg_curves
+from canary.sample import sample_videos, write_svg_curves
 from pipeline.config import RolloutConfig
 from pipeline.model.backend import load_backend
 from pipeline.model.canary import read_card
@@ -95,7 +95,7 @@ def summarise(curves: dict[str, list[list[float]]], horizon: int) -> dict[str, d
 def run_one(backend: Any, mode: str, chunks: int, seeds: list[int], trim: TrimConfig | None
             ) -> dict[str, list[list[float]]]:
     config = RolloutConfig(mode=mode, num_chunks=chunks)  # type: ignore[arg-type]
-    videos, rows = render(backend, PROMPTS, seeds, config=config, trim=trim)
+    videos, rows = sample_videos(backend, PROMPTS, seeds, config=config, trim=trim)
     return per_chunk_metrics(videos, rows, PROMPTS)
 
 

@@ -31,10 +31,10 @@ def pass_rate(backend: Any, *, mode: str, num_chunks: int, seeds_per_combo: int 
               first_seed: int = 0) -> tuple[float, list[tuple[str, str | None, str, tuple[float, float]]]]:
     """``(fraction passed, misses)`` of the covering prompts rendered for ``num_chunks`` chunks; a miss is
     ``(prompt, colour found, motion found, velocity found)``."""
-    from canary.sample import render
+    from canary.sample import sample_videos
 
     prompts, seeds, named = covering_prompts(seeds_per_combo, first_seed)
-    videos, _ = render(backend, prompts, seeds, mode=mode, num_chunks=num_chunks)
+    videos, _ = sample_videos(backend, prompts, seeds, mode=mode, num_chunks=num_chunks)
     misses = []
     for video, (colour, motion), prompt in zip(videos, named, prompts):
         found = detect(video, colour)

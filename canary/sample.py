@@ -1,6 +1,6 @@
-"""Render canary prompts through the real rollout, and write PNG frame grids and SVG curves (no plotting deps).
+"""Sample canary prompts through the real rollout, and write PNG frame grids and SVG curves.
 
-`render` runs `pipeline.rollout.Rollout` (causal backend, KV cache, self-forcing or rolling-forcing, optional
+`sample_videos` runs `pipeline.rollout.Rollout` (causal backend, KV cache, self-forcing or rolling-forcing, optional
 TokenTrim) and decodes with the streaming VAE decoder: the same path ``tokentrim render --model canary`` takes.
 """
 
@@ -17,9 +17,9 @@ from pipeline.model.backend import WanBackend
 
 
 @torch.no_grad()
-def render(backend: WanBackend, prompts: list[str], seeds: list[int], *, mode: str = "self-forcing",
-           num_chunks: int = 6, trim: Any = None, config: RolloutConfig | None = None,
-           ) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
+def sample_videos(backend: WanBackend, prompts: list[str], seeds: list[int], *, mode: str = "self-forcing",
+                  num_chunks: int = 6, trim: Any = None, config: RolloutConfig | None = None,
+                  ) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
     """uint8 frames ``[B, T, 64, 64, 3]`` and the per-chunk stats rows (one list per chunk, B rows each)."""
     from pipeline.rollout.loop import Rollout
 
@@ -58,36 +58,20 @@ def write_png(path: str, image: torch.Tensor) -> None:
 
 def write_svg_curves(path: str, curves: dict[str, list[float]], title: str, log_y: bool = False,
                      x_label: str = "step") -> None:
-    """A small line chart of named curves (x = index) as SVG."""
-    import math
+    """A line chart of named curves (x = index) as an SVG file, drawn with matplotlib (no pyplot, no GUI backend)."""
+    import matplotlib
+    from matplotlib.figure import Figure
 
-    palette = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    width, height, pad = 640, 360, 48
-
-    def tf(v: float) -> float:
-        return math.log10(max(v, 1e-12)) if log_y else v
-
-    values = [tf(v) for c in curves.values() for v in c if math.isfinite(v)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
-    longest = max((len(c) for c in curves.values()), default=1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
-             '<rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{pad}" y="20" font-size="14">{title}</text>',
-             f'<text x="{width // 2}" y="{height - 8}" font-size="11">{x_label}</text>',
-             f'<text x="4" y="{pad - 6}" font-size="11">{"log10 " if log_y else ""}{hi:.3g}</text>',
-             f'<text x="4" y="{height - pad + 4}" font-size="11">{lo:.3g}</text>']
-    for k, (name, curve) in enumerate(curves.items()):
-        pts = []
-        for i, v in enumerate(curve):
-            if not math.isfinite(v):
-                continue
-            x = pad + (width - 2 * pad) * i / max(longest - 1, 1)
-            y = height - pad - (height - 2 * pad) * (tf(v) - lo) / (hi - lo)
-            pts.append(f"{x:.1f},{y:.1f}")
-        colour = palette[k % len(palette)]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{" ".join(pts)}"/>')
-        parts.append(f'<text x="{width - 190}" y="{30 + 14 * k}" font-size="11" fill="{colour}">{name}</text>')
-    parts.append("</svg>")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(parts))
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        ax.plot(range(len(curve)), curve, label=name, linewidth=1.5)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=x_label)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "tokentrim"}):
+        fig.savefig(path, format="svg", metadata={"Date": None})

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from canary.sample import frame_grid, render, write_png
+from canary.sample import frame_grid, sample_videos, write_png
 from canary.train import SAMPLE_PROMPTS
 from pipeline.model.backend import load_backend
 
@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     prompts = args.prompt or SAMPLE_PROMPTS
-    videos, _ = render(load_backend("canary"), prompts, [args.seed + i for i in range(len(prompts))],
-                       mode=args.mode, num_chunks=args.chunks)
+    videos, _ = sample_videos(load_backend("canary"), prompts, [args.seed + i for i in range(len(prompts))],
+                              mode=args.mode, num_chunks=args.chunks)
     write_png(args.out, frame_grid(videos))
     print(f"wrote {args.out}: {len(prompts)} rows x {videos.shape[1]} frames (every 4th shown)")
     return 0

@@ -24,7 +24,7 @@ import torch
 
 from canary.evaluate import pass_rate
 from canary.grammar import caption
-from canary.sample import frame_grid, render, write_png, write_svg_curves
+from canary.sample import frame_grid, sample_videos, write_png, write_svg_curves
 from canary.train_gen import build_pool, train_generator
 from canary.train_vae import VAE_FRAMES, finetune_decoder, held_out_psnr, latent_stats, train_vae
 from pipeline.model import canary as models
@@ -98,7 +98,7 @@ def _sample_grid(transformer: Any, text: Any, vae: Any, path: str, chunks: int) 
     from pipeline.model.causal_wan import CausalWan
 
     backend = WanBackend(PRESETS["canary"], CausalWan(copy.deepcopy(transformer)), text, vae)
-    videos, _ = render(backend, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))), num_chunks=chunks)
+    videos, _ = sample_videos(backend, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))), num_chunks=chunks)
     write_png(path, frame_grid(videos))
     return {f"pass_{mode}": pass_rate(backend, mode=mode, num_chunks=chunks)[0]
             for mode in ("self-forcing", "rolling-forcing")}

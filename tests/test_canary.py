@@ -227,3 +227,15 @@ def test_canary_preset_goes_through_the_causal_backend(canary_backend):
     assert canary_backend.spec == PRESETS["canary"]
     assert all(isinstance(b.attn1.processor, CachedSelfAttention) for b in canary_backend.causal.transformer.blocks)
     assert canary_backend.latent_size(64, 64) == (8, 8)
+
+
+def test_training_curves_are_an_svg_with_every_curve_named(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from canary.sample import write_svg_curves
+
+    path = tmp_path / "loss.svg"
+    write_svg_curves(str(path), {"vae": [1.0, 0.5, 0.25], "generator": [2.0, 1.0]}, "loss", log_y=True)
+    text = path.read_text()
+    assert ET.fromstring(text).tag.endswith("svg")
+    assert all(name in text for name in ("loss", "vae", "generator"))

@@ -99,14 +99,14 @@ def test_the_glitch_hook_pastes_on_the_first_attempt_only_and_records_it():
 
 @needs_canary
 def test_the_pasted_object_shows_in_the_canary_and_a_warm_decoder_forgets_the_run_before():
-    from canary.sample import render
+    from canary.sample import sample_videos
     from pipeline.config import RolloutConfig
     from pipeline.model.backend import load_backend
     from pipeline.rollout.loop import Rollout
 
     backend = load_backend("canary")
     config = RolloutConfig(num_chunks=3)
-    clean, _ = render(backend, [PROMPT], [5], config=config)
+    clean, _ = sample_videos(backend, [PROMPT], [5], config=config)
     rollout = Rollout(backend, config, [PROMPT], [5])
     rollout.perturb = Glitch(1, glitch_latents(backend, PROMPT)[None])
     chunks = [record.latents for record in rollout]

@@ -16,7 +16,7 @@ DESIGN = {
     "pipeline": {"tokentrim", "torch", "diffusers", "transformers", "av", "safetensors", "fsspec", "pyarrow"},
     # the canary's development package (grammar, clip renderer, training, detector): above the pipeline it trains
     # and renders with, below the jobs that check prompts against its grammar and judge videos with its detector
-    "canary": {"pipeline", "tokentrim", "torch", "diffusers", "safetensors", "pyarrow"},
+    "canary": {"pipeline", "tokentrim", "torch", "diffusers", "safetensors", "pyarrow", "matplotlib"},
     "jobs": {"pipeline", "canary", "tokentrim", "torch", "ray", "pyarrow", "fsspec", "s3fs", "click",
              "tqdm", "matplotlib", "jinja2"},  # progress bars, the report pages' plots and templates (STYLE §2.20)
 }
