@@ -442,7 +442,7 @@ def test_cli_exit_codes_limit_and_its_record(tmp_path):
     assert result.exit_code == 0, result.output
     assert [(r["prompt_id"], r["status"]) for r in _results(tmp_path / "o3")] == \
         [("a", "ok"), ("b", "excluded"), ("c", "excluded")]
-    assert load_spec(JobOutput.open(str(tmp_path / "o3"))).limit == 1
+    assert load_spec(JobOutput.open(str(tmp_path / "o3"))).execution.limit == 1
     resumed = CliRunner().invoke(main, ["resume", str(tmp_path / "o3")])
     assert resumed.exit_code == 0 and not (tmp_path / "o3" / "videos" / "b.mp4").exists()
 
