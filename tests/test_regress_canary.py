@@ -52,8 +52,8 @@ def _perturbed_weights(monkeypatch) -> None:
 
     load = jobs.executors.load_model
 
-    def perturbed(spec):
-        backend = load(spec)
+    def perturbed(*args, **kwargs):
+        backend = load(*args, **kwargs)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in backend.causal.transformer.parameters():
