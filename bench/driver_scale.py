@@ -260,10 +260,12 @@ def _plant(server: S3Server | None, root: str, objects: list[tuple[str, bytes]])
 def _plant_index(out: Any, planted: list[tuple[str, bytes]]) -> None:
     """`jobs.results.ResultsWriter`'s last index refresh without its reads (the bytes are the planted ones)."""
     from jobs.done_index import marker_versions, save_index
+    from jobs.layout import JobOutput
 
-    data = {key[len("done/"):-len(".json")]: value for key, value in planted}
-    versions = marker_versions(out, list(data))
-    save_index(out, {pid: (versions[pid], data[pid]) for pid in data})
+    job = JobOutput(out)
+    data = {pid: value for key, value in planted if (pid := JobOutput.done_id(key)) is not None}
+    versions = marker_versions(job, list(data))
+    save_index(job, {pid: (versions[pid], data[pid]) for pid in data})
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
