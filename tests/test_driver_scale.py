@@ -4,6 +4,7 @@ written as rows finish, and a driver killed mid-job leaving a results table."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -215,3 +216,15 @@ def test_a_resume_of_a_done_job_lists_the_markers_and_reads_the_index_once(tmp_p
     monkeypatch.setattr(Store, "_invoke", counting)
     assert submit(spec, executor=NoWork()).counts == {"ok": 5}
     assert (calls["versions:done"], calls["get:done_index.parquet"], calls["get:done"]) == (1, 1, 0)
+
+
+@pytest.mark.slow
+def test_the_driver_bench_runs_every_variant_and_each_checks_itself(tmp_path):
+    """`bench.driver_scale` at a small size (its figures are not asserted): every variant runs the real driver and
+    passes the check of what it names (a resume lists and reads no marker, a cold one reads each, ...)."""
+    done = subprocess.run([sys.executable, "-m", "bench.driver_scale", "--sizes", "120", "--backends",
+                           "latency-file", "--latency-ms", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("latency-file ")]
+    assert len(lines) == 3 and all(line.endswith("check: ok") for line in lines), done.stdout
