@@ -1,6 +1,7 @@
 """Does TokenTrim help on the canary? The effect, measured by what a viewer sees, against a floor.
 
-    python -m bench.effect --out bench/effect [--prompts 20] [--chunks 12] [--mode self-forcing] [--threads 1]
+    python -m bench.effect --out bench/effect [--model canary] [--prompts 20] [--chunks 12] [--mode self-forcing]
+                           [--threads 1]
 
 Renders the first ``--prompts`` canary prompts (every colour x motion in the first 20) through the real rollout and
 judges every chunk with the detector (`pipeline.canary.effect`: vanish, split, foreign object, wrong colour):
@@ -38,6 +39,7 @@ from pipeline.canary.effect import (
     auc,
     bootstrap,
     glitch_latents,
+    glitch_tokens,
     judge_video,
     median,
     onsets,
@@ -49,9 +51,22 @@ from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout
 from tokentrim import TrimConfig, drift_score, latent_summary, unstable_set
 
-VARIANTS = {"same": TrimConfig(), "motion r1": TrimConfig(drift="motion", drift_radius=1),
-            "relative": TrimConfig(drift="relative")}
-OFFLINE_ONLY = {"motion r2": TrimConfig(drift="motion", drift_radius=2)}  # AUC only (a 4x4 grid: r2 is most of it)
+MODELS = ("canary", "canary-ctx")
+
+
+def variants(patch: tuple[int, int, int] = (1, 2, 2)) -> dict[str, TrimConfig]:
+    """The drift scores judged online, at the transformer's ``patch``."""
+    return {"same": TrimConfig(patch_size=patch), "motion r1": TrimConfig(drift="motion", drift_radius=1,
+                                                                          patch_size=patch),
+            "relative": TrimConfig(drift="relative", patch_size=patch)}
+
+
+def offline_only(patch: tuple[int, int, int] = (1, 2, 2)) -> dict[str, TrimConfig]:
+    """AUC only (on the canary's 4x4 grid, r2 is most of it)."""
+    return {"motion r2": TrimConfig(drift="motion", drift_radius=2, patch_size=patch)}
+
+
+VARIANTS, OFFLINE_ONLY = variants(), offline_only()
 SEED_B_OFFSET = 100_000
 GLITCH_CHUNK, GLITCH_AFTER = 3, 3  # the first chunk TokenTrim judges (warmup 3); chunks G+1..G+3 after it
 PERSISTENCE = ("glitch_px", "foreign", "mass_err", "vanish", "split", "traj_err")
@@ -70,6 +85,7 @@ class Run:
 
 def render(backend: Any, prompts: list[str], seeds: list[int], config: RolloutConfig, trim: TrimConfig | None,
            glitch: torch.Tensor | None = None) -> Run:
+    tokens = set(glitch_tokens(tuple(backend.causal.patch_size), backend.spec.width_px // 8))
     start = time.monotonic()
     rollout = Rollout(backend, config, prompts, seeds, trim=trim)
     hook = Glitch(GLITCH_CHUNK if glitch is not None else None, glitch)
@@ -82,7 +98,7 @@ def render(backend: Any, prompts: list[str], seeds: list[int], config: RolloutCo
             for event in record.prunes:  # chunk G's first candidate rejected: the glitch never enters the cache
                 if event.chunk == GLITCH_CHUNK:
                     for b in event.samples.nonzero().flatten().tolist():
-                        found[b] = found[b] or 0 in event.positions[b].tolist()
+                        found[b] = found[b] or not tokens.isdisjoint(event.positions[b].tolist())
     return Run(latents, rows, found, hook.first_x0, time.monotonic() - start)
 
 
@@ -210,7 +226,9 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     seeds_a = [int(str(r["seed"])) for r in rows]
     seeds_b = [s + SEED_B_OFFSET for s in seeds_a]
     config = RolloutConfig(mode=mode, num_chunks=chunks)  # type: ignore[arg-type]
-    grid = (backend.spec.height_px // 16, backend.spec.width_px // 16)  # 8x spatial VAE, 1x2x2 patches
+    patch = tuple(backend.causal.patch_size)
+    grid = (backend.spec.height_px // 8 // patch[1], backend.spec.width_px // 8 // patch[2])  # 8x spatial VAE
+    online, offline = variants(patch), offline_only(patch)  # type: ignore[arg-type]
     first = TrimConfig().warmup
     cf = config.chunk_frames
     runs = {"clean A": render(backend, prompts, seeds_a, config, None),
@@ -218,9 +236,10 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     log(f"clean runs: {runs['clean A'].seconds:.0f}s, {runs['clean B'].seconds:.0f}s")
     verdicts = {k: [judge_video(v, p, chunks, cf) for v, p in zip(decode(backend, r), prompts)]
                 for k, r in runs.items()}
-    allv = {**VARIANTS, **OFFLINE_ONLY}
+    allv = {**online, **offline}
     sev = {k: {name: severities(r, t, grid) for name, t in allv.items()} for k, r in runs.items()}
-    result: dict[str, Any] = {"prompts": prompts, "chunks": chunks, "mode": mode, "grid": grid,
+    result: dict[str, Any] = {"model": backend.spec.name, "prompts": prompts, "chunks": chunks, "mode": mode,
+                              "grid": grid, "patch": list(patch),
                               "auc": {k: auc_table(verdicts[k], sev[k], first) for k in runs}}
     glitch = torch.stack([glitch_latents(backend, p) for p in prompts])  # [B, 16, 2, 2]
     after = range(GLITCH_CHUNK + 1, GLITCH_CHUNK + 1 + GLITCH_AFTER)
@@ -238,7 +257,7 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     off_p = [persistence(v, after) for v in off_v]
     figures["no TokenTrim - clean"] = paired(off_p, clean_p["clean A"])
     prunes: dict[str, Any] = {}
-    for name, trim in VARIANTS.items():
+    for name, trim in online.items():
         on = render(backend, prompts, seeds_a, short, trim, glitch)
         on_v = judge_glitched(backend, on, runs["clean A"], prompts, short.num_chunks, cf)
         at_glitch[name] = median([v[GLITCH_CHUNK].glitch_px for v in on_v])
@@ -248,8 +267,9 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
         check_variant(clean_on, sev["clean A"][name], name)
         prunes[name] = prune_decisions(clean_on, verdicts["clean A"], first)
         log(f"{name}: glitch run {on.seconds:.0f}s, clean run {clean_on.seconds:.0f}s")
-    cost = {name: {"canary": drift_cost(t, (n, grid[0] * grid[1], 64), grid),
-                   "wan 480x832": drift_cost(t, (1, 30 * 52, 64), (30, 52))} for name, t in VARIANTS.items()}
+    dim = 16 * patch[0] * patch[1] * patch[2]
+    cost = {name: {"canary": drift_cost(t, (n, grid[0] * grid[1], dim), grid),
+                   "wan 480x832": drift_cost(t, (1, 30 * 52, 64), (30, 52))} for name, t in online.items()}
     result.update(glitch_px_at_chunk=at_glitch, persistence=figures, prunes=prunes, cost_s=cost,
                   seconds={k: r.seconds for k, r in runs.items()})
     return result
@@ -270,8 +290,11 @@ def _ci(t: Any) -> str:
 
 
 def tables(r: dict[str, Any]) -> str:
+    patch = r.get("patch", [1, 2, 2])
+    dim = 16 * patch[0] * patch[1] * patch[2]
     names = [*VARIANTS, *OFFLINE_ONLY]
-    lines = [f"canary, {r['mode']}, {len(r['prompts'])} prompts x {r['chunks']} chunks; judged chunks c >= "
+    lines = [f"{r.get('model', 'canary')}, {r['mode']}, {len(r['prompts'])} prompts x {r['chunks']} chunks; "
+             "judged chunks c >= "
              f"{TrimConfig().warmup}. AUC [95% bootstrap interval over prompts].", "",
              "(a) AUC of the chunk severity, artefact onsets vs artefact-free chunks", "",
              "| seeds | label | onsets | clean | " + " | ".join(names) + " | "
@@ -301,7 +324,8 @@ def tables(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {p['false_prunes']:.3f} of {p['clean_chunks']} | {p['hits']:.3f} of "
                      f"{p['onset_chunks']} | {p['prune_rate']:.3f} |")
     lines += ["", "(d) cost per chunk of drift score + unstable set (median seconds, this CPU, one thread)", "",
-              "| variant | canary [B, 16, 64] | Wan2.1 480x832 [1, 1560, 64] | x same (Wan) |", "|---|---|---|---|"]
+              f"| variant | {r.get('model', 'canary')} [B, {r['grid'][0] * r['grid'][1]}, {dim}] | Wan2.1 480x832 "
+              "[1, 1560, 64] | x same (Wan) |", "|---|---|---|---|"]
     same = r["cost_s"]["same"]["wan 480x832"]
     for name, c in r["cost_s"].items():
         lines.append(f"| {name} | {c['canary'] * 1e6:.0f} us | {c['wan 480x832'] * 1e6:.0f} us | "
@@ -312,6 +336,7 @@ def tables(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/effect")
+    ap.add_argument("--model", default="canary", choices=MODELS)
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--mode", default="self-forcing", choices=["self-forcing", "rolling-forcing"])
@@ -321,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--chunks must be >= {GLITCH_CHUNK + GLITCH_AFTER + 1}")
     torch.set_num_threads(args.threads)
     start = time.monotonic()
-    result = measure(load_backend("canary"), args.prompts, args.chunks, args.mode)
+    result = measure(load_backend(args.model), args.prompts, args.chunks, args.mode)
     os.makedirs(args.out, exist_ok=True)
     table = tables(result)
     with open(os.path.join(args.out, f"table-{args.mode}.md"), "w", encoding="utf-8") as fh:
@@ -329,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, f"results-{args.mode}.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
     print(table)
-    cmd = f"python -m bench.effect --prompts {args.prompts} --chunks {args.chunks} --mode {args.mode}"
+    cmd = (f"python -m bench.effect --model {args.model} --prompts {args.prompts} --chunks {args.chunks} "
+           f"--mode {args.mode}")
     print(f"\nreproduce: {cmd}")
     print("BENCH_JSON " + json.dumps({"effect_seconds": round(time.monotonic() - start, 1)}))
     return 0

@@ -27,7 +27,7 @@ EXECUTORS: tuple[str, ...] = get_args(Executor)
 class JobSpec:
     """Everything a worker needs to render any row of the job's prompt table.
 
-    model: a preset ('canary', 'tiny', 'wan2.1-1.3b') or a diffusers Wan2.1 folder.
+    model: a preset ('canary', 'canary-ctx', 'tiny', 'wan2.1-1.3b') or a diffusers Wan2.1 folder.
     weights: a causal generator checkpoint (Self/Rolling Forcing or Wan keys).
     device: cpu, cuda, cuda:N; auto: cuda when the job asks for GPUs (render: when one is available).
     dtype: the model's dtype.
@@ -165,7 +165,7 @@ def check_device(device: str) -> None:
 def check_prompt(spec: JobSpec, prompt: str) -> str | None:
     """Why ``prompt`` cannot be rendered under ``spec`` (None when it can): the canary model draws only captions of
     its grammar, unless ``allow_any_prompt``."""
-    if spec.model != "canary" or spec.allow_any_prompt:
+    if spec.model not in ("canary", "canary-ctx") or spec.allow_any_prompt:
         return None
     from pipeline.canary.grammar import grammar_text, parse_caption
 

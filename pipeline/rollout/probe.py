@@ -15,14 +15,16 @@ if TYPE_CHECKING:  # no torch import at runtime: job specs (and `--help`) load t
     import torch
 
 
-def add_to_tokens(x0: torch.Tensor, positions: Sequence[int], amount: float) -> torch.Tensor:
-    """A copy of ``x0`` ``[B, C, F, h, w]`` with ``amount`` added to the 2x2 patches (tokens of the 1x2x2 patch
-    grid) at ``positions`` (row-major over the ``h/2 x w/2`` grid)."""
+def add_to_tokens(x0: torch.Tensor, positions: Sequence[int], amount: float,
+                  patch: Sequence[int] = (1, 2, 2)) -> torch.Tensor:
+    """A copy of ``x0`` ``[B, C, F, h, w]`` with ``amount`` added to the tokens of the ``(t, h, w)`` ``patch`` grid
+    (the transformer's; default 1x2x2) at ``positions`` (row-major over the ``h/p_h x w/p_w`` grid)."""
     x0 = x0.clone()
-    grid_w = x0.shape[4] // 2
+    _, p_h, p_w = patch
+    grid_w = x0.shape[4] // p_w
     for p in positions:
         i, j = divmod(p, grid_w)
-        x0[:, :, :, 2 * i: 2 * i + 2, 2 * j: 2 * j + 2] += amount
+        x0[:, :, :, p_h * i: p_h * i + p_h, p_w * j: p_w * j + p_w] += amount
     return x0
 
 
