@@ -228,7 +228,7 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     config = RolloutConfig(mode=mode, num_chunks=chunks)  # type: ignore[arg-type]
     patch = tuple(backend.causal.patch_size)
     grid = (backend.spec.height_px // 8 // patch[1], backend.spec.width_px // 8 // patch[2])  # 8x spatial VAE
-    online, offline = variants(patch), offline_only(patch)  # type: ignore[arg-type]
+    online, offline = variants(patch), offline_only(patch)
     first = TrimConfig().warmup
     cf = config.chunk_frames
     runs = {"clean A": render(backend, prompts, seeds_a, config, None),
