@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pipeline.canary.effect import (
+    FOREIGN_MIN_PX,
     LABELS,
     Glitch,
     auc,
@@ -256,12 +257,16 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
         raise RuntimeError(f"the pasted object does not show in chunk {GLITCH_CHUNK}: {at_glitch}")
     off_p = [persistence(v, after) for v in off_v]
     figures["no TokenTrim - clean"] = paired(off_p, clean_p["clean A"])
+    persisting = {"clean A": _persisting(clean_p["clean A"]), "clean B": _persisting(clean_p["clean B"]),
+                  "no TokenTrim": _persisting(off_p)}
     prunes: dict[str, Any] = {}
     for name, trim in online.items():
         on = render(backend, prompts, seeds_a, short, trim, glitch)
         on_v = judge_glitched(backend, on, runs["clean A"], prompts, short.num_chunks, cf)
         at_glitch[name] = median([v[GLITCH_CHUNK].glitch_px for v in on_v])
-        figures[f"no TokenTrim - {name}"] = paired(off_p, [persistence(v, after) for v in on_v])
+        on_p = [persistence(v, after) for v in on_v]
+        figures[f"no TokenTrim - {name}"] = paired(off_p, on_p)
+        persisting[name] = _persisting(on_p)
         figures[f"{name}: glitch found"] = sum(on.glitch_found) / n
         clean_on = render(backend, prompts, seeds_a, config, trim)
         check_variant(clean_on, sev["clean A"][name], name)
@@ -270,9 +275,15 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     dim = 16 * patch[0] * patch[1] * patch[2]
     cost = {name: {"canary": drift_cost(t, (n, grid[0] * grid[1], dim), grid),
                    "wan 480x832": drift_cost(t, (1, 30 * 52, 64), (30, 52))} for name, t in online.items()}
-    result.update(glitch_px_at_chunk=at_glitch, persistence=figures, prunes=prunes, cost_s=cost,
+    result.update(glitch_px_at_chunk=at_glitch, persistence=figures, persisting=persisting, prunes=prunes, cost_s=cost,
                   seconds={k: r.seconds for k, r in runs.items()})
     return result
+
+
+def _persisting(figures: list[dict[str, float]]) -> float:
+    """Share of prompts whose glitch-colour px in the glitch's corner, median over chunks G+1..G+K, reach
+    `FOREIGN_MIN_PX` (a per-prompt reading of (b): the pasted object is still drawn)."""
+    return sum(f["glitch_px"] >= FOREIGN_MIN_PX for f in figures) / len(figures)
 
 
 def check_variant(run: Run, offline: list[list[float]], name: str) -> None:
@@ -280,7 +291,9 @@ def check_variant(run: Run, offline: list[list[float]], name: str) -> None:
     computed offline for that variant."""
     for c in (1, 2):
         online = [row["severity"] for row in run.rows[c]]
-        if not torch.allclose(torch.tensor(online), torch.tensor([s[c] for s in offline]), rtol=1e-4, atol=1e-5):
+        # rtol 1e-3: the online and offline summaries differ by float rounding (~5e-5 relative, up to 1.2e-4 on
+        # canary-ctx's 64-token grid); the variants' severities differ by 10% and more
+        if not torch.allclose(torch.tensor(online), torch.tensor([s[c] for s in offline]), rtol=1e-3, atol=1e-5):
             raise RuntimeError(f"variant {name!r}: chunk {c} severities {online} are not its drift's")
 
 
@@ -317,6 +330,9 @@ def tables(r: dict[str, Any]) -> str:
               "(share of prompts): "
               + ", ".join(f"{k.split(':')[0]} {v:.2f}" for k, v in r["persistence"].items()
                           if not isinstance(v, dict)),
+              "", "prompts whose pasted object is still drawn in chunks "
+              f"{GLITCH_CHUNK + 1}..{GLITCH_CHUNK + GLITCH_AFTER} (median glitch px >= {FOREIGN_MIN_PX}): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r.get("persisting", {}).items()),
               "", "(c) clean rollouts with TokenTrim: prune decisions on the chunks the run without it labels", "",
               "| variant | false prunes (artefact-free chunks) | hits (onsets) | prune rate (judged chunks) |",
               "|---|---|---|---|"]
