@@ -107,6 +107,18 @@ def test_init_from_embeds_a_flat_field_as_the_coarse_patch_did():
     torch.testing.assert_close(a[..., ::2, ::2], b, atol=1e-5, rtol=1e-4)
 
 
+def test_glitch_tokens_and_probe_tokens_follow_the_patch():
+    from pipeline.canary.effect import glitch_tokens
+    from pipeline.rollout.probe import add_to_tokens
+
+    assert glitch_tokens((1, 2, 2), 8) == [0]
+    assert glitch_tokens((1, 1, 1), 8) == [0, 1, 8, 9]  # the 2x2 latent cells the glitch pastes
+    x0 = torch.zeros(1, 2, 3, 8, 8)
+    assert torch.equal(add_to_tokens(x0, [9], 1.0, (1, 1, 1)).nonzero()[:, 3:].unique(dim=0), torch.tensor([[1, 1]]))
+    coarse = add_to_tokens(x0, [5], 1.0)  # default 1x2x2: token 5 of the 4x4 grid = cells (2..3, 2..3)
+    assert torch.equal(coarse.nonzero()[:, 3:].unique(dim=0), torch.tensor([[2, 2], [2, 3], [3, 2], [3, 3]]))
+
+
 # ---------------------------------------------------------------------------------------- the shipped model
 @pytest.fixture(scope="module")
 def ctx_backend():
