@@ -259,6 +259,7 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     figures["no TokenTrim - clean"] = paired(off_p, clean_p["clean A"])
     persisting = {"clean A": _persisting(clean_p["clean A"]), "clean B": _persisting(clean_p["clean B"]),
                   "no TokenTrim": _persisting(off_p)}
+    stopped: dict[str, list[int]] = {}  # variant -> [prompts stopped, prompts started]
     prunes: dict[str, Any] = {}
     for name, trim in online.items():
         on = render(backend, prompts, seeds_a, short, trim, glitch)
@@ -267,6 +268,8 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
         on_p = [persistence(v, after) for v in on_v]
         figures[f"no TokenTrim - {name}"] = paired(off_p, on_p)
         persisting[name] = _persisting(on_p)
+        stopped[name] = [sum(_drawn(a) and not _drawn(b) for a, b in zip(off_p, on_p)),
+                         sum(_drawn(b) and not _drawn(a) for a, b in zip(off_p, on_p))]
         figures[f"{name}: glitch found"] = sum(on.glitch_found) / n
         clean_on = render(backend, prompts, seeds_a, config, trim)
         check_variant(clean_on, sev["clean A"][name], name)
@@ -275,15 +278,21 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     dim = 16 * patch[0] * patch[1] * patch[2]
     cost = {name: {"canary": drift_cost(t, (n, grid[0] * grid[1], dim), grid),
                    "wan 480x832": drift_cost(t, (1, 30 * 52, 64), (30, 52))} for name, t in online.items()}
-    result.update(glitch_px_at_chunk=at_glitch, persistence=figures, persisting=persisting, prunes=prunes, cost_s=cost,
+    result.update(glitch_px_at_chunk=at_glitch, persistence=figures, persisting=persisting,
+                  stopped=stopped, prunes=prunes, cost_s=cost,
                   seconds={k: r.seconds for k, r in runs.items()})
     return result
 
 
+def _drawn(figures: dict[str, float]) -> bool:
+    """The pasted object is still drawn: glitch-colour px in its corner, median over chunks G+1..G+K, reach
+    `FOREIGN_MIN_PX` (a per-prompt reading of (b))."""
+    return figures["glitch_px"] >= FOREIGN_MIN_PX
+
+
 def _persisting(figures: list[dict[str, float]]) -> float:
-    """Share of prompts whose glitch-colour px in the glitch's corner, median over chunks G+1..G+K, reach
-    `FOREIGN_MIN_PX` (a per-prompt reading of (b): the pasted object is still drawn)."""
-    return sum(f["glitch_px"] >= FOREIGN_MIN_PX for f in figures) / len(figures)
+    """Share of prompts whose pasted object is still drawn (`_drawn`)."""
+    return sum(_drawn(f) for f in figures) / len(figures)
 
 
 def check_variant(run: Run, offline: list[list[float]], name: str) -> None:
@@ -333,6 +342,9 @@ def tables(r: dict[str, Any]) -> str:
               "", "prompts whose pasted object is still drawn in chunks "
               f"{GLITCH_CHUNK + 1}..{GLITCH_CHUNK + GLITCH_AFTER} (median glitch px >= {FOREIGN_MIN_PX}): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r.get("persisting", {}).items()),
+              "", "paired, per variant: prompts where the object is drawn without TokenTrim and not with it "
+              "(stopped) / drawn with it and not without (started): "
+              + ", ".join(f"{k} {a} / {b}" for k, (a, b) in r.get("stopped", {}).items()),
               "", "(c) clean rollouts with TokenTrim: prune decisions on the chunks the run without it labels", "",
               "| variant | false prunes (artefact-free chunks) | hits (onsets) | prune rate (judged chunks) |",
               "|---|---|---|---|"]
