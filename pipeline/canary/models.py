@@ -4,6 +4,8 @@ The generator is a small diffusers `WanTransformer3DModel` (1x2x2 patches: a 64x
 tokens), the VAE a small `AutoencoderKLWan` (8x spatial, 4x temporal, 16 latent channels, Wan2.2's residual
 shortcuts) and the text encoder
 the seeded tiny umT5 of `pipeline.model.text`, frozen. The card (``card.json``) records how the weights were trained.
+The context canary (``canary-ctx``, `CTX_WEIGHTS_DIR`) is the same with 1x1x1 patches (64 tokens per latent frame),
+trained on clips with uncaptioned marks (`pipeline.canary.marks`).
 """
 
 from __future__ import annotations
