@@ -1,6 +1,7 @@
 """Does TokenTrim help on the canary? The effect, measured by what a viewer sees, against a floor.
 
-    python -m bench.effect --out bench/effect [--prompts 20] [--chunks 12] [--mode self-forcing] [--threads 1]
+    python -m bench.effect --out bench/effect [--model canary] [--prompts 20] [--chunks 12] [--mode self-forcing]
+                           [--threads 1]
 
 Renders the first ``--prompts`` canary prompts (every colour x motion in the first 20) through the real rollout and
 judges every chunk with the detector (`canary.effect`: vanish, split, foreign object, wrong colour):
@@ -33,11 +34,13 @@ from typing import Any
 import torch
 
 from canary.effect import (
+    FOREIGN_MIN_PX,
     LABELS,
     Glitch,
     auc,
     bootstrap,
     glitch_latents,
+    glitch_tokens,
     judge_video,
     median,
     onsets,
@@ -49,9 +52,22 @@ from pipeline.model.backend import load_backend
 from pipeline.rollout.loop import Rollout
 from tokentrim import TrimConfig, drift_score, latent_summary, unstable_set
 
-VARIANTS = {"same": TrimConfig(), "motion r1": TrimConfig(drift="motion", drift_radius=1),
-            "relative": TrimConfig(drift="relative")}
-OFFLINE_ONLY = {"motion r2": TrimConfig(drift="motion", drift_radius=2)}  # AUC only (a 4x4 grid: r2 is most of it)
+MODELS = ("canary", "canary-ctx")
+
+
+def variants(patch: tuple[int, int, int] = (1, 2, 2)) -> dict[str, TrimConfig]:
+    """The drift scores judged online, at the transformer's ``patch``."""
+    return {"same": TrimConfig(patch_size=patch), "motion r1": TrimConfig(drift="motion", drift_radius=1,
+                                                                          patch_size=patch),
+            "relative": TrimConfig(drift="relative", patch_size=patch)}
+
+
+def offline_only(patch: tuple[int, int, int] = (1, 2, 2)) -> dict[str, TrimConfig]:
+    """AUC only (on the canary's 4x4 grid, r2 is most of it)."""
+    return {"motion r2": TrimConfig(drift="motion", drift_radius=2, patch_size=patch)}
+
+
+VARIANTS, OFFLINE_ONLY = variants(), offline_only()
 SEED_B_OFFSET = 100_000
 GLITCH_CHUNK, GLITCH_AFTER = 3, 3  # the first chunk TokenTrim judges (warmup 3); chunks G+1..G+3 after it
 PERSISTENCE = ("glitch_px", "foreign", "mass_err", "vanish", "split", "traj_err")
@@ -70,6 +86,7 @@ class Run:
 
 def roll_out(backend: Any, prompts: list[str], seeds: list[int], config: RolloutConfig, trim: TrimConfig | None,
              glitch: torch.Tensor | None = None) -> Run:
+    tokens = set(glitch_tokens(tuple(backend.causal.patch_size), backend.spec.width_px // 8))
     start = time.monotonic()
     rollout = Rollout(backend, config, prompts, seeds, trim=trim)
     hook = Glitch(GLITCH_CHUNK if glitch is not None else None, glitch)
@@ -82,7 +99,7 @@ def roll_out(backend: Any, prompts: list[str], seeds: list[int], config: Rollout
             for event in record.prunes:  # chunk G's first candidate rejected: the glitch never enters the cache
                 if event.chunk == GLITCH_CHUNK:
                     for b in event.samples.nonzero().flatten().tolist():
-                        found[b] = found[b] or 0 in event.positions[b].tolist()
+                        found[b] = found[b] or not tokens.isdisjoint(event.positions[b].tolist())
     return Run(latents, rows, found, hook.first_x0, time.monotonic() - start)
 
 
@@ -210,7 +227,9 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     seeds_a = [int(str(r["seed"])) for r in rows]
     seeds_b = [s + SEED_B_OFFSET for s in seeds_a]
     config = RolloutConfig(mode=mode, num_chunks=chunks)  # type: ignore[arg-type]
-    grid = (backend.spec.height_px // 16, backend.spec.width_px // 16)  # 8x spatial VAE, 1x2x2 patches
+    patch = tuple(backend.causal.patch_size)
+    grid = (backend.spec.height_px // 8 // patch[1], backend.spec.width_px // 8 // patch[2])  # 8x spatial VAE
+    online, offline = variants(patch), offline_only(patch)
     first = TrimConfig().warmup
     cf = config.chunk_frames
     runs = {"clean A": roll_out(backend, prompts, seeds_a, config, None),
@@ -218,9 +237,10 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
     log(f"clean runs: {runs['clean A'].seconds:.0f}s, {runs['clean B'].seconds:.0f}s")
     verdicts = {k: [judge_video(v, p, chunks, cf) for v, p in zip(decode(backend, r), prompts)]
                 for k, r in runs.items()}
-    allv = {**VARIANTS, **OFFLINE_ONLY}
+    allv = {**online, **offline}
     sev = {k: {name: severities(r, t, grid) for name, t in allv.items()} for k, r in runs.items()}
-    result: dict[str, Any] = {"prompts": prompts, "chunks": chunks, "mode": mode, "grid": grid,
+    result: dict[str, Any] = {"model": backend.spec.name, "prompts": prompts, "chunks": chunks, "mode": mode,
+                              "grid": grid, "patch": list(patch),
                               "auc": {k: auc_table(verdicts[k], sev[k], first) for k in runs}}
     glitch = torch.stack([glitch_latents(backend, p) for p in prompts])  # [B, 16, 2, 2]
     after = range(GLITCH_CHUNK + 1, GLITCH_CHUNK + 1 + GLITCH_AFTER)
@@ -237,22 +257,42 @@ def measure(backend: Any, n: int, chunks: int, mode: str, log: Any = print) -> d
         raise RuntimeError(f"the pasted object does not show in chunk {GLITCH_CHUNK}: {at_glitch}")
     off_p = [persistence(v, after) for v in off_v]
     figures["no TokenTrim - clean"] = paired(off_p, clean_p["clean A"])
+    persisting = {"clean A": _persisting(clean_p["clean A"]), "clean B": _persisting(clean_p["clean B"]),
+                  "no TokenTrim": _persisting(off_p)}
+    stopped: dict[str, list[int]] = {}  # variant -> [prompts stopped, prompts started]
     prunes: dict[str, Any] = {}
-    for name, trim in VARIANTS.items():
+    for name, trim in online.items():
         on = roll_out(backend, prompts, seeds_a, short, trim, glitch)
         on_v = judge_glitched(backend, on, runs["clean A"], prompts, short.num_chunks, cf)
         at_glitch[name] = median([v[GLITCH_CHUNK].glitch_px for v in on_v])
-        figures[f"no TokenTrim - {name}"] = paired(off_p, [persistence(v, after) for v in on_v])
+        on_p = [persistence(v, after) for v in on_v]
+        figures[f"no TokenTrim - {name}"] = paired(off_p, on_p)
+        persisting[name] = _persisting(on_p)
+        stopped[name] = [sum(_drawn(a) and not _drawn(b) for a, b in zip(off_p, on_p)),
+                         sum(_drawn(b) and not _drawn(a) for a, b in zip(off_p, on_p))]
         figures[f"{name}: glitch found"] = sum(on.glitch_found) / n
         clean_on = roll_out(backend, prompts, seeds_a, config, trim)
         check_variant(clean_on, sev["clean A"][name], name)
         prunes[name] = prune_decisions(clean_on, verdicts["clean A"], first)
         log(f"{name}: glitch run {on.seconds:.0f}s, clean run {clean_on.seconds:.0f}s")
-    cost = {name: {"canary": drift_cost(t, (n, grid[0] * grid[1], 64), grid),
-                   "wan 480x832": drift_cost(t, (1, 30 * 52, 64), (30, 52))} for name, t in VARIANTS.items()}
-    result.update(glitch_px_at_chunk=at_glitch, persistence=figures, prunes=prunes, cost_s=cost,
+    dim = 16 * patch[0] * patch[1] * patch[2]
+    cost = {name: {"canary": drift_cost(t, (n, grid[0] * grid[1], dim), grid),
+                   "wan 480x832": drift_cost(t, (1, 30 * 52, 64), (30, 52))} for name, t in online.items()}
+    result.update(glitch_px_at_chunk=at_glitch, persistence=figures, persisting=persisting,
+                  stopped=stopped, prunes=prunes, cost_s=cost,
                   seconds={k: r.seconds for k, r in runs.items()})
     return result
+
+
+def _drawn(figures: dict[str, float]) -> bool:
+    """The pasted object is still drawn: glitch-colour px in its corner, median over chunks G+1..G+K, reach
+    `FOREIGN_MIN_PX` (a per-prompt reading of (b))."""
+    return figures["glitch_px"] >= FOREIGN_MIN_PX
+
+
+def _persisting(figures: list[dict[str, float]]) -> float:
+    """Share of prompts whose pasted object is still drawn (`_drawn`)."""
+    return sum(_drawn(f) for f in figures) / len(figures)
 
 
 def check_variant(run: Run, offline: list[list[float]], name: str) -> None:
@@ -260,7 +300,9 @@ def check_variant(run: Run, offline: list[list[float]], name: str) -> None:
     computed offline for that variant."""
     for c in (1, 2):
         online = [row["severity"] for row in run.rows[c]]
-        if not torch.allclose(torch.tensor(online), torch.tensor([s[c] for s in offline]), rtol=1e-4, atol=1e-5):
+        # rtol 1e-3: the online and offline summaries differ by float rounding (~5e-5 relative, up to 1.2e-4 on
+        # canary-ctx's 64-token grid); the variants' severities differ by 10% and more
+        if not torch.allclose(torch.tensor(online), torch.tensor([s[c] for s in offline]), rtol=1e-3, atol=1e-5):
             raise RuntimeError(f"variant {name!r}: chunk {c} severities {online} are not its drift's")
 
 
@@ -270,8 +312,11 @@ def _ci(t: Any) -> str:
 
 
 def tables(r: dict[str, Any]) -> str:
+    patch = r.get("patch", [1, 2, 2])
+    dim = 16 * patch[0] * patch[1] * patch[2]
     names = [*VARIANTS, *OFFLINE_ONLY]
-    lines = [f"canary, {r['mode']}, {len(r['prompts'])} prompts x {r['chunks']} chunks; judged chunks c >= "
+    lines = [f"{r.get('model', 'canary')}, {r['mode']}, {len(r['prompts'])} prompts x {r['chunks']} chunks; "
+             "judged chunks c >= "
              f"{TrimConfig().warmup}. AUC [95% bootstrap interval over prompts].", "",
              "(a) AUC of the chunk severity, artefact onsets vs artefact-free chunks", "",
              "| seeds | label | onsets | clean | " + " | ".join(names) + " | "
@@ -294,6 +339,12 @@ def tables(r: dict[str, Any]) -> str:
               "(share of prompts): "
               + ", ".join(f"{k.split(':')[0]} {v:.2f}" for k, v in r["persistence"].items()
                           if not isinstance(v, dict)),
+              "", "prompts whose pasted object is still drawn in chunks "
+              f"{GLITCH_CHUNK + 1}..{GLITCH_CHUNK + GLITCH_AFTER} (median glitch px >= {FOREIGN_MIN_PX}): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r.get("persisting", {}).items()),
+              "", "paired, per variant: prompts where the object is drawn without TokenTrim and not with it "
+              "(stopped) / drawn with it and not without (started): "
+              + ", ".join(f"{k} {a} / {b}" for k, (a, b) in r.get("stopped", {}).items()),
               "", "(c) clean rollouts with TokenTrim: prune decisions on the chunks the run without it labels", "",
               "| variant | false prunes (artefact-free chunks) | hits (onsets) | prune rate (judged chunks) |",
               "|---|---|---|---|"]
@@ -301,7 +352,8 @@ def tables(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {p['false_prunes']:.3f} of {p['clean_chunks']} | {p['hits']:.3f} of "
                      f"{p['onset_chunks']} | {p['prune_rate']:.3f} |")
     lines += ["", "(d) cost per chunk of drift score + unstable set (median seconds, this CPU, one thread)", "",
-              "| variant | canary [B, 16, 64] | Wan2.1 480x832 [1, 1560, 64] | x same (Wan) |", "|---|---|---|---|"]
+              f"| variant | {r.get('model', 'canary')} [B, {r['grid'][0] * r['grid'][1]}, {dim}] | Wan2.1 480x832 "
+              "[1, 1560, 64] | x same (Wan) |", "|---|---|---|---|"]
     same = r["cost_s"]["same"]["wan 480x832"]
     for name, c in r["cost_s"].items():
         lines.append(f"| {name} | {c['canary'] * 1e6:.0f} us | {c['wan 480x832'] * 1e6:.0f} us | "
@@ -312,6 +364,7 @@ def tables(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/effect")
+    ap.add_argument("--model", default="canary", choices=MODELS)
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--mode", default="self-forcing", choices=["self-forcing", "rolling-forcing"])
@@ -321,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--chunks must be >= {GLITCH_CHUNK + GLITCH_AFTER + 1}")
     torch.set_num_threads(args.threads)
     start = time.monotonic()
-    result = measure(load_backend("canary"), args.prompts, args.chunks, args.mode)
+    result = measure(load_backend(args.model), args.prompts, args.chunks, args.mode)
     os.makedirs(args.out, exist_ok=True)
     table = tables(result)
     with open(os.path.join(args.out, f"table-{args.mode}.md"), "w", encoding="utf-8") as fh:
@@ -329,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, f"results-{args.mode}.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
     print(table)
-    cmd = f"python -m bench.effect --prompts {args.prompts} --chunks {args.chunks} --mode {args.mode}"
+    cmd = (f"python -m bench.effect --model {args.model} --prompts {args.prompts} --chunks {args.chunks} "
+           f"--mode {args.mode}")
     print(f"\nreproduce: {cmd}")
     print("BENCH_JSON " + json.dumps({"effect_seconds": round(time.monotonic() - start, 1)}))
     return 0

@@ -11,6 +11,7 @@ import hashlib
 import torch
 
 from canary.grammar import ClipSpec, sample_spec
+from canary.marks import Mark, paint_marks
 from canary.render import render_clip, to_model_pixels
 
 HELD_OUT_BASE = 1 << 40
@@ -26,7 +27,11 @@ def held_out_specs(count: int) -> list[ClipSpec]:
     return [sample_spec(HELD_OUT_BASE + k) for k in range(count)]
 
 
-def pixel_batch(specs: list[ClipSpec], frames: int, starts: list[int] | None = None) -> torch.Tensor:
-    """Float pixels ``[B, 3, frames, 64, 64]`` in [-1, 1] of ``specs`` from frame ``starts[b]`` (default 0)."""
+def pixel_batch(specs: list[ClipSpec], frames: int, starts: list[int] | None = None,
+                marks: list[list[Mark]] | None = None, chunk_frames: int = 3) -> torch.Tensor:
+    """Float pixels ``[B, 3, frames, 64, 64]`` in [-1, 1] of ``specs`` from frame ``starts[b]`` (default 0), with
+    ``marks[b]`` painted under the object (`canary.marks`; chunks of ``chunk_frames`` latent frames)."""
     starts = starts or [0] * len(specs)
-    return torch.stack([to_model_pixels(render_clip(s, frames, start)) for s, start in zip(specs, starts)])
+    marks = marks or [[] for _ in specs]
+    return torch.stack([to_model_pixels(paint_marks(render_clip(s, frames, start), m, chunk_frames))
+                        for s, start, m in zip(specs, starts, marks)])

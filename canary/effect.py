@@ -35,7 +35,17 @@ FOREIGN_MIN_PX = 40  # px of another grammar colour in a frame: ~10% of an objec
 # the VAE draws a blue ghost behind moving yellow objects (seen on round trips of ground-truth clips): not the
 # generator's, so blue is not foreign next to yellow
 VAE_GHOSTS = {"yellow": ("blue",)}
-GLITCH_PX = 16  # the pasted square's side: one token of the 1x2x2 patch grid (2x2 latent cells of 8 px)
+GLITCH_PX = 16  # the pasted square's side: 2x2 latent cells of 8 px (one token at 1x2x2 patches, four at 1x1x1)
+GLITCH_CELLS = GLITCH_PX // 8  # latent cells per side
+
+
+def glitch_tokens(patch: tuple[int, ...], latent_w: int) -> list[int]:
+    """Row-major token indices (of a ``(t, h, w)`` patch grid over a latent ``latent_w`` cells wide) that the pasted
+    glitch (the top-left `GLITCH_CELLS` x `GLITCH_CELLS` latent cells) covers."""
+    _, p_h, p_w = patch
+    grid_w = latent_w // p_w
+    rows, cols = -(-GLITCH_CELLS // p_h), -(-GLITCH_CELLS // p_w)
+    return [i * grid_w + j for i in range(rows) for j in range(cols)]
 
 
 def chunk_span(chunk: int, chunk_frames: int) -> tuple[int, int]:

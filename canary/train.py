@@ -57,6 +57,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-base-dim", type=int, default=models.VAE_CONFIG["base_dim"])
     p.add_argument("--gen-layers", type=int, default=models.TRANSFORMER_CONFIG["num_layers"])
     p.add_argument("--gen-dim", type=int, default=96, help="transformer width (heads of 32 channels)")
+    p.add_argument("--patch", default="1,2,2", help="transformer patch t,h,w (canary-ctx: 1,1,1)")
+    p.add_argument("--marks", action="store_true",
+                   help="context canary: uncaptioned static marks in the clips (canary.marks)")
+    p.add_argument("--name", default="canary", help="the model name the card records")
+    p.add_argument("--vae-from", default=None,
+                   help="stage gen: copy the VAE (vae.safetensors + its card fields) from this weights folder")
+    p.add_argument("--init-from", default=None,
+                   help="warm-start the generator from this weights folder (models.init_from: any patch, same width)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write transformer.safetensors + card.json to --out every N generator steps")
     p.add_argument("--stage", choices=("all", "vae", "decoder", "gen"), default="all",
                    help="vae: stop after the VAE (writes vae.safetensors + vae_card.json); decoder: only fine-tune "
                         "the decoder of the VAE in --out; gen: train the generator on the VAE already in --out")
@@ -160,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     torch.manual_seed(args.seed)  # diffusers' module init draws from the global generator; we seed it once here
     command = "python -m canary.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.vae_from is not None:
+        _copy_vae(args.vae_from, args.out)
     if args.stage in ("gen", "decoder"):
         with open(os.path.join(args.out, "vae_card.json"), encoding="utf-8") as fh:
             vae_card = json.load(fh)
@@ -177,26 +189,72 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     text = models.build_text()
     pool = build_pool(vae, text, seed=args.seed, clips=args.pool_clips, chunks=args.chunks, device=args.device,
-                      on_log=lambda s, v: progress.log("pool", s, v) if s % 128 == 0 else None)
-    transformer_config = models.transformer_config(args.gen_layers, args.gen_dim)
-    transformer = models.build_transformer(args.seed, transformer_config).to(args.device)
+                      on_log=lambda s, v: progress.log("pool", s, v) if s % 128 == 0 else None, marks=args.marks)
+    patch = tuple(int(v) for v in args.patch.split(","))
+    transformer_config = models.transformer_config(args.gen_layers, args.gen_dim, patch)  # type: ignore[arg-type]
+    transformer = models.build_transformer(args.seed, transformer_config)
+    if args.init_from is not None:
+        progress.log("init", 0, {"adapted": float(len(models.init_from(transformer, args.init_from)))})
+    transformer = transformer.to(args.device)
+    gen_curve: list[float] = []
 
     def sample(step: int) -> None:
         rates = _sample_grid(transformer, text, vae, os.path.join(progress.folder, f"samples_{step:05d}.png"),
                              args.chunks)
         progress.log("eval", step, rates)
 
+    def checkpoint(step: int) -> None:
+        models.save_weights(transformer, os.path.join(args.out, "transformer.safetensors"), half=False)
+        partial = _card(args, vae_card, command, transformer_config, gen_curve, time.monotonic() - started)
+        partial.update(gen_steps_done=step, note="checkpoint of a run still training (no pass rate measured)")
+        with open(os.path.join(args.out, "card.json"), "w", encoding="utf-8") as fh:
+            json.dump(partial, fh, indent=1, sort_keys=True)
+        progress.log("checkpoint", step, {})
+
     gen_curve = train_generator(transformer, pool, seed=args.seed, steps=args.gen_steps, batch=args.gen_batch,
                                 device=args.device, lr=args.gen_lr,
                                 on_log=lambda s, v: progress.log("generator", s, v),
-                                on_sample=sample, sample_every=args.sample_every)
+                                on_sample=sample, sample_every=args.sample_every, on_checkpoint=checkpoint,
+                                checkpoint_every=args.checkpoint_every, curve=gen_curve)
     gen_s = time.monotonic() - started
     models.save_weights(transformer, os.path.join(args.out, "transformer.safetensors"), half=False)
-    card = {
-        **vae_card, "name": "canary", "commands": vae_card["commands"] + ([command] if args.stage == "gen" else []),
+    card = _card(args, vae_card, command, transformer_config, gen_curve, gen_s)
+    rates = _sample_grid(transformer, text, vae, os.path.join(progress.folder, "samples_final.png"), args.chunks)
+    progress.log("eval", args.gen_steps, rates)
+    card["pass_rate_trained_horizon"] = rates
+    with open(os.path.join(args.out, "card.json"), "w", encoding="utf-8") as fh:
+        json.dump(card, fh, indent=1, sort_keys=True)
+    print(json.dumps({k: card[k] for k in ("final_vae_loss", "final_generator_loss", "vae_psnr_db_held_out",
+                                           "train_seconds")}))
+    return 0
+
+
+def _copy_vae(folder: str, out: str) -> None:
+    """The VAE of a weights folder as this run's VAE stage: ``vae.safetensors`` and ``vae_card.json``."""
+    import shutil
+
+    os.makedirs(out, exist_ok=True)
+    card = models.read_card(folder)
+    keys = ("vae_steps", "vae_batch", "vae_clip_frames", "final_vae_loss", "vae_psnr_db_held_out", "vae_seconds",
+            "latents_mean", "latents_std", "vae_config")
+    vae_card = {k: card[k] for k in keys if k in card}
+    vae_card["commands"] = [c for c in card.get("commands", []) if "--stage vae" in c]
+    vae_card["vae_from"] = card.get("name", folder)
+    shutil.copyfile(os.path.join(folder, "vae.safetensors"), os.path.join(out, "vae.safetensors"))
+    with open(os.path.join(out, "vae_card.json"), "w", encoding="utf-8") as fh:
+        json.dump(vae_card, fh, indent=1, sort_keys=True)
+
+
+def _card(args: argparse.Namespace, vae_card: dict[str, Any], command: str, transformer_config: dict[str, Any],
+          gen_curve: list[float], gen_s: float) -> dict[str, Any]:
+    marks = (" Context canary: 0-2 uncaptioned static marks per clip (canary.marks: squares of 8-16 px of "
+             "another colour, entering at a chunk boundary, never in chunk 0 of an anchored clip; the entry chunk's "
+             "mark cells out of the loss)." if args.marks else "")
+    return {
+        **vae_card, "name": args.name, "commands": vae_card["commands"] + ([command] if args.stage == "gen" else []),
         "git_commit": _git_commit(), "seed": args.seed, "device": args.device, "torch": torch.__version__,
         "gen_steps": args.gen_steps, "gen_batch": args.gen_batch, "gen_lr": args.gen_lr, "pool_clips": args.pool_clips,
-        "final_generator_loss": _mean_tail(gen_curve),
+        "marks": args.marks, "init_from": args.init_from, "final_generator_loss": _mean_tail(gen_curve),
         "trained_horizon": {"chunks": args.chunks, "latent_frames": args.chunks * models.CHUNK_FRAMES,
                             "pixel_frames": pixel_frames_for(args.chunks * models.CHUNK_FRAMES)},
         "training_scheme": "VAE (Wan2.2-style residual shortcuts): L1+MSE reconstruction of 9-frame whole-frame "
@@ -206,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                            "self-forcing teacher forcing (noisy chunk at a warped sampler level over clean context) "
                            "mixed 50/50 with rolling-forcing window passes (staggered levels, joint window); half the "
                            "clips anchored at frame 0, half from a random frame (first chunk not in the loss); no "
-                           "training on own rollouts.",
+                           "training on own rollouts." + marks,
         "train_seconds": {"vae": vae_card["vae_seconds"], "generator": round(gen_s, 1),
                           "total": round(vae_card["vae_seconds"] + gen_s, 1)},
         "transformer_config": {k: list(v) if isinstance(v, tuple) else v
@@ -214,14 +272,6 @@ def main(argv: list[str] | None = None) -> int:
         "text": {"text_len": models.TEXT_LEN, "text_dim": models.TEXT_DIM,
                                                   "seed": models.TEXT_SEED, "frozen": True},
     }
-    rates = _sample_grid(transformer, text, vae, os.path.join(progress.folder, "samples_final.png"), args.chunks)
-    progress.log("eval", args.gen_steps, rates)
-    card["pass_rate_trained_horizon"] = rates
-    with open(os.path.join(args.out, "card.json"), "w", encoding="utf-8") as fh:
-        json.dump(card, fh, indent=1, sort_keys=True)
-    print(json.dumps({k: card[k] for k in ("final_vae_loss", "final_generator_loss", "vae_psnr_db_held_out",
-                                           "train_seconds")}))
-    return 0
 
 
 if __name__ == "__main__":

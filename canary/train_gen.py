@@ -24,6 +24,7 @@ import torch
 
 from canary.data import clip_seed, pixel_batch
 from canary.grammar import sample_spec
+from canary.marks import entry_mask, sample_marks
 from canary.masked import install, masked_forward
 from canary.sequence import build_sequence
 from canary.train_vae import encode_mean, optimizer_step
@@ -57,9 +58,10 @@ class LatentPool:
 
 @torch.no_grad()
 def build_pool(vae: Any, text: TextEncoder, *, seed: int, clips: int, chunks: int, device: str,
-               on_log: Callable[[int, dict[str, float]], None] | None = None) -> LatentPool:
+               on_log: Callable[[int, dict[str, float]], None] | None = None, marks: bool = False) -> LatentPool:
     """Encode ``clips`` training clips of ``chunks`` chunks with the trained VAE: even-numbered clips start at frame
-    0 (anchored), odd-numbered ones at a random frame (free)."""
+    0 (anchored), odd-numbered ones at a random frame (free). ``marks``: add the context canary's uncaptioned
+    static marks (`canary.marks`), their entry chunk's cells out of the loss."""
     frames = pixel_frames_for(chunks * CHUNK_FRAMES)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(device)
@@ -70,10 +72,13 @@ def build_pool(vae: Any, text: TextEncoder, *, seed: int, clips: int, chunks: in
         index = range(i, min(i + 8, clips))
         specs = [sample_spec(clip_seed(seed + 2, k)) for k in index]
         starts = [int(torch.randint(0, 256, (), generator=generator)) * (k % 2) for k in index]
-        x = pixel_batch(specs, frames, starts)
+        drawn = [sample_marks(clip_seed(seed + 4, k), s.colour, chunks, k % 2 == 0) if marks else []
+                 for k, s in zip(index, specs)]
+        x = pixel_batch(specs, frames, starts, drawn, CHUNK_FRAMES)
         z = encode_mean(vae, x.to(device))
         latents.append(((z - mean) / std).cpu())
-        weights.append(1.0 + OBJECT_WEIGHT * latent_object_mask(x))
+        keep = torch.stack([entry_mask(m, chunks * CHUNK_FRAMES, CHUNK_FRAMES) for m in drawn])
+        weights.append((1.0 + OBJECT_WEIGHT * latent_object_mask(x)) * keep)
         captions += [s.caption for s in specs]
         if on_log is not None:
             on_log(i, {"encoded": float(i + len(specs))})
@@ -86,15 +91,18 @@ def build_pool(vae: Any, text: TextEncoder, *, seed: int, clips: int, chunks: in
 def train_generator(transformer: Any, pool: LatentPool, *, seed: int, steps: int, batch: int, device: str,
                     lr: float = 2e-3, rolling_fraction: float = 0.5, context_noise: float = 0.05,
                     on_log: Callable[[int, dict[str, float]], None] | None = None, log_every: int = 10,
-                    on_sample: Callable[[int], None] | None = None, sample_every: int = 0) -> list[float]:
-    """Train in place with AdamW (cosine schedule, warm-up); returns the loss curve."""
+                    on_sample: Callable[[int], None] | None = None, sample_every: int = 0,
+                    on_checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
+                    curve: list[float] | None = None) -> list[float]:
+    """Train in place with AdamW (cosine schedule, warm-up); returns the loss curve (appended to ``curve`` when
+    given). ``on_checkpoint(step)`` every ``checkpoint_every`` steps (a partial run stays usable)."""
     transformer.train().requires_grad_(True).to(device)
     state = install(transformer)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps))))
     generator = torch.Generator().manual_seed(seed + 3)
-    curve: list[float] = []
+    curve = [] if curve is None else curve
     start = time.monotonic()
     for step in range(steps):
         idx = torch.randint(pool.latents.shape[0], (batch,), generator=generator)
@@ -114,5 +122,7 @@ def train_generator(transformer: Any, pool: LatentPool, *, seed: int, steps: int
             transformer.eval()
             on_sample(step + 1)
             transformer.train()
+        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            on_checkpoint(step + 1)
     transformer.eval()
     return curve

@@ -77,8 +77,16 @@ def model_and_render_options(fn: F) -> F:
 
 
 def render_settings_from(groups: dict[str, Any], *, no_trim: bool) -> RenderSettings:
-    return build(RenderSettings, "render", groups, rollout=build(RolloutConfig, "rollout", groups),
-                 trim=None if no_trim else build(TrimConfig, "trim", groups))
+    """The render settings of a command's options. TokenTrim's token grid is the model's: a preset whose patch is
+    not Wan's 1x2x2 (``canary-ctx``) gets its own unless ``--patch-size`` says otherwise."""
+    trim = None if no_trim else build(TrimConfig, "trim", groups)
+    if trim is not None and trim.patch_size == TrimConfig().patch_size:
+        from pipeline.model.backend import preset_patch_size
+
+        patch = preset_patch_size(str(groups.get("model__model")))
+        if patch is not None:
+            trim = dataclasses.replace(trim, patch_size=patch)
+    return build(RenderSettings, "render", groups, rollout=build(RolloutConfig, "rollout", groups), trim=trim)
 
 
 def job_options(exclude: tuple[str, ...] = ()) -> Callable[[F], F]:

@@ -32,7 +32,7 @@ EXECUTORS: tuple[str, ...] = get_args(Executor)
 class ModelChoice:
     """Which model renders, and on what.
 
-    model: a preset ('canary', 'tiny', 'wan2.1-1.3b') or a diffusers Wan2.1 folder.
+    model: a preset ('canary', 'canary-ctx', 'tiny', 'wan2.1-1.3b') or a diffusers Wan2.1 folder.
     weights: a causal generator checkpoint (Self/Rolling Forcing or Wan keys).
     device: cpu, cuda, cuda:N; auto: cuda when the job asks for GPUs (render: when one is available).
     dtype: the model's dtype.
@@ -265,7 +265,7 @@ def check_device(device: str) -> None:
 def check_prompt(model: ModelChoice, prompt: str) -> str | None:
     """Why ``prompt`` cannot be rendered by ``model`` (None when it can): the canary model draws only captions of
     its grammar, unless ``allow_any_prompt``."""
-    if model.model != "canary" or model.allow_any_prompt:
+    if model.model not in ("canary", "canary-ctx") or model.allow_any_prompt:
         return None
     from canary.grammar import grammar_text, parse_caption
 

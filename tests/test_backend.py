@@ -55,3 +55,12 @@ def test_self_forcing_checkpoint_over_a_folder_replaces_the_generator(wan_folder
 def test_unknown_model_is_named():
     with pytest.raises(InputError, match="no-such-model"):
         load_backend("no-such-model")
+
+
+@pytest.mark.parametrize("model", ["tiny", "canary", "canary-ctx"])
+def test_each_presets_patch_size_is_its_transformers(model):
+    from pipeline.model.backend import PRESET_PATCH_SIZES, WAN_1_3B_TRANSFORMER
+
+    backend = load_backend(model, device="cpu", with_vae=False)
+    assert tuple(backend.causal.patch_size) == PRESET_PATCH_SIZES[model]
+    assert tuple(WAN_1_3B_TRANSFORMER["patch_size"]) == PRESET_PATCH_SIZES["wan2.1-1.3b"]

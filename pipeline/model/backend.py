@@ -5,6 +5,9 @@ Presets:
   a small VAE. No network, no files; a rollout runs on a CPU in seconds.
 - ``canary``: a small trained model shipped as package data (`canary`): 64x64 px, 16 fps, coloured
   shapes moving as their caption says; the same transformer/VAE classes and causal path as Wan.
+- ``canary-ctx``: the context canary (`pipeline/model/canary_ctx_weights`): the same grammar and VAE, 1x1x1 patches (64
+  tokens per latent frame), trained to carry uncaptioned content forward from its cache (TrimConfig patch_size
+  (1, 1, 1)).
 - ``wan2.1-1.3b``: the full Wan2.1-T2V-1.3B shapes with seeded random weights (for benchmarks); the text encoder is
   a one-layer stand-in with umT5-XXL's width, since it runs once per prompt.
 - a path: a diffusers-format Wan2.1 folder (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``vae/``),
@@ -66,8 +69,18 @@ class ModelSpec:
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", height_px=64, width_px=96, text_len=32),
     "canary": ModelSpec("canary", height_px=64, width_px=64, text_len=64),
+    "canary-ctx": ModelSpec("canary-ctx", height_px=64, width_px=64, text_len=64),
     "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", height_px=WAN_HEIGHT_PX, width_px=WAN_WIDTH_PX, text_len=WAN_TEXT_LEN),
 }
+# each preset's transformer patch (t, h, w): one token per patch, TokenTrim's grid (tests check it against the loaded
+# transformers); a diffusers folder's is known once it is loaded
+PRESET_PATCH_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (1, 2, 2), "canary": (1, 2, 2), "canary-ctx": (1, 1, 1), "wan2.1-1.3b": (1, 2, 2)}
+
+
+def preset_patch_size(model: str) -> tuple[int, int, int] | None:
+    """The transformer patch of preset ``model`` (None: not a preset)."""
+    return PRESET_PATCH_SIZES.get(model)
 
 
 class WanBackend:
@@ -176,11 +189,12 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
             from pipeline.model.weights import load_transformer_weights
 
             load_transformer_weights(transformer, checkpoint)
-    elif model == "canary":
-        from pipeline.model.canary import load_canary
+    elif model in ("canary", "canary-ctx"):
+        from pipeline.model.canary import CTX_WEIGHTS_DIR, WEIGHTS_DIR, load_canary
 
-        spec = PRESETS["canary"]
-        transformer, text, vae, _ = load_canary(with_vae=with_vae)
+        spec = PRESETS[model]
+        folder = CTX_WEIGHTS_DIR if model == "canary-ctx" else WEIGHTS_DIR
+        transformer, text, vae, _ = load_canary(folder, with_vae=with_vae)
         transformer = _cast(transformer, device, dtype)
         if weights is not None:
             from pipeline.model.weights import load_transformer_weights
@@ -190,8 +204,8 @@ def _load_backend(model: str, *, device: torch.device | str, dtype: torch.dtype,
         return _load_folder(model, device=device, dtype=dtype, weights=weights, with_vae=with_vae,
                             text_len=text_len or WAN_TEXT_LEN)
     else:
-        raise InputError(f"`model` must be 'tiny', 'canary', 'wan2.1-1.3b' or a diffusers Wan2.1 folder, "
-                         f"got {model!r}")
+        raise InputError(f"`model` must be 'tiny', 'canary', 'canary-ctx', 'wan2.1-1.3b' or a diffusers Wan2.1 "
+                         f"folder, got {model!r}")
     spec = ModelSpec(spec.name, spec.height_px, spec.width_px, spec.text_len, weights, seed)
     text.encoder.to(device)
     if vae is not None:

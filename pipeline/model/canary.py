@@ -4,6 +4,8 @@ The generator is a small diffusers `WanTransformer3DModel` (1x2x2 patches: a 64x
 tokens), the VAE a small `AutoencoderKLWan` (8x spatial, 4x temporal, 16 latent channels, Wan2.2's residual
 shortcuts) and the text encoder
 the seeded tiny umT5 of `pipeline.model.text`, frozen. The card (``card.json``) records how the weights were trained.
+The context canary (``canary-ctx``, `CTX_WEIGHTS_DIR`) is the same with 1x1x1 patches (64 tokens per latent frame),
+trained on clips with uncaptioned marks (`canary.marks`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pipeline.model.text import TextEncoder, build_tiny_text_encoder
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "canary_weights")
+# the context canary (``canary-ctx``): 1x1x1 patches (64 tokens per latent frame), trained with uncaptioned marks
+# (`canary.marks`), the VAE of `WEIGHTS_DIR` unchanged
+CTX_WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "canary_ctx_weights")
 TEXT_LEN = 64  # tokens: the longest caption is 55 bytes + eos
 TEXT_DIM = 32
 TEXT_SEED = 0
@@ -39,9 +44,13 @@ VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def transformer_config(layers: int | None = None, dim: int | None = None) -> dict[str, Any]:
-    """`TRANSFORMER_CONFIG` with ``layers`` blocks and a model width of ``dim`` (heads of 32 channels, FFN 2x)."""
+def transformer_config(layers: int | None = None, dim: int | None = None,
+                       patch: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """`TRANSFORMER_CONFIG` with ``layers`` blocks, a model width of ``dim`` (heads of 32 channels, FFN 2x) and a
+    ``patch`` size."""
     config = dict(TRANSFORMER_CONFIG)
+    if patch is not None:
+        config["patch_size"] = tuple(patch)
     if layers is not None:
         config["num_layers"] = layers
     if dim is not None:
@@ -114,6 +123,36 @@ def load_canary(folder: str = WEIGHTS_DIR, with_vae: bool = True) -> tuple[Any, 
         _load_state(vae, os.path.join(folder, "vae.safetensors"))
         vae = vae.eval()
     return transformer.eval(), build_text(), vae, card
+
+
+@torch.no_grad()
+def init_from(transformer: Any, folder: str) -> list[str]:
+    """Warm-start ``transformer`` from the generator in ``folder`` (same width and depth, any patch): every tensor of
+    the same shape is copied; the patch embedding is summed over the old patch (a token of the new, finer patch
+    embeds a flat field as the old one did) and the output projection averaged over the old patch's positions.
+    Returns the names adapted that way."""
+    from safetensors.torch import load_file
+
+    old = {k: v.float() for k, v in load_file(os.path.join(folder, "transformer.safetensors")).items()}
+    state = transformer.state_dict()
+    p_old = tuple(read_card(folder)["transformer_config"]["patch_size"])
+    positions = p_old[0] * p_old[1] * p_old[2]
+    adapted = []
+    for name, value in state.items():
+        source = old.get(name)
+        if source is None:
+            raise WeightsError(f"{folder!r} has no {name!r}: not a generator of this shape")
+        if source.shape == value.shape:
+            value.copy_(source)
+        elif name == "patch_embedding.weight":
+            value.copy_(source.sum(dim=(2, 3, 4), keepdim=True).expand_as(value) / value[0, 0].numel())
+        elif name in ("proj_out.weight", "proj_out.bias"):
+            value.copy_(source.view(positions, -1, *source.shape[1:]).mean(dim=0))
+        else:
+            raise WeightsError(f"{name!r}: {tuple(source.shape)} in {folder!r}, {tuple(value.shape)} here")
+        if source.shape != value.shape:
+            adapted.append(name)
+    return adapted
 
 
 def save_weights(model: Any, path: str, half: bool = True) -> None:
