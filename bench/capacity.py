@@ -208,7 +208,7 @@ def _stamps(root: Path) -> dict[str, dict[str, Any]]:
 def steady_figures(root: Path, submitted_at: float, returned_at: float, chunks: int) -> dict[str, float]:
     stamps = _stamps(root)
     gaps = [b - a for e in stamps.values() for a, b in zip(sorted(e["chunks"].values()),
-                                                              sorted(e["chunks"].values())[1:])]
+                                                           sorted(e["chunks"].values())[1:])]
     chunk_s = median(gaps)
     per_prompt = [e["done"] - e["claims"][0][0] - chunks * chunk_s for e in stamps.values()]
     by_owner: dict[str, list[tuple[float, float]]] = {}
@@ -301,8 +301,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         def spec(name: str, chunks: int, lease_s: float) -> JobSpec:
             return JobSpec.from_fields(input_url=str(folder / "prompts.parquet"), output_url=str(folder / name),
-                           rollout=RolloutConfig(num_chunks=chunks), workers=args.nodes, lease_s=lease_s,
-                           device="cpu", allow_any_prompt=True)
+                                       rollout=RolloutConfig(num_chunks=chunks), workers=args.nodes, lease_s=lease_s,
+                                       device="cpu", allow_any_prompt=True)
 
         submitted = time.time()
         thread, outcome = _submit_in_thread(spec("steady", args.local_chunks, 60.0))

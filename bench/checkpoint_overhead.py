@@ -183,8 +183,8 @@ def bench_bytes(rep: Reporter, state: str, rows: list[dict[str, Any]]) -> None:
     rep.report("checkpoint bytes per chunk, bench model", folder_bytes_per_chunk(state) / MB, None, unit="MB",
                note="data + marker, median over chunks of the state folder")
     for name, dtype, rolling, target in (("self-forcing bf16", torch.bfloat16, False, 1.0),
-                                          ("self-forcing fp32", torch.float32, False, None),
-                                          ("rolling-forcing bf16", torch.bfloat16, True, 1.0)):
+                                         ("self-forcing fp32", torch.float32, False, None),
+                                         ("rolling-forcing bf16", torch.bfloat16, True, 1.0)):
         data, marker, window = stored_bytes(full_size_record(dtype, rows[-1:], rolling))
         rep.report(f"checkpoint bytes kept per chunk, Wan2.1-1.3B 480x832 {name}", (data + marker) / MB, target,
                    unit="MB", note=f"data {data / MB:.3f} MB + marker {marker / 1e3:.1f} kB"

@@ -254,7 +254,7 @@ def run_mode(rep: Reporter, backend: WanBackend, config: RolloutConfig, seed: in
          partial(render_variant, rep, backend, config, name, trim, seed, fps_target))
         for name, trim in (("none", None), ("never", VARIANTS["never"]))]
     plan.append((f"{mode} overhead", 4 * (chunks + 2), partial(overhead_variant, rep, backend, config, seed,
-                                                                      OVERHEAD_TARGET if full_size else None)))
+                                                               OVERHEAD_TARGET if full_size else None)))
     runs = []
     for name, cost, work in plan:  # cost: chunk-sized units of work (render: warm-up + timed, decode ~ a step)
         if not budget.allows(name, cost):

@@ -13,7 +13,7 @@ from canary.grammar import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, caption
 
 
 def covering_prompts(seeds_per_combo: int = 1, first_seed: int = 0) -> tuple[list[str], list[int],
-                                                                              list[tuple[str, str]]]:
+                                                                             list[tuple[str, str]]]:
     """Every colour x motion (20) ``seeds_per_combo`` times, shapes and backgrounds rotating so every colour meets
     every shape: ``(prompts, seeds, [(colour, motion)])``."""
     prompts, seeds, named = [], [], []

@@ -270,7 +270,7 @@ def _card(args: argparse.Namespace, vae_card: dict[str, Any], command: str, tran
         "transformer_config": {k: list(v) if isinstance(v, tuple) else v
                                for k, v in transformer_config.items()},
         "text": {"text_len": models.TEXT_LEN, "text_dim": models.TEXT_DIM,
-                                                  "seed": models.TEXT_SEED, "frozen": True},
+                 "seed": models.TEXT_SEED, "frozen": True},
     }
 
 

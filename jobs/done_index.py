@@ -96,7 +96,7 @@ def save_index(out: JobOutput, entries: Mapping[str, tuple[str, bytes]]) -> None
 
     ids = sorted(entries)
     out.store.put_table(INDEX_KEY, pa.table([ids, [entries[i][0] for i in ids], [entries[i][1] for i in ids]],
-                                      schema=index_schema()))
+                                            schema=index_schema()))
 
 
 def sync_index(out: JobOutput, entries: Entries, versions: Mapping[str, str], ids: Iterable[str],

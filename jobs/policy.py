@@ -66,7 +66,7 @@ RESULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
                               "probe): the stats rows' and checkpoints' render_hash; job.json's config_hash is the "
                               "job's, a different hash"),
     ("reused", "bool_", "true when this run answered the row from its done marker (rendered by an earlier run or "
-                       "another job) instead of rendering it; the numbers are that render's"),
+     "another job) instead of rendering it; the numbers are that render's"),
 )
 RESULT_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in RESULT_COLUMNS)
 # what an executor hands back per row: the result fields and, for a busy row, when to try it again

@@ -104,7 +104,7 @@ def _differ(old: dict[str, Any], spec: JobSpec) -> str:
 
 def write_job_json(out: JobOutput, spec: JobSpec) -> None:
     out.store.put_json(JOB_KEY, {"format": JOB_FORMAT, "version": _version(), "config_hash": spec.config_hash(),
-                              "spec": spec.to_dict(), "updated_at": time.time()})
+                                 "spec": spec.to_dict(), "updated_at": time.time()})
 
 
 def load_spec(out: JobOutput) -> JobSpec:

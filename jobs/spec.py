@@ -144,7 +144,7 @@ class Execution:
         if not isinstance(self.keep_state, bool):
             raise ValueError(f"`keep_state` must be a bool, got {self.keep_state!r}")
         limits: tuple[tuple[str, float, float], ...] = (("gpus_per_worker", 0.0, 64.0), ("lease_s", 0.1, 86400.0),
-                                                    ("results_every_s", 0.01, 86400.0))
+                                                        ("results_every_s", 0.01, 86400.0))
         for name, lowest, high in limits:
             number = getattr(self, name)
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not lowest <= number <= high:

@@ -142,7 +142,7 @@ def run_soak(config: SoakConfig, work: Path, endpoint: str, bucket_url: str, sto
     common = ["--executor", "local", "--model", "tiny", "--num-chunks", str(config.chunks),
               "--lease-s", str(config.lease_s), "--max-attempts", "1000"]
     clean = JobSpec.from_fields(input_url=table, output_url=str(work / "clean"), executor="local", model="tiny",
-                    rollout=RolloutConfig(num_chunks=config.chunks), lease_s=config.lease_s)
+                                rollout=RolloutConfig(num_chunks=config.chunks), lease_s=config.lease_s)
     submit(clean)  # the reference videos, rendered without faults
     submits = Submits([sys.executable, "-m", "tests.chaos", "submit", table, "--out", out, *common], endpoint,
                       storage_options, work)

@@ -195,8 +195,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"a lighthouse in a storm, take {i}" for i in ids]}), table)
     spec = JobSpec.from_fields(input_url=str(table), output_url=str(root),
                                rollout=RolloutConfig(num_chunks=args.chunks),
-                   workers=args.workers, lease_s=args.lease_s, device="cpu", allow_any_prompt=True,
-                   keep_state=True)  # the write watcher counts every chunk marker, so none is deleted under it
+                               workers=args.workers, lease_s=args.lease_s, device="cpu", allow_any_prompt=True,
+                               # the write watcher counts every chunk marker, so none is deleted under it
+                               keep_state=True)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     cluster = start_cluster(args.nodes)

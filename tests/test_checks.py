@@ -100,7 +100,7 @@ def test_resubmitting_under_other_settings_names_the_settings_that_differ(tmp_pa
             raise AssertionError("rendered under other settings")
 
     other = JobSpec.from_fields(input_url=table, output_url=str(tmp_path / "out"), executor="local",
-                    rollout=RolloutConfig(num_chunks=5), trim=TrimConfig(lam=2.0))
+                                rollout=RolloutConfig(num_chunks=5), trim=TrimConfig(lam=2.0))
     with pytest.raises(ConfigMismatchError) as caught:
         submit(other, executor=NoWork())
     assert "rollout.num_chunks, trim.lam differ" in str(caught.value) and "--force" in str(caught.value)

@@ -142,7 +142,7 @@ def test_results_are_written_as_rows_finish(tmp_path):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "b", "c", "../bad"], "prompt": ["x", "y", "z", "w"]}), table)
     spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "out"), executor="local", model="tiny",
-                   results_every_rows=1)
+                               results_every_rows=1)
     seen = []
 
     class Executor:

@@ -71,7 +71,7 @@ def test_onsets_are_the_chunks_where_an_artefact_starts():
 
 @settings(max_examples=30, deadline=None)
 @given(pos=st.lists(st.integers(0, 5), min_size=1, max_size=8), neg=st.lists(st.integers(0, 5), min_size=1,
-                                                                               max_size=8))
+                                                                             max_size=8))
 def test_auc_is_the_mann_whitney_probability(pos, neg):
     pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
     assert auc([float(p) for p in pos], [float(n) for n in neg]) == pytest.approx(sum(pairs) / len(pairs))

@@ -63,7 +63,7 @@ def test_a_holder_cut_off_longer_than_its_lease_stops_before_its_next_commit(bac
     url = f"{s3.url}/fence/{tmp_path.name}"
     row = PromptRow(0, "p", "a lighthouse in a storm", 5, 8)
     spec = JobSpec.from_fields(input_url="-", output_url=url, rollout=RolloutConfig(num_chunks=8), lease_s=3.0,
-                   storage_options=s3.storage_options)
+                               storage_options=s3.storage_options)
     direct = Store(url, s3.storage_options)
     with StoreProxy((host, port)) as proxy:
         frozen_options = {**s3.storage_options, "client_kwargs": {"endpoint_url": proxy.endpoint}}

@@ -601,7 +601,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
                  prompt=["a cat", "a dog", "hostile", "an owl at night"], num_chunks=[2, 3, 2, 2])
     out = f"{s3.url}/jobs/{tmp_path.name}"
     spec = JobSpec.from_fields(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), workers=2,
-                   storage_options=s3.storage_options, allow_any_prompt=True)
+                               storage_options=s3.storage_options, allow_any_prompt=True)
     report = submit(spec)
     assert report.counts == {"ok": 3, "invalid": 1}
     store = Store(out, s3.storage_options)
@@ -619,7 +619,7 @@ def test_ray_job_renders_a_table_to_s3_and_a_rerun_skips_finished_prompts(ray_cl
     again = submit(load_spec(JobOutput.open(out, s3.storage_options)))
     assert again.counts == {"ok": 3, "invalid": 1}
     other = JobSpec.from_fields(input_url=url, output_url=out, rollout=RolloutConfig(num_chunks=2), trim=None,
-                    storage_options=s3.storage_options, allow_any_prompt=True)
+                                storage_options=s3.storage_options, allow_any_prompt=True)
     with pytest.raises(ConfigMismatchError, match="--force"):
         submit(other)
 
@@ -636,7 +636,7 @@ def test_a_worker_killed_mid_rollout_is_retried_and_resumes(ray_cluster, tmp_pat
 
     def spec(out):
         return JobSpec.from_fields(input_url=url, output_url=str(tmp_path / out), rollout=RolloutConfig(num_chunks=10),
-                       lease_s=2.0, workers=1, allow_any_prompt=True)
+                                   lease_s=2.0, workers=1, allow_any_prompt=True)
 
     reports = {}
     job = threading.Thread(target=lambda: reports.setdefault("killed", submit(spec("killed"))))

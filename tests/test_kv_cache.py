@@ -77,7 +77,7 @@ def test_cache_holds_exactly_the_rows_a_reference_model_says(ops, sink, window, 
             assert _held(cache, layer) == model
         assert cache.length == sum(s.length for s in cache.segments)
         assert [s.start for s in cache.segments] == [sum(s.length for s in cache.segments[:i])
-                                                      for i in range(len(cache.segments))]
+                                                     for i in range(len(cache.segments))]
         assert cache.num_tokens().tolist() == [len(h) for h in model]
         for seg in cache.segments:
             keep = frame_keep_mask(cache, seg.frame)

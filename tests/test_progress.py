@@ -147,7 +147,7 @@ def test_status_prints_a_table_with_live_and_stale_leases_and_json_for_scripts(t
     table = _table(tmp_path / "p.parquet", n=3)
     spec, rows, _ = plan(JobSpec.from_fields(input_url=table, output_url=str(tmp_path / "out"), executor="local",
                                              model="tiny",
-                                 lease_s=30))
+                                             lease_s=30))
     out = Store(spec.output_url)
     write_job_json(JobOutput(out), spec)
     out.put_json("done/p0.json", {"chunks": 2, "seconds": 20.0})
@@ -170,5 +170,5 @@ def test_status_prints_a_table_with_live_and_stale_leases_and_json_for_scripts(t
     assert any(line.startswith("ETA     0:00:40") for line in lines)  # 20 s per prompt x 2 left / 1 worker
     report = json.loads(CliRunner().invoke(main, ["status", spec.output_url, "--json"]).output)
     assert [(x["prompt_id"], x["state"], x["chunk"]) for x in report["leases"]] == [("p1", "stale", 0),
-                                                                                   ("p2", "live", 1)]
+                                                                                    ("p2", "live", 1)]
     assert report["in_progress"] == ["p2"] and report["eta_s"] == pytest.approx(40.0)

@@ -31,8 +31,9 @@ def _spec(tmp_path, name: str) -> JobSpec:
         settings = json.load(fh)["settings"]
     chunks = settings["render"]["rollout"]["num_chunks"]
     return JobSpec.from_fields(input_url=str(files("jobs") / "data" / "canary_prompts.parquet"),
-                   output_url=str(tmp_path / name), model="canary", rollout=RolloutConfig(num_chunks=chunks),
-                   limit=len(settings["prompt_ids"]), executor="local")
+                               output_url=str(tmp_path / name), model="canary",
+                               rollout=RolloutConfig(num_chunks=chunks), limit=len(settings["prompt_ids"]),
+                               executor="local")
 
 
 def _rope_off_by_one(monkeypatch) -> None:

@@ -55,7 +55,7 @@ def nightly(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A canary regression of 2 prompts x 3 chunks against its own baseline (passes): tokentrim/, no-trim/, probe/."""
     out = tmp_path_factory.mktemp("nightly") / "night"
     spec = JobSpec.from_fields(input_url=default_table("canary"), output_url=str(out), model="canary",
-                   rollout=RolloutConfig(num_chunks=3), limit=2, executor="local")
+                               rollout=RolloutConfig(num_chunks=3), limit=2, executor="local")
     result = run_regression(spec, update_baseline=True)
     assert result.passed, result.failures
     return out

@@ -161,7 +161,7 @@ def test_credentials_never_reach_an_output_a_log_an_error_a_repr_or_a_ray_actor(
     for call in (lambda: status(JobOutput.open(f"{backend['root']}/missing", backend["private"])),
                  lambda: run_regression(JobSpec.from_fields(input_url=backend["table"],
                                                             output_url=f"{backend['root']}/night",
-                                                storage_options=backend["private"]))):
+                                                            storage_options=backend["private"]))):
         with pytest.raises(InputError) as info:
             call()
         _no_secret(str(info.value), repr(info.value))
@@ -184,8 +184,8 @@ def test_a_ray_job_passes_its_workers_no_credential_and_records_none(ray_cluster
     pq.write_table(pa.table({"prompt_id": ["lantern"], "prompt": [CAPTION], "num_chunks": [1]}), table)
     spec = JobSpec.from_fields(input_url=str(table), output_url=f"{s3.url}/ray-security-{uuid.uuid4().hex}",
                                model="canary",
-                   rollout=RolloutConfig(num_chunks=1),
-                   storage_options={**s3.storage_options, "key": ACCESS, "secret": SECRET})
+                               rollout=RolloutConfig(num_chunks=1),
+                               storage_options={**s3.storage_options, "key": ACCESS, "secret": SECRET})
     assert submit(spec).counts == {"ok": 1}
     from ray._private import state
 
@@ -204,7 +204,7 @@ def test_regress_refuses_a_missing_or_foreign_baseline_before_rendering_anything
     table = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": [CAPTION, CAPTION_B]}), table)
     spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "night"), executor="local",
-                   rollout=RolloutConfig(num_chunks=4), limit=2)
+                               rollout=RolloutConfig(num_chunks=4), limit=2)
     path = tmp_path / "baseline.json"
     if baseline == "other-settings":
         other = dict(jobs.regress.settings_of(spec, ["a", "b"]), prompt_ids=["a"])

@@ -67,7 +67,7 @@ def test_results_tables_share_one_typed_described_schema(tmp_path):
     table = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", "../bad"], "prompt": ["a cat", "x"]}), table)
     spec = JobSpec.from_fields(input_url=str(table), output_url=str(tmp_path / "out"), model="tiny", executor="local",
-                   rollout=RolloutConfig(num_chunks=2))
+                               rollout=RolloutConfig(num_chunks=2))
     submit(spec)
     first = pq.read_table(tmp_path / "out" / "results.parquet")
     assert first.schema.equals(results_schema(), check_metadata=True)

@@ -117,7 +117,7 @@ class WanBackend:
 
 
 def seeded_transformer(config: dict[str, Any], seed: int, device: torch.device | str,
-                        dtype: torch.dtype) -> Any:
+                       dtype: torch.dtype) -> Any:
     from diffusers import WanTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):

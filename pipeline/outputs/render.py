@@ -55,10 +55,10 @@ def render_hash(backend: WanBackend, config: RolloutConfig, trim: TrimConfig | N
 def render_prompts(backend: WanBackend, prompts: list[str], prompt_ids: list[str], out: Store, *,
                    config: RolloutConfig, trim: TrimConfig | None, seeds: list[int], state: Store | None = None,
                    force_restart: bool = False,
-           on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
-           names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet"),
-           video: VideoSettings | None = None, probe: Probe | None = None,
-           fence: Callable[[], None] | None = None) -> list[RenderResult]:
+                   on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
+                   names: tuple[str, str] = ("{id}.mp4", "{id}.stats.parquet"),
+                   video: VideoSettings | None = None, probe: Probe | None = None,
+                   fence: Callable[[], None] | None = None) -> list[RenderResult]:
     """Render a batch of prompts (one sample each) with one rollout; see the module docstring.
 
     ``names`` are the keys of the video and the stats table in ``out``, ``{id}`` being the prompt id.
@@ -152,7 +152,7 @@ def _resume(rollout: Rollout, writer: ChunkWriter, checkpoints,
     redecoded = 0
     if len(records) < rollout.config.num_chunks:  # chunks left to render: their frames need the decoder's cache
         redecoded = writer.warm_up([r.latents.to(rollout.backend.device) for r in records],
-                                  rollout.config.chunk_frames, checkpoints.outputs(0)["first_hist"])
+                                   rollout.config.chunk_frames, checkpoints.outputs(0)["first_hist"])
     for record in records:
         pixels = [_renamed(p) for p in checkpoints.outputs(record.index)["pixels"]]
         complete(record, ChunkOutput(checkpoints.segments(record.index), pixels))
